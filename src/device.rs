@@ -1,0 +1,58 @@
+//! Picking the compute device and the default precision.
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::options::{DeviceChoice, Precision};
+
+/// Opens the chosen device. Asking for a backend this build lacks names the cargo feature to build with.
+pub fn open(choice: DeviceChoice) -> Result<Device> {
+    let fail = |what: &str, e: candle_core::Error| Error::usage(format!("cannot open {what}: {e}"));
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => {
+            // `*_is_available` only says whether the backend was compiled in; a build with CUDA on a
+            // machine without a GPU falls through to the next choice.
+            if candle_core::utils::cuda_is_available() {
+                match Device::new_cuda(0) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => tracing::info!("no usable CUDA device ({e}); trying the next backend"),
+                }
+            }
+            if candle_core::utils::metal_is_available() {
+                match Device::new_metal(0) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => tracing::info!("no usable Metal device ({e}); using the CPU"),
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        DeviceChoice::Cuda(n) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::usage(
+                    "this altdiff was built without CUDA support; rebuild with `--features cuda` (or `cudnn`)",
+                ));
+            }
+            Device::new_cuda(n).map_err(|e| fail(&format!("CUDA device {n}"), e))
+        }
+        DeviceChoice::Metal => {
+            if !candle_core::utils::metal_is_available() {
+                return Err(Error::usage(
+                    "this altdiff was built without Metal support; rebuild with `--features metal`",
+                ));
+            }
+            Device::new_metal(0).map_err(|e| fail("the Metal device", e))
+        }
+    }
+}
+
+/// The dtype for `precision`, defaulting to f32 on CPU and f16 on GPUs.
+pub fn dtype(precision: Option<Precision>, device: &Device) -> DType {
+    match precision {
+        Some(Precision::F32) => DType::F32,
+        Some(Precision::F16) => DType::F16,
+        Some(Precision::Bf16) => DType::BF16,
+        None if device.is_cpu() => DType::F32,
+        None => DType::F16,
+    }
+}

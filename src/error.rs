@@ -1,0 +1,116 @@
+//! The library's one error type.
+//!
+//! Every variant carries enough context (a file, a field, a tensor name, a step) for a one-line message
+//! that tells the user what is wrong. The binary maps variants to exit codes through [`Error::exit_code`].
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in altdiff's library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command-line value or option combination that is not valid.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A JSON file that does not parse.
+    #[error("{}: invalid JSON: {source}", file.display())]
+    Json {
+        /// The file.
+        file: PathBuf,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+
+    /// A configuration value that altdiff does not support or that is inconsistent.
+    #[error("{}: field `{field}`: {message}", file.display())]
+    Config {
+        /// The configuration file.
+        file: PathBuf,
+        /// The offending field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// Something is missing from a model directory.
+    #[error("{}: {message}", path.display())]
+    Model {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The tokenizer could not be loaded or failed to encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A tensor operation failed; `context` says which step of the work it was.
+    #[error("{context}: {source}")]
+    Tensor {
+        /// What altdiff was doing.
+        context: String,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+
+    /// The sampler produced non-finite values.
+    #[error("{0}")]
+    Numerics(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Usage`].
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The process exit code this error maps to: 2 for problems found before any work (usage,
+    /// configuration, model files), 1 for failures while working.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_)
+            | Error::Json { .. }
+            | Error::Config { .. }
+            | Error::Model { .. }
+            | Error::Tokenizer(_) => 2,
+            Error::Io { .. } | Error::Tensor { .. } | Error::Numerics(_) => 1,
+        }
+    }
+}
+
+/// Adds context to candle results.
+pub trait TensorContext<T> {
+    /// Wraps a candle error with a description of what was being done.
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> TensorContext<T> for std::result::Result<T, candle_core::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Tensor {
+            context: what(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! altdiff: multilingual text-to-image with BAAI's AltDiffusion models (m9, m18) in Rust, producing
+//! the same numbers as diffusers' `AltDiffusionPipeline`.
+//!
+//! Data flows left to right, each module knowing only those to its left:
+//! `cli` -> `options` -> `model` (files, configs) -> `weights` -> `models` + `schedulers` + `tokenizer`
+//! -> `pipeline` -> `output`. [`run`] is the entry point the binary calls.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod models;
+pub mod options;
+pub mod output;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+
+/// Runs a parsed command line.
+pub fn run(cli: cli::Cli) -> Result<()> {
+    match cli.command {
+        cli::Command::Generate(args) => {
+            let opts = args.into_options()?;
+            generate::run(&opts).map(|_| ())
+        }
+    }
+}

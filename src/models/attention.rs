@@ -1,0 +1,206 @@
+//! The UNet's `Transformer2DModel` (GroupNorm, projection in, `BasicTransformerBlock`s, projection out).
+//!
+//! Owned rather than taken from candle-transformers because its GEGLU feed-forward uses the tanh
+//! approximation of GELU where diffusers uses the exact erf form, which moves outputs well past the
+//! parity tolerance. Attention scores and softmax are computed in f32 whatever the model dtype
+//! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16).
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// Multi-head attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`, `to_out.0`).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `context_dim` is `None` for self-attention.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * head_dim;
+        let ctx = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, c) = xs.dims3()?;
+        xs.reshape((b, l, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .to_dtype(DType::F32)
+    }
+
+    /// Attends from `xs` [B, N, C] to `context` [B, M, Cc] (or to itself).
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let dtype = xs.dtype();
+        let context = context.unwrap_or(xs);
+        let (b, n, _) = xs.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, ()))?
+            .to_dtype(dtype)?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers' `GEGLU` + output linear (`ff.net.0.proj`, `ff.net.2`), with exact GELU.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let value = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        self.proj_out.forward(&(value * gate)?)
+    }
+}
+
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> candle_core::Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, head_dim)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+enum Projection {
+    Conv(candle_nn::Conv2d),
+    Linear(Linear),
+}
+
+/// Settings of one `Transformer2DModel`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    /// Channels of the feature map (= inner dim).
+    pub channels: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Stacked transformer blocks.
+    pub depth: usize,
+    /// Text feature size.
+    pub context_dim: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// Linear (SD 2.x) or 1x1 conv (SD 1.x) projections.
+    pub use_linear_projection: bool,
+}
+
+/// diffusers' `Transformer2DModel` for continuous inputs.
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    /// Loads `attentions.N` of a UNet block.
+    pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> candle_core::Result<Self> {
+        let c = cfg.channels;
+        let proj = |name: &str| -> candle_core::Result<Projection> {
+            Ok(if cfg.use_linear_projection {
+                Projection::Linear(linear(c, c, vb.pp(name))?)
+            } else {
+                Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
+            })
+        };
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    c,
+                    cfg.heads,
+                    cfg.context_dim,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    /// `xs` [B, C, H, W], `context` [B, M, Cc].
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let to_map = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let normed = self.norm.forward(xs)?;
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(p) => to_tokens(&p.forward(&normed)?)?,
+            Projection::Linear(p) => p.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(p) => p.forward(&to_map(&tokens)?)?,
+            Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
+        };
+        out + xs
+    }
+}

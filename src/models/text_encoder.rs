@@ -1,0 +1,203 @@
+//! diffusers' `RobertaSeriesModelWithTransformation`: XLM-R plus AltDiffusion's projection heads.
+//!
+//! Owned rather than taken from candle-transformers' `xlm_roberta`: that model returns only the last
+//! hidden state, while m18 reads the penultimate one (`hidden_states[-2]` -> `pre_LN` ->
+//! `transformation_pre`). Owning it also lets m18 skip the last layer, whose output it never uses.
+//! Numerics follow transformers' `XLMRobertaModel` in eval mode: position ids `padding_idx +
+//! cumsum(mask)` for real tokens and `padding_idx` for pads, an additive attention mask, exact-erf GELU.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::config::TextEncoderConfig;
+
+struct SelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    heads: usize,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let s = vb.pp("self");
+        Ok(Self {
+            query: linear(h, h, s.pp("query"))?,
+            key: linear(h, h, s.pp("key"))?,
+            value: linear(h, h, s.pp("value"))?,
+            output: linear(h, h, vb.pp("output.dense"))?,
+            norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `mask` is additive, [B, 1, 1, L], in f32.
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, h) = xs.dims3()?;
+        let d = h / self.heads;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let dtype = xs.dtype();
+        let q = split(self.query.forward(xs)?)?.to_dtype(DType::F32)?;
+        let k = split(self.key.forward(xs)?)?.to_dtype(DType::F32)?;
+        let v = split(self.value.forward(xs)?)?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs
+            .matmul(&v)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b, l, h))?;
+        self.norm.forward(&(self.output.forward(&ctx)? + xs)?)
+    }
+}
+
+struct Layer {
+    attention: SelfAttention,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    act: candle_nn::Activation,
+}
+
+impl Layer {
+    fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+        // Config validation admits only these names; "gelu" is transformers' exact erf GELU.
+        let act = match cfg.hidden_act.as_str() {
+            "gelu" => candle_nn::Activation::Gelu,
+            "relu" => candle_nn::Activation::Relu,
+            _ => candle_nn::Activation::GeluPytorchTanh,
+        };
+        Ok(Self {
+            attention: SelfAttention::new(vb.pp("attention"), cfg)?,
+            intermediate: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
+            output: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("output.dense"))?,
+            norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let attn = self.attention.forward(xs, mask)?;
+        let ff = self.act.forward(&self.intermediate.forward(&attn)?)?;
+        self.norm.forward(&(self.output.forward(&ff)? + attn)?)
+    }
+}
+
+/// The projection that turns XLM-R features into the UNet's text features.
+enum Projection {
+    /// m9: `transformation(last_hidden_state)`.
+    Last(Linear),
+    /// m18: `transformation_pre(pre_LN(hidden_states[-2]))`.
+    Penultimate { pre_ln: LayerNorm, proj: Linear },
+}
+
+/// AltDiffusion's text encoder.
+pub struct TextEncoder {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    projection: Projection,
+    padding_idx: usize,
+    max_positions: usize,
+    project_dim: usize,
+}
+
+impl TextEncoder {
+    /// Builds the encoder from `text_encoder/` weights (keys `roberta.*`, `transformation*`, `pre_LN.*`).
+    pub fn new(vb: VarBuilder, cfg: &TextEncoderConfig) -> candle_core::Result<Self> {
+        let r = vb.pp("roberta");
+        let e = r.pp("embeddings");
+        let h = cfg.hidden_size;
+        // m18 never uses the last layer's output: don't load or run it.
+        let n_layers = if cfg.has_pre_transformation {
+            cfg.num_hidden_layers - 1
+        } else {
+            cfg.num_hidden_layers
+        };
+        let layers = (0..n_layers)
+            .map(|i| Layer::new(r.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let projection = if cfg.has_pre_transformation {
+            Projection::Penultimate {
+                pre_ln: layer_norm(h, cfg.layer_norm_eps, vb.pp("pre_LN"))?,
+                proj: linear(h, cfg.project_dim, vb.pp("transformation_pre"))?,
+            }
+        } else {
+            Projection::Last(linear(h, cfg.project_dim, vb.pp("transformation"))?)
+        };
+        Ok(Self {
+            word_embeddings: embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?,
+            position_embeddings: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            token_type_embeddings: embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            embeddings_norm: layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
+            layers,
+            projection,
+            padding_idx: cfg.pad_token_id,
+            max_positions: cfg.max_position_embeddings,
+            project_dim: cfg.project_dim,
+        })
+    }
+
+    /// Size of the output features.
+    pub fn project_dim(&self) -> usize {
+        self.project_dim
+    }
+
+    /// Longest sequence the position embeddings allow.
+    pub fn max_tokens(&self) -> usize {
+        self.max_positions.saturating_sub(self.padding_idx + 1)
+    }
+
+    /// Encodes `input_ids` ([B, L], u32) with `attention_mask` (same shape, 1 for real tokens) into
+    /// `prompt_embeds` [B, L, project_dim], diffusers' `text_encoder(ids, attention_mask)[0]`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = self.word_embeddings.embeddings().dtype();
+        let device = input_ids.device();
+        let (b, l) = input_ids.dims2()?;
+        let mask_f = attention_mask.to_dtype(DType::F32)?;
+        // Position ids: padding_idx + cumsum(mask) on real tokens, padding_idx on pads.
+        let positions = ((mask_f.cumsum(1)? * &mask_f)? + self.padding_idx as f64)?.to_dtype(DType::U32)?;
+        let token_types = Tensor::zeros((b, l), DType::U32, device)?;
+        let xs = (self.word_embeddings.forward(input_ids)?
+            + self.token_type_embeddings.forward(&token_types)?)?
+            .add(&self.position_embeddings.forward(&positions)?)?;
+        let mut xs = self.embeddings_norm.forward(&xs)?;
+        // transformers: (1 - mask) * finfo(f32).min, added to the scores.
+        let additive = ((1.0 - mask_f)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &additive)?;
+        }
+        match &self.projection {
+            Projection::Last(proj) => proj.forward(&xs),
+            Projection::Penultimate { pre_ln, proj } => proj.forward(&pre_ln.forward(&xs)?),
+        }
+        .and_then(|t| t.to_dtype(dtype))
+    }
+}
+
+/// Makes `[B, L]` u32 id and mask tensors from padded rows.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> candle_core::Result<Tensor> {
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), l), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_ids_follow_xlmr() {
+        // padding_idx + cumsum(mask) * mask: [2, 3, 4, 1, 1] for a 3-token prompt padded to 5.
+        let mask = Tensor::new(&[[1f32, 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+        let pos = ((mask.cumsum(1).unwrap() * &mask).unwrap() + 1.0).unwrap();
+        assert_eq!(pos.to_vec2::<f32>().unwrap(), vec![vec![2., 3., 4., 1., 1.]]);
+    }
+}

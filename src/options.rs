@@ -1,0 +1,164 @@
+//! Validated option structs that the library takes (the "high-level arguments"): pure Rust, built
+//! from the clap structs in [`crate::cli`], checked once so the rest of the code can trust them.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::schedulers::SchedulerKind;
+
+/// Which compute device to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA if built in and present, then Metal, then CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+    /// The Metal GPU.
+    Metal,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            "metal" => Ok(Self::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda, cuda:N or metal)")),
+            },
+        }
+    }
+}
+
+/// Floating-point precision of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats (the default on CPU; the precision parity is measured in).
+    F32,
+    /// 16-bit floats (the default on GPUs).
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Where images go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Exactly this file (one image only).
+    File(PathBuf),
+    /// A directory, created if needed; file names are picked so nothing is overwritten.
+    Dir(PathBuf),
+}
+
+impl OutputTarget {
+    /// A path ending in `.png` is a file, anything else a directory.
+    pub fn from_path(path: PathBuf) -> Self {
+        let is_png = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if is_png {
+            Self::File(path)
+        } else {
+            Self::Dir(path)
+        }
+    }
+}
+
+/// Everything `altdiff generate` needs, validated.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Local model directory.
+    pub model: PathBuf,
+    /// Prompts, in order.
+    pub prompts: Vec<String>,
+    /// Negative prompt for every prompt.
+    pub negative_prompt: Option<String>,
+    /// Inference steps (>= 1).
+    pub steps: usize,
+    /// Guidance scale (finite, >= 0).
+    pub guidance: f64,
+    /// Scheduler override.
+    pub scheduler: Option<SchedulerKind>,
+    /// Image height.
+    pub height: Option<usize>,
+    /// Image width.
+    pub width: Option<usize>,
+    /// Seed; a random one is picked and reported when `None` and no latents are given.
+    pub seed: Option<u64>,
+    /// Images per prompt (>= 1).
+    pub num_images: usize,
+    /// Token length override.
+    pub max_length: Option<usize>,
+    /// Initial latents file.
+    pub latents: Option<PathBuf>,
+    /// Where to dump intermediate tensors.
+    pub dump_tensors: Option<PathBuf>,
+    /// Where images go.
+    pub output: OutputTarget,
+    /// Compute device.
+    pub device: DeviceChoice,
+    /// Precision; f32 on CPU and f16 on GPUs when `None`.
+    pub dtype: Option<Precision>,
+}
+
+/// The largest step count accepted (diffusers' schedulers train on 1000 timesteps).
+pub const MAX_STEPS: usize = 1000;
+
+impl GenerateOptions {
+    /// Checks values that do not need the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::usage("give at least one --prompt"));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(Error::usage(format!("prompt {} is empty", i + 1)));
+        }
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(Error::usage(format!(
+                "--steps {} is out of range (1 to {MAX_STEPS})",
+                self.steps
+            )));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::usage(format!(
+                "--guidance {} must be a finite number >= 0 (values <= 1 turn guidance off)",
+                self.guidance
+            )));
+        }
+        if self.num_images == 0 {
+            return Err(Error::usage("--num-images must be at least 1"));
+        }
+        for (name, v) in [("height", self.height), ("width", self.width)] {
+            if let Some(v) = v {
+                if v == 0 || v % 8 != 0 || v > 4096 {
+                    return Err(Error::usage(format!(
+                        "--{name} {v} must be a multiple of 8 between 8 and 4096"
+                    )));
+                }
+            }
+        }
+        if let Some(m) = self.max_length {
+            if !(2..=512).contains(&m) {
+                return Err(Error::usage(format!(
+                    "--max-length {m} is out of range (2 to 512, XLM-R's limit)"
+                )));
+            }
+        }
+        let total = self.prompts.len() * self.num_images;
+        if let OutputTarget::File(p) = &self.output {
+            if total > 1 {
+                return Err(Error::usage(format!(
+                    "--output {} names one file but this run makes {total} images; give a directory",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}

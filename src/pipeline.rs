@@ -1,0 +1,401 @@
+//! The text-to-image pipeline: tokenizer -> text encoder -> (uncond, cond) -> scheduler loop over the
+//! UNet -> VAE decode, as diffusers' `AltDiffusionPipeline` does it.
+//!
+//! No files, no prints: the pipeline takes loaded components and a request, reports progress through
+//! [`Progress`], and returns images and (on request) the intermediate tensors.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::error::{Error, Result, TensorContext};
+use crate::model::{ModelConfig, ModelFiles};
+use crate::models::{TextEncoder, UNet, VaeDecoder};
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, SchedulerKind};
+use crate::tokenizer::PromptTokenizer;
+
+/// What the authors trained and sampled with; used unless the tokenizer allows fewer tokens.
+pub const DEFAULT_MAX_LENGTH: usize = 77;
+
+/// Receives progress reports; every method has an empty default.
+pub trait Progress {
+    /// A named stage starts (`"load"`, `"encode"`, `"denoise"`, `"decode"`).
+    fn stage(&mut self, _name: &str) {}
+    /// Denoising step `done` of `total` finished.
+    fn step(&mut self, _done: usize, _total: usize) {}
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Where the initial noise comes from.
+#[derive(Debug, Clone)]
+pub enum Noise {
+    /// `torch.randn` from a CPU generator seeded with this value.
+    Seed(u64),
+    /// Given latents [B, C, h, w] (diffusers' `latents=`), multiplied by `init_noise_sigma`.
+    Latents(Tensor),
+}
+
+/// One generation: a batch of prompts with shared settings.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompts; each gets `num_images` images, adjacent in the output.
+    pub prompts: Vec<String>,
+    /// Negative prompt for every prompt (`""` when `None`).
+    pub negative_prompt: Option<String>,
+    /// Inference steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; no guidance when <= 1.
+    pub guidance: f64,
+    /// Scheduler; the model's own when `None`.
+    pub scheduler: Option<SchedulerKind>,
+    /// Image height in pixels; default from the UNet's sample size.
+    pub height: Option<usize>,
+    /// Image width in pixels.
+    pub width: Option<usize>,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// Token length; default [`DEFAULT_MAX_LENGTH`] or the tokenizer's limit if smaller.
+    pub max_length: Option<usize>,
+    /// Initial noise.
+    pub noise: Noise,
+    /// Keep the intermediate tensors for `--dump-tensors`.
+    pub keep_tensors: bool,
+}
+
+/// An 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Row-major RGB bytes.
+    pub pixels: Vec<u8>,
+}
+
+/// What a request produced.
+pub struct Generation {
+    /// One image per prompt x image, images of one prompt adjacent.
+    pub images: Vec<RgbImage>,
+    /// Token prompts that were cut, as (prompt index, dropped text).
+    pub truncated: Vec<(usize, String)>,
+    /// The resolved settings.
+    pub resolved: Resolved,
+    /// diffusers-named intermediates, when requested.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// Settings after defaults were applied.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Scheduler used.
+    pub scheduler: SchedulerKind,
+    /// Height in pixels.
+    pub height: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// Token length.
+    pub max_length: usize,
+}
+
+/// Loaded components.
+pub struct Pipeline {
+    config: ModelConfig,
+    files: ModelFiles,
+    tokenizer: PromptTokenizer,
+    text_encoder: TextEncoder,
+    unet: UNet,
+    vae: VaeDecoder,
+    device: Device,
+    dtype: DType,
+}
+
+impl Pipeline {
+    /// Loads every component of `files` onto `device` in `dtype`.
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let config = ModelConfig::load(files)?;
+        let tokenizer = PromptTokenizer::load(&files.tokenizer_dir)?;
+        let vb = crate::weights::var_builder(&files.text_encoder_weights, dtype, device)?;
+        let text_encoder = TextEncoder::new(vb, &config.text_encoder)
+            .context(|| format!("loading the text encoder from {}", files.text_encoder_weights[0].display()))?;
+        let vb = crate::weights::var_builder(&files.unet_weights, dtype, device)?;
+        let unet = UNet::new(vb, &config.unet)
+            .context(|| format!("loading the UNet from {}", files.unet_weights[0].display()))?;
+        let vb = crate::weights::var_builder(&files.vae_weights, dtype, device)?;
+        let vae = VaeDecoder::new(vb, &config.vae)
+            .context(|| format!("loading the VAE from {}", files.vae_weights[0].display()))?;
+        Ok(Self {
+            config,
+            files: files.clone(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    /// Pixels per latent.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.config.vae.scale_factor()
+    }
+
+    /// Applies defaults and checks the request against the model.
+    pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        let f = self.vae_scale_factor();
+        let default_px = self.config.unet.sample_size * f;
+        let height = req.height.unwrap_or(default_px);
+        let width = req.width.unwrap_or(default_px);
+        for (name, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::usage(format!(
+                    "--{name} {v} must be a positive multiple of {f} (the VAE's scale factor)"
+                )));
+            }
+        }
+        let scheduler = match req.scheduler.or(self.config.default_scheduler) {
+            Some(s) => s,
+            None => {
+                return Err(Error::config(
+                    &self.files.scheduler_config,
+                    "_class_name",
+                    "this scheduler is not supported; pick one with --scheduler pndm|ddim",
+                ))
+            }
+        };
+        let limit = self.text_encoder.max_tokens();
+        let max_length = match req.max_length {
+            Some(m) => m,
+            None => DEFAULT_MAX_LENGTH.min(self.tokenizer.model_max_length().unwrap_or(DEFAULT_MAX_LENGTH)),
+        };
+        if max_length < 2 || max_length > limit {
+            return Err(Error::usage(format!(
+                "--max-length {max_length} is out of range: the text encoder takes 2 to {limit} tokens"
+            )));
+        }
+        if req.prompts.is_empty() {
+            return Err(Error::usage("no prompt given"));
+        }
+        if req.num_images == 0 {
+            return Err(Error::usage("--num-images must be at least 1"));
+        }
+        Ok(Resolved {
+            scheduler,
+            height,
+            width,
+            max_length,
+        })
+    }
+
+    /// Encodes `texts`, returning ids [P, L] (u32) and embeddings [P, L, D].
+    fn encode(&self, texts: &[&str], max_length: usize) -> Result<(Tensor, Tensor, Vec<Option<String>>)> {
+        let tokens = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t, max_length))
+            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<Vec<u32>> = tokens.iter().map(|t| t.ids.clone()).collect();
+        let masks: Vec<Vec<u32>> = tokens.iter().map(|t| t.mask.clone()).collect();
+        let what = || "encoding the prompts".to_string();
+        let ids = crate::models::text_encoder::ids_tensor(&ids, &self.device).context(what)?;
+        let masks = crate::models::text_encoder::ids_tensor(&masks, &self.device).context(what)?;
+        let embeds = self.text_encoder.forward(&ids, &masks).context(what)?;
+        Ok((ids, embeds, tokens.into_iter().map(|t| t.dropped).collect()))
+    }
+
+    /// Runs a request.
+    pub fn generate(&self, req: &Request, progress: &mut dyn Progress) -> Result<Generation> {
+        let r = self.resolve(req)?;
+        let p = req.prompts.len();
+        let b = p * req.num_images;
+        let f = self.vae_scale_factor();
+        let shape = (b, self.config.unet.in_channels, r.height / f, r.width / f);
+        let do_cfg = req.guidance > 1.0;
+        let mut tensors = Vec::new();
+
+        progress.stage("encode");
+        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let (ids, cond, dropped) = self.encode(&prompts, r.max_length)?;
+        let truncated = dropped
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.map(|d| (i, d)))
+            .collect();
+        let per_image = |t: Tensor| -> candle_core::Result<Tensor> {
+            // diffusers: embeds.repeat(1, n, 1).view(P * n, L, D): a prompt's images are adjacent.
+            let (p, l, d) = t.dims3()?;
+            t.unsqueeze(1)?
+                .broadcast_as((p, req.num_images, l, d))?
+                .reshape((p * req.num_images, l, d))
+        };
+        let what = || "preparing the text features".to_string();
+        let cond = per_image(cond).context(what)?;
+        let uncond = if do_cfg {
+            let neg = req.negative_prompt.as_deref().unwrap_or("");
+            let negs = vec![neg; p];
+            let (_, uncond, _) = self.encode(&negs, r.max_length)?;
+            Some(per_image(uncond).context(what)?)
+        } else {
+            None
+        };
+        if req.keep_tensors {
+            tensors.push(("input_ids".into(), ids.to_dtype(DType::I64).context(what)?));
+            tensors.push(("prompt_embeds".into(), cond.clone()));
+            if let Some(u) = &uncond {
+                tensors.push(("negative_prompt_embeds".into(), u.clone()));
+            }
+        }
+        let context = match &uncond {
+            Some(u) => Tensor::cat(&[u, &cond], 0).context(what)?,
+            None => cond,
+        };
+
+        let mut scheduler = schedulers::build(r.scheduler, &self.config.scheduler, &self.files.scheduler_config, req.steps)?;
+        let noise = match &req.noise {
+            Noise::Seed(seed) => {
+                let n = shape.0 * shape.1 * shape.2 * shape.3;
+                let data = TorchGenerator::new(*seed).randn(n);
+                Tensor::from_vec(data, shape, &self.device).context(|| "drawing the initial noise".into())?
+            }
+            Noise::Latents(t) => {
+                if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                    return Err(Error::usage(format!(
+                        "--latents has shape {:?} but this run needs {:?} ({} prompt(s) x {} image(s), {} channels, {}x{} latents for {}x{} pixels)",
+                        t.dims(),
+                        [shape.0, shape.1, shape.2, shape.3],
+                        p,
+                        req.num_images,
+                        shape.1,
+                        shape.2,
+                        shape.3,
+                        r.height,
+                        r.width
+                    )));
+                }
+                t.to_device(&self.device)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .context(|| "moving the latents".into())?
+            }
+        };
+        let what = || "initialising the latents".to_string();
+        let mut latents = (noise * scheduler.init_noise_sigma()).context(what)?;
+        if req.keep_tensors {
+            let ts = scheduler.timesteps().to_vec();
+            let n = ts.len();
+            tensors.push(("timesteps".into(), Tensor::from_vec(ts, n, &Device::Cpu).context(what)?));
+            tensors.push(("latents_init".into(), latents.clone()));
+        }
+
+        progress.stage("denoise");
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let what = || format!("denoising step {} of {} (timestep {t})", i + 1, timesteps.len());
+            let input = if do_cfg {
+                Tensor::cat(&[&latents, &latents], 0).context(what)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(input, t)?;
+            let input = input.to_dtype(self.dtype).context(what)?;
+            let out = self
+                .unet
+                .forward(&input, t, &context)
+                .and_then(|o| o.to_dtype(DType::F32))
+                .context(what)?;
+            let noise_pred = if do_cfg {
+                let un = out.i(0..b).context(what)?;
+                let co = out.i(b..2 * b).context(what)?;
+                (&un + ((co - &un).context(what)? * req.guidance).context(what)?).context(what)?
+            } else {
+                out
+            };
+            latents = scheduler.step(&noise_pred, t, &latents)?;
+            check_finite(&latents, i + 1, timesteps.len())?;
+            progress.step(i + 1, timesteps.len());
+        }
+        if req.keep_tensors {
+            tensors.push(("latents_final".into(), latents.clone()));
+        }
+
+        progress.stage("decode");
+        let mut images = Vec::with_capacity(b);
+        let mut image_tensors = Vec::new();
+        let scale = 1.0 / self.config.vae.scaling_factor;
+        for i in 0..b {
+            let what = || format!("decoding image {}", i + 1);
+            let z = (latents.i(i..i + 1).context(what)? * scale)
+                .and_then(|z| z.to_dtype(self.dtype))
+                .context(what)?;
+            let x = self
+                .vae
+                .decode(&z)
+                .and_then(|x| x.to_dtype(DType::F32))
+                .and_then(|x| (x / 2.0)? + 0.5)
+                .and_then(|x| x.clamp(0f32, 1f32))
+                .context(what)?;
+            images.push(to_rgb(&x).context(what)?);
+            if req.keep_tensors {
+                image_tensors.push(x);
+            }
+        }
+        if req.keep_tensors {
+            let img = Tensor::cat(&image_tensors, 0).context(|| "collecting the images".into())?;
+            tensors.push(("image".into(), img));
+        }
+        Ok(Generation {
+            images,
+            truncated,
+            resolved: r,
+            tensors,
+        })
+    }
+}
+
+/// Fails with the step number when the latents hold NaN or infinity.
+fn check_finite(latents: &Tensor, step: usize, total: usize) -> Result<()> {
+    let sum = latents
+        .abs()
+        .and_then(|a| a.sum_all())
+        .and_then(|s| s.to_dtype(DType::F32))
+        .and_then(|s| s.to_scalar::<f32>())
+        .context(|| format!("checking the latents after step {step}"))?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Numerics(format!(
+            "the latents hold NaN or infinite values after denoising step {step} of {total}; \
+             no image was written (try --dtype f32, fewer steps or a lower guidance)"
+        )))
+    }
+}
+
+/// [1, 3, H, W] in [0, 1] -> 8-bit RGB with numpy's `round(x * 255)` (ties to even), as diffusers'
+/// `numpy_to_pil` does.
+fn to_rgb(x: &Tensor) -> candle_core::Result<RgbImage> {
+    let (_, _, h, w) = x.dims4()?;
+    let pixels = x
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+        .collect();
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    })
+}

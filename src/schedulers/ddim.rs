@@ -1,0 +1,199 @@
+//! diffusers' `DDIMScheduler` (deterministic, eta = 0), selectable instead of the checkpoint's PNDM.
+//!
+//! Owned rather than candle-transformers' DDIM because that one computes its timesteps differently
+//! from diffusers (no `timestep_spacing`, different offsets and rounding); this follows diffusers
+//! 0.35.2 `set_timesteps` and `step` operation by operation, with float32 scalars as torch uses.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::common::{add, div, mul, sub, train_timestep, NoiseSchedule, Prediction, Spacing};
+use super::Scheduler;
+use crate::config::SchedulerConfig;
+use crate::error::{Error, Result, TensorContext};
+
+/// diffusers' `DDIMScheduler`, set up for one run of `steps` inference steps.
+#[derive(Debug)]
+pub struct DdimScheduler {
+    pub(super) schedule: NoiseSchedule,
+    prediction: Prediction,
+    /// `clip_sample_range` when `clip_sample` is on.
+    clip: Option<f32>,
+    /// The weight of the noise added per step. Always 0 for now: eta > 0 would need the step to draw
+    /// `std_dev_t * noise` (diffusers' `variance_noise`), which is where it would be added.
+    eta: f32,
+    /// `num_train_timesteps // num_inference_steps`.
+    step_ratio: i64,
+    timesteps: Vec<f64>,
+}
+
+impl DdimScheduler {
+    /// Builds the scheduler from `scheduler_config.json` (path for errors) for `steps` steps, as
+    /// `DDIMScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
+    pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
+        if cfg.thresholding.unwrap_or(false) {
+            return Err(Error::config(
+                path,
+                "thresholding",
+                "dynamic thresholding is not supported by altdiff's DDIM (supported: false)",
+            ));
+        }
+        let schedule = NoiseSchedule::from_config(cfg, path, true, true)?;
+        let prediction = Prediction::parse(
+            cfg,
+            path,
+            &[Prediction::Epsilon, Prediction::VPrediction, Prediction::Sample],
+        )?;
+        let spacing = Spacing::parse(cfg, path)?;
+        let clip = if cfg.clip_sample.unwrap_or(true) {
+            let range = cfg.clip_sample_range.unwrap_or(1.0);
+            if !(range.is_finite() && range >= 0.0) {
+                return Err(Error::config(
+                    path,
+                    "clip_sample_range",
+                    format!("{range} is not a non-negative number"),
+                ));
+            }
+            Some(range as f32)
+        } else {
+            None
+        };
+        schedule.check_steps(steps)?;
+        let mut ts = spacing.timesteps(schedule.train_steps, steps, cfg.steps_offset.unwrap_or(0));
+        ts.reverse();
+        Ok(Self {
+            step_ratio: schedule.step_ratio(steps),
+            schedule,
+            prediction,
+            clip,
+            eta: 0.0,
+            timesteps: ts.into_iter().map(|t| t as f64).collect(),
+        })
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample)
+    }
+
+    /// diffusers' `DDIMScheduler.step` with `use_clipped_model_output = False`.
+    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
+        let t = train_timestep(timestep)?;
+        let prev_t = t - self.step_ratio;
+        let alpha_t = self.schedule.alpha_at(t)?;
+        let alpha_prev = self.schedule.alpha_prev(prev_t)?;
+        let beta_t = 1.0 - alpha_t;
+        let beta_prev = 1.0 - alpha_prev;
+
+        let (pred_original, pred_epsilon) = match self.prediction {
+            Prediction::Epsilon => {
+                let x0 = div(&sub(sample, &mul(model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
+                (x0, model_output.clone())
+            }
+            Prediction::Sample => {
+                let eps = div(&sub(sample, &mul(model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
+                (model_output.clone(), eps)
+            }
+            Prediction::VPrediction => {
+                let x0 = sub(&mul(sample, alpha_t.sqrt())?, &mul(model_output, beta_t.sqrt())?)?;
+                let eps = add(&mul(model_output, alpha_t.sqrt())?, &mul(sample, beta_t.sqrt())?)?;
+                (x0, eps)
+            }
+        };
+        let pred_original = match self.clip {
+            Some(r) => pred_original
+                .clamp(-r, r)
+                .context(|| "scheduler: clipping the predicted sample".into())?,
+            None => pred_original,
+        };
+
+        // _get_variance; with eta = 0 the deviation is zero and the direction coefficient reduces to
+        // sqrt(1 - alpha_prev), bit for bit as in diffusers.
+        let variance = (beta_prev / beta_t) * (1.0 - alpha_t / alpha_prev);
+        let std_dev_t = self.eta * variance.sqrt();
+        let direction = mul(&pred_epsilon, (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt())?;
+        add(&mul(&pred_original, alpha_prev.sqrt())?, &direction)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{check_case, fixture_cases};
+    use super::*;
+
+    #[test]
+    fn ddim_matches_diffusers() -> Result<()> {
+        let cases = fixture_cases("ddim");
+        assert!(cases.len() >= 10, "fixture has too few DDIM cases");
+        for case in &cases {
+            check_case(case)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ddim_config_errors() {
+        let path = Path::new("scheduler/scheduler_config.json");
+        let field_of = |cfg: SchedulerConfig| match DdimScheduler::new(&cfg, path, 5) {
+            Err(Error::Config { field, file, .. }) => {
+                assert_eq!(file, path);
+                Some(field)
+            }
+            _ => None,
+        };
+        let thresholding = SchedulerConfig {
+            thresholding: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(field_of(thresholding).as_deref(), Some("thresholding"));
+        let prediction = SchedulerConfig {
+            prediction_type: Some("flow".into()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(prediction).as_deref(), Some("prediction_type"));
+        let range = SchedulerConfig {
+            clip_sample_range: Some(-1.0),
+            ..Default::default()
+        };
+        assert_eq!(field_of(range).as_deref(), Some("clip_sample_range"));
+        let spacing = SchedulerConfig {
+            timestep_spacing: Some("karras".into()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(spacing).as_deref(), Some("timestep_spacing"));
+        // Off or absent thresholding, and PNDM's skip_prk_steps, are fine for DDIM.
+        let fine = SchedulerConfig {
+            thresholding: Some(false),
+            skip_prk_steps: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(field_of(fine), None);
+    }
+
+    #[test]
+    fn ddim_step_count_errors() {
+        let path = Path::new("scheduler_config.json");
+        let cfg = SchedulerConfig::default();
+        assert!(matches!(DdimScheduler::new(&cfg, path, 0), Err(Error::Usage(_))));
+        assert!(matches!(DdimScheduler::new(&cfg, path, 1001), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn ddim_rejects_fractional_timestep() -> Result<()> {
+        let mut s = DdimScheduler::new(&SchedulerConfig::default(), Path::new("c.json"), 5)?;
+        let x = Tensor::zeros((1, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .context(|| "zeros".into())?;
+        assert!(matches!(s.step(&x, 800.5, &x), Err(Error::Usage(_))));
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Noise schedulers: one file each behind the [`Scheduler`] trait, built from `scheduler_config.json`.
+//!
+//! Owned rather than taken from candle-transformers: candle has no PNDM, and its DDIM rounds the
+//! timesteps differently from diffusers. Every scheduler here reproduces diffusers 0.35.2 exactly
+//! (timesteps and every update), checked against recorded values in `tests/fixtures/schedulers.json`.
+
+mod common;
+pub mod ddim;
+pub mod pndm;
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use crate::config::SchedulerConfig;
+use crate::error::{Error, Result};
+
+/// Which scheduler algorithm to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    /// diffusers' `PNDMScheduler` (PLMS with `skip_prk_steps`).
+    Pndm,
+    /// diffusers' `DDIMScheduler` with eta 0.
+    Ddim,
+}
+
+impl SchedulerKind {
+    /// The kind for a diffusers class name (`_class_name` of `scheduler_config.json`).
+    pub fn from_class_name(class: &str) -> Option<Self> {
+        match class {
+            "PNDMScheduler" => Some(SchedulerKind::Pndm),
+            "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            _ => None,
+        }
+    }
+
+    /// The kind for a command-line name (`pndm` or `ddim`, any case).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "pndm" => Some(SchedulerKind::Pndm),
+            "ddim" => Some(SchedulerKind::Ddim),
+            _ => None,
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Ddim => "ddim",
+        }
+    }
+}
+
+/// Builds the scheduler `kind` from the checkpoint's scheduler config for `steps` inference steps,
+/// as diffusers' `XScheduler.from_config(config)` then `set_timesteps(steps)`. Unsupported or
+/// inconsistent values are [`Error::Config`] errors naming `config_path` and the field; a step count
+/// of zero (or above `num_train_timesteps`) is an [`Error::Usage`].
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    config_path: &Path,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    if steps == 0 {
+        return Err(Error::usage("the number of inference steps must be at least 1"));
+    }
+    Ok(match kind {
+        SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, config_path, steps)?),
+        SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, config_path, steps)?),
+    })
+}
+
+/// One denoising run's scheduler state.
+pub trait Scheduler {
+    /// The timesteps in the order the UNet sees them (PNDM repeats its first one).
+    fn timesteps(&self) -> &[f64];
+    /// The factor the initial noise is multiplied by.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scales the UNet input for `timestep` (identity for PNDM and DDIM).
+    fn scale_model_input(&self, sample: Tensor, timestep: f64) -> Result<Tensor>;
+    /// Advances one step: the UNet's output at `timestep` for `sample` gives the next sample.
+    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    //! Fixture checks shared by the PNDM and DDIM tests: every case of `tests/fixtures/schedulers.json`
+    //! (recorded from diffusers by `tools/fixtures/schedulers.py`) is rebuilt from its config dict.
+
+    use std::path::{Path, PathBuf};
+
+    use candle_core::{Device, Tensor};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::error::TensorContext;
+
+    /// Absolute tolerance of every recorded sample.
+    const ATOL: f32 = 1e-5;
+    /// Relative tolerance of every recorded sample.
+    const RTOL: f32 = 1e-4;
+
+    fn fixture() -> Value {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers.json");
+        let text = std::fs::read_to_string(&path).expect("read tests/fixtures/schedulers.json");
+        serde_json::from_str(&text).expect("parse schedulers.json")
+    }
+
+    /// The fixture's cases for one scheduler kind (`pndm` / `ddim`).
+    pub(super) fn fixture_cases(kind: &str) -> Vec<Value> {
+        let doc = fixture();
+        doc["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .filter(|c| c["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+
+    fn floats(v: &Value) -> Vec<f32> {
+        v.as_array()
+            .expect("float array")
+            .iter()
+            .map(|x| x.as_f64().expect("float") as f32)
+            .collect()
+    }
+
+    fn tensor(v: &Value) -> Tensor {
+        Tensor::from_vec(floats(v), (1, 2, 3, 3), &Device::Cpu).expect("fixture tensor")
+    }
+
+    /// Checks one fixture case: timesteps exactly, rejected step counts, the schedule bit for bit,
+    /// and each loop's every step within `ATOL + RTOL * |expected|`. Returns the largest deviation.
+    pub(super) fn check_case(case: &Value) -> Result<f32> {
+        let name = case["name"].as_str().expect("name");
+        let kind = SchedulerKind::parse(case["kind"].as_str().expect("kind")).expect("known kind");
+        let cfg: SchedulerConfig = serde_json::from_value(case["config"].clone()).expect("config");
+        let path = PathBuf::from(format!("{name}/scheduler_config.json"));
+        if let Some(class) = &cfg.class_name {
+            assert!(SchedulerKind::from_class_name(class).is_some(), "{name}: class {class}");
+        }
+
+        let recorded = case["timesteps"].as_object().expect("timesteps");
+        assert!(recorded.len() >= 6, "{name}: too few step counts");
+        for (n, expected) in recorded {
+            let steps: usize = n.parse().expect("step count");
+            let s = build(kind, &cfg, &path, steps)?;
+            let expected: Vec<f64> = expected
+                .as_array()
+                .expect("timestep list")
+                .iter()
+                .map(|t| t.as_i64().expect("integer timestep") as f64)
+                .collect();
+            assert_eq!(s.timesteps(), expected.as_slice(), "{name}: timesteps for {steps} steps");
+        }
+        for n in case["errors"].as_array().expect("errors") {
+            let steps = n.as_u64().expect("step count") as usize;
+            assert!(build(kind, &cfg, &path, steps).is_err(), "{name}: {steps} steps should fail");
+        }
+
+        let schedule = match kind {
+            SchedulerKind::Pndm => pndm::PndmScheduler::new(&cfg, &path, 5)?.schedule,
+            SchedulerKind::Ddim => ddim::DdimScheduler::new(&cfg, &path, 5)?.schedule,
+        };
+        let final_alpha = case["final_alpha_cumprod"].as_f64().expect("final alpha") as f32;
+        assert_eq!(schedule.final_alpha_cumprod, final_alpha, "{name}: final_alpha_cumprod");
+        if let Some(ac) = case.get("alphas_cumprod") {
+            let ac = floats(ac);
+            let max_ulps = case["alphas_cumprod_max_ulps"].as_u64().expect("max ulps") as i64;
+            assert_eq!(schedule.alphas_cumprod.len(), ac.len(), "{name}: alphas_cumprod length");
+            let mut worst = 0;
+            for (i, (a, b)) in schedule.alphas_cumprod.iter().zip(&ac).enumerate() {
+                // Both non-negative, so the bit patterns order like the values.
+                let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
+                assert!(ulps <= max_ulps, "{name}: alphas_cumprod[{i}] {a} != {b} ({ulps} ulps)");
+                worst = worst.max(ulps);
+            }
+            eprintln!("{name}: alphas_cumprod within {worst} ulps");
+        }
+
+        let mut max_dev = 0f32;
+        let loops = case["loops"].as_array().expect("loops");
+        assert!(loops.len() >= 2, "{name}: too few loops");
+        for lp in loops {
+            let steps = lp["steps"].as_u64().expect("steps") as usize;
+            let mut s = build(kind, &cfg, &path, steps)?;
+            let outputs = lp["model_outputs"].as_array().expect("model outputs");
+            let expected = lp["prev_samples"].as_array().expect("prev samples");
+            let timesteps = s.timesteps().to_vec();
+            assert_eq!(timesteps.len(), outputs.len(), "{name}: loop length for {steps} steps");
+            let mut sample = tensor(&lp["sample"]);
+            for (i, &t) in timesteps.iter().enumerate() {
+                sample = s.step(&tensor(&outputs[i]), t, &sample)?;
+                let got = sample.flatten_all().and_then(|x| x.to_vec1::<f32>()).context(|| "read".into())?;
+                let want = floats(&expected[i]);
+                assert_eq!(got.len(), want.len());
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let dev = (g - w).abs();
+                    assert!(
+                        dev <= ATOL + RTOL * w.abs(),
+                        "{name}: {steps} steps, step {i} (t = {t}), element {j}: {g} vs diffusers {w}"
+                    );
+                    max_dev = max_dev.max(dev / (1.0 + w.abs()));
+                }
+            }
+        }
+        eprintln!("{name}: max |deviation| / (1 + |expected|) = {max_dev:e}");
+        Ok(max_dev)
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+            assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
+        }
+        assert_eq!(SchedulerKind::parse("DDIM"), Some(SchedulerKind::Ddim));
+        assert_eq!(SchedulerKind::parse("euler"), None);
+        assert_eq!(SchedulerKind::from_class_name("PNDMScheduler"), Some(SchedulerKind::Pndm));
+        assert_eq!(SchedulerKind::from_class_name("DDIMScheduler"), Some(SchedulerKind::Ddim));
+        assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
+    }
+
+    #[test]
+    fn build_rejects_zero_steps() {
+        let path = Path::new("scheduler/scheduler_config.json");
+        for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+            let r = build(kind, &SchedulerConfig::default(), path, 0);
+            assert!(matches!(r, Err(Error::Usage(_))), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn build_names_config_path_and_field() {
+        let path = Path::new("ckpt/scheduler/scheduler_config.json");
+        let cfg = SchedulerConfig {
+            beta_schedule: Some("cubic".into()),
+            ..Default::default()
+        };
+        for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+            let err = build(kind, &cfg, path, 10).err().expect("config error");
+            let msg = err.to_string();
+            assert!(msg.contains("ckpt/scheduler/scheduler_config.json"), "{msg}");
+            assert!(msg.contains("beta_schedule"), "{msg}");
+        }
+    }
+}
