@@ -1,0 +1,74 @@
+//! Helpers shared by the integration tests: paths, running the binary, comparing tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures/...`
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// A fresh, empty scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("altdiff-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the real binary with `args`.
+pub fn altdiff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_altdiff"))
+        .args(args)
+        .env_remove("ALTDIFF_LOG")
+        .output()
+        .expect("the altdiff binary runs")
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "altdiff failed ({:?}):\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Loads every tensor of a safetensors file.
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+}
+
+/// |a - b| <= atol + rtol |b| elementwise; returns the worst ratio of |a - b| to the bound.
+pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f64::INFINITY
+            } else {
+                (x - y).abs() / (atol + rtol * y.abs())
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Asserts that `got[key]` matches `want[key]` within |a-b| <= 1e-4 + 1e-3|b|.
+pub fn assert_close(case: &str, key: &str, got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) {
+    let g = got.get(key).unwrap_or_else(|| panic!("{case}: altdiff did not dump `{key}`"));
+    let w = want.get(key).unwrap_or_else(|| panic!("{case}: reference has no `{key}`"));
+    assert_eq!(g.dims(), w.dims(), "{case}: `{key}` shape");
+    let r = worst_ratio(g, w, 1e-4, 1e-3);
+    eprintln!("{case:28} {key:24} worst |a-b|/(1e-4+1e-3|b|) = {r:.4}");
+    assert!(r <= 1.0, "{case}: `{key}` differs from diffusers (worst ratio {r:.3})");
+}
