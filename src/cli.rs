@@ -55,7 +55,12 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, short = 'g', default_value_t = 7.5, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        short = 'g',
+        default_value_t = 7.5,
+        allow_negative_numbers = true
+    )]
     pub guidance: f64,
     /// Scheduler; default: the model's own (scheduler/scheduler_config.json).
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
@@ -94,7 +99,8 @@ pub struct GenerateArgs {
 }
 
 fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
-    SchedulerKind::parse(s).ok_or_else(|| format!("unknown scheduler `{s}` (expected pndm or ddim)"))
+    SchedulerKind::parse(s)
+        .ok_or_else(|| format!("unknown scheduler `{s}` (expected pndm or ddim)"))
 }
 
 impl GenerateArgs {
@@ -120,7 +126,9 @@ impl GenerateArgs {
         };
         opts.validate()?;
         if opts.seed.is_some() && opts.latents.is_some() {
-            return Err(Error::usage("--seed and --latents both set the initial noise; give one"));
+            return Err(Error::usage(
+                "--seed and --latents both set the initial noise; give one",
+            ));
         }
         Ok(opts)
     }

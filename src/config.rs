@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Reads and parses a JSON file into `T`, keeping the raw value for [`check_unsupported`].
+/// Reads and parses a JSON file into `T`, keeping the raw value for checks of unsupported fields.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<(T, Value)> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -371,14 +371,20 @@ impl UNetConfig {
             return Err(Error::config(
                 path,
                 "down_block_types",
-                format!("has {} entries, block_out_channels has {n}", f.down_block_types.len()),
+                format!(
+                    "has {} entries, block_out_channels has {n}",
+                    f.down_block_types.len()
+                ),
             ));
         }
         if f.up_block_types.len() != n {
             return Err(Error::config(
                 path,
                 "up_block_types",
-                format!("has {} entries, block_out_channels has {n}", f.up_block_types.len()),
+                format!(
+                    "has {} entries, block_out_channels has {n}",
+                    f.up_block_types.len()
+                ),
             ));
         }
         match f.mid_block_type.as_deref() {
@@ -392,10 +398,12 @@ impl UNetConfig {
             }
         }
         let layers = f.layers_per_block.expand(n, path, "layers_per_block")?;
-        let cross = f.cross_attention_dim.expand(n, path, "cross_attention_dim")?;
-        let tlayers = f
-            .transformer_layers_per_block
-            .expand(n, path, "transformer_layers_per_block")?;
+        let cross = f
+            .cross_attention_dim
+            .expand(n, path, "cross_attention_dim")?;
+        let tlayers =
+            f.transformer_layers_per_block
+                .expand(n, path, "transformer_layers_per_block")?;
         // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (a naming
         // quirk kept for old configs): the "head dim" field is the head count.
         let heads = match &f.num_attention_heads {
@@ -416,16 +424,24 @@ impl UNetConfig {
                     return Err(Error::config(
                         path,
                         format!("down_block_types[{i}]"),
-                        format!("`{other}` is not supported (supported: CrossAttnDownBlock2D, DownBlock2D)"),
+                        format!(
+                        "`{other}` is not supported (supported: CrossAttnDownBlock2D, DownBlock2D)"
+                    ),
                     ))
                 }
             };
-            let expected_up = if attn { "CrossAttnUpBlock2D" } else { "UpBlock2D" };
+            let expected_up = if attn {
+                "CrossAttnUpBlock2D"
+            } else {
+                "UpBlock2D"
+            };
             if up != expected_up {
                 return Err(Error::config(
                     path,
                     format!("up_block_types[{}]", n - 1 - i),
-                    format!("`{up}` does not mirror down block `{down}` (expected `{expected_up}`)"),
+                    format!(
+                        "`{up}` does not mirror down block `{down}` (expected `{expected_up}`)"
+                    ),
                 ));
             }
             let out = f.block_out_channels[i];
@@ -433,14 +449,20 @@ impl UNetConfig {
                 return Err(Error::config(
                     path,
                     "norm_num_groups",
-                    format!("{} does not divide block_out_channels[{i}] = {out}", f.norm_num_groups),
+                    format!(
+                        "{} does not divide block_out_channels[{i}] = {out}",
+                        f.norm_num_groups
+                    ),
                 ));
             }
             if heads[i] == 0 || out % heads[i] != 0 {
                 return Err(Error::config(
                     path,
                     "attention_head_dim",
-                    format!("{} heads do not divide block_out_channels[{i}] = {out}", heads[i]),
+                    format!(
+                        "{} heads do not divide block_out_channels[{i}] = {out}",
+                        heads[i]
+                    ),
                 ));
             }
             if layers[i] == 0 {
@@ -549,7 +571,11 @@ impl VaeConfig {
             return Err(Error::config(path, "block_out_channels", "is empty"));
         }
         for (field, types, expected) in [
-            ("down_block_types", &cfg.down_block_types, "DownEncoderBlock2D"),
+            (
+                "down_block_types",
+                &cfg.down_block_types,
+                "DownEncoderBlock2D",
+            ),
             ("up_block_types", &cfg.up_block_types, "UpDecoderBlock2D"),
         ] {
             if !types.is_empty() && types.len() != n {
@@ -567,15 +593,26 @@ impl VaeConfig {
                 ));
             }
         }
-        if let Some(c) = cfg.block_out_channels.iter().find(|&&c| c % cfg.norm_num_groups.max(1) != 0) {
+        if let Some(c) = cfg
+            .block_out_channels
+            .iter()
+            .find(|&&c| c % cfg.norm_num_groups.max(1) != 0)
+        {
             return Err(Error::config(
                 path,
                 "norm_num_groups",
-                format!("{} does not divide block_out_channels entry {c}", cfg.norm_num_groups),
+                format!(
+                    "{} does not divide block_out_channels entry {c}",
+                    cfg.norm_num_groups
+                ),
             ));
         }
         if !(cfg.scaling_factor.is_finite() && cfg.scaling_factor > 0.0) {
-            return Err(Error::config(path, "scaling_factor", "must be a positive number"));
+            return Err(Error::config(
+                path,
+                "scaling_factor",
+                "must be a positive number",
+            ));
         }
         Ok(cfg)
     }

@@ -16,7 +16,9 @@ pub fn open(choice: DeviceChoice) -> Result<Device> {
             if candle_core::utils::cuda_is_available() {
                 match Device::new_cuda(0) {
                     Ok(d) => return Ok(d),
-                    Err(e) => tracing::info!("no usable CUDA device ({e}); trying the next backend"),
+                    Err(e) => {
+                        tracing::info!("no usable CUDA device ({e}); trying the next backend")
+                    }
                 }
             }
             if candle_core::utils::metal_is_available() {

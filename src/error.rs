@@ -78,7 +78,11 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Config`].
-    pub fn config(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn config(
+        file: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Config {
             file: file.into(),
             field: field.into(),

@@ -26,7 +26,10 @@ impl Progress for LogProgress {
 /// Reads the `latents` tensor of a safetensors file.
 fn read_latents(path: &Path) -> Result<Tensor> {
     let mut map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-        Error::usage(format!("--latents {}: cannot read it as safetensors: {e}", path.display()))
+        Error::usage(format!(
+            "--latents {}: cannot read it as safetensors: {e}",
+            path.display()
+        ))
     })?;
     let names: Vec<String> = map.keys().cloned().collect();
     let t = map.remove("latents").ok_or_else(|| {
@@ -43,12 +46,16 @@ fn read_latents(path: &Path) -> Result<Tensor> {
             t.dims()
         )));
     }
-    t.to_dtype(DType::F32).context(|| "reading --latents".into())
+    t.to_dtype(DType::F32)
+        .context(|| "reading --latents".into())
 }
 
 fn random_seed() -> u64 {
     // Seeds are 32-bit in practice (PyTorch's mt19937 uses the low 32 bits).
-    std::collections::hash_map::RandomState::new().build_hasher().finish() & 0xffff_ffff
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        & 0xffff_ffff
 }
 
 /// Runs `altdiff generate`; returns the paths written.
@@ -69,7 +76,12 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
         Noise::Seed(s) => Some(s),
         Noise::Latents(_) => None,
     };
-    tracing::info!("loading {} on {:?} in {:?}", opts.model.display(), device, dtype);
+    tracing::info!(
+        "loading {} on {:?} in {:?}",
+        opts.model.display(),
+        device,
+        dtype
+    );
     let pipeline = Pipeline::load(&files, &device, dtype)?;
     let request = Request {
         prompts: opts.prompts.clone(),
@@ -121,12 +133,19 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
             OutputTarget::File(p) => p.clone(),
             OutputTarget::Dir(d) => {
                 let seed_part = seed.map_or_else(|| "latents".into(), |s| s.to_string());
-                d.join(format!("{k:05}-{seed_part}-{}.png", crate::output::slug(prompt, 48)))
+                d.join(format!(
+                    "{k:05}-{seed_part}-{}.png",
+                    crate::output::slug(prompt, 48)
+                ))
             }
         };
         let path = crate::output::write_new_file(&target, &bytes)?;
         if path != target {
-            tracing::warn!("{} exists; wrote {} instead", target.display(), path.display());
+            tracing::warn!(
+                "{} exists; wrote {} instead",
+                target.display(),
+                path.display()
+            );
         }
         println!("{}", path.display());
         written.push(path);
@@ -140,7 +159,8 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
             .collect::<candle_core::Result<_>>()
             .context(|| "collecting the tensors to dump".into())?;
         let tmp = dump.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&map, &tmp).context(|| format!("writing {}", tmp.display()))?;
+        candle_core::safetensors::save(&map, &tmp)
+            .context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, dump).map_err(|source| Error::Io {
             path: dump.clone(),
             source,

@@ -31,7 +31,9 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {err}");
             }
-            let code = err.downcast_ref::<altdiff::Error>().map_or(1, altdiff::Error::exit_code);
+            let code = err
+                .downcast_ref::<altdiff::Error>()
+                .map_or(1, altdiff::Error::exit_code);
             ExitCode::from(code as u8)
         }
     }

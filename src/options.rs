@@ -29,7 +29,9 @@ impl std::str::FromStr for DeviceChoice {
             "metal" => Ok(Self::Metal),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda, cuda:N or metal)")),
+                _ => Err(format!(
+                    "unknown device `{s}` (expected auto, cpu, cuda, cuda:N or metal)"
+                )),
             },
         }
     }

@@ -27,7 +27,8 @@ pub fn encode_png(img: &RgbImage, text: &[(&str, &str)]) -> Result<Vec<u8>> {
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
-            enc.add_itxt_chunk(k.to_string(), v.to_string()).map_err(enc_err)?;
+            enc.add_itxt_chunk(k.to_string(), v.to_string())
+                .map_err(enc_err)?;
         }
         let mut w = enc.write_header().map_err(enc_err)?;
         w.write_image_data(&img.pixels).map_err(enc_err)?;
@@ -71,14 +72,20 @@ pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
     let tmp = dir.join(format!(
         ".altdiff-{}-{}.tmp",
         std::process::id(),
-        target.file_name().and_then(|n| n.to_str()).unwrap_or("image")
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("image")
     ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         drop(f);
-        let stem = target.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+        let stem = target
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image");
         let ext = target.extension().and_then(|s| s.to_str()).unwrap_or("png");
         for n in 0..10_000 {
             let candidate = if n == 0 {
@@ -113,7 +120,10 @@ mod tests {
 
     #[test]
     fn slug_keeps_scripts_and_caps_length() {
-        assert_eq!(slug("un renard roux, dans la neige!", 40), "un-renard-roux-dans-la-neige");
+        assert_eq!(
+            slug("un renard roux, dans la neige!", 40),
+            "un-renard-roux-dans-la-neige"
+        );
         assert_eq!(slug("一只在雪地里的红狐狸", 4), "一只在雪");
         assert_eq!(slug("  ...  ", 10), "image");
     }

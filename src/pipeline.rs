@@ -118,8 +118,12 @@ impl Pipeline {
         let config = ModelConfig::load(files)?;
         let tokenizer = PromptTokenizer::load(&files.tokenizer_dir)?;
         let vb = crate::weights::var_builder(&files.text_encoder_weights, dtype, device)?;
-        let text_encoder = TextEncoder::new(vb, &config.text_encoder)
-            .context(|| format!("loading the text encoder from {}", files.text_encoder_weights[0].display()))?;
+        let text_encoder = TextEncoder::new(vb, &config.text_encoder).context(|| {
+            format!(
+                "loading the text encoder from {}",
+                files.text_encoder_weights[0].display()
+            )
+        })?;
         let vb = crate::weights::var_builder(&files.unet_weights, dtype, device)?;
         let unet = UNet::new(vb, &config.unet)
             .context(|| format!("loading the UNet from {}", files.unet_weights[0].display()))?;
@@ -179,7 +183,11 @@ impl Pipeline {
         let limit = self.text_encoder.max_tokens();
         let max_length = match req.max_length {
             Some(m) => m,
-            None => DEFAULT_MAX_LENGTH.min(self.tokenizer.model_max_length().unwrap_or(DEFAULT_MAX_LENGTH)),
+            None => DEFAULT_MAX_LENGTH.min(
+                self.tokenizer
+                    .model_max_length()
+                    .unwrap_or(DEFAULT_MAX_LENGTH),
+            ),
         };
         if max_length < 2 || max_length > limit {
             return Err(Error::usage(format!(
@@ -201,7 +209,11 @@ impl Pipeline {
     }
 
     /// Encodes `texts`, returning ids [P, L] (u32) and embeddings [P, L, D].
-    fn encode(&self, texts: &[&str], max_length: usize) -> Result<(Tensor, Tensor, Vec<Option<String>>)> {
+    fn encode(
+        &self,
+        texts: &[&str],
+        max_length: usize,
+    ) -> Result<(Tensor, Tensor, Vec<Option<String>>)> {
         let tokens = texts
             .iter()
             .map(|t| self.tokenizer.encode(t, max_length))
@@ -262,12 +274,18 @@ impl Pipeline {
             None => cond,
         };
 
-        let mut scheduler = schedulers::build(r.scheduler, &self.config.scheduler, &self.files.scheduler_config, req.steps)?;
+        let mut scheduler = schedulers::build(
+            r.scheduler,
+            &self.config.scheduler,
+            &self.files.scheduler_config,
+            req.steps,
+        )?;
         let noise = match &req.noise {
             Noise::Seed(seed) => {
                 let n = shape.0 * shape.1 * shape.2 * shape.3;
                 let data = TorchGenerator::new(*seed).randn(n);
-                Tensor::from_vec(data, shape, &self.device).context(|| "drawing the initial noise".into())?
+                Tensor::from_vec(data, shape, &self.device)
+                    .context(|| "drawing the initial noise".into())?
             }
             Noise::Latents(t) => {
                 if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
@@ -294,14 +312,23 @@ impl Pipeline {
         if req.keep_tensors {
             let ts = scheduler.timesteps().to_vec();
             let n = ts.len();
-            tensors.push(("timesteps".into(), Tensor::from_vec(ts, n, &Device::Cpu).context(what)?));
+            tensors.push((
+                "timesteps".into(),
+                Tensor::from_vec(ts, n, &Device::Cpu).context(what)?,
+            ));
             tensors.push(("latents_init".into(), latents.clone()));
         }
 
         progress.stage("denoise");
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let what = || format!("denoising step {} of {} (timestep {t})", i + 1, timesteps.len());
+            let what = || {
+                format!(
+                    "denoising step {} of {} (timestep {t})",
+                    i + 1,
+                    timesteps.len()
+                )
+            };
             let input = if do_cfg {
                 Tensor::cat(&[&latents, &latents], 0).context(what)?
             } else {

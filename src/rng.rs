@@ -98,7 +98,7 @@ impl TorchGenerator {
         for chunk in data.chunks_exact_mut(16) {
             box_muller_16(chunk);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -143,8 +143,12 @@ mod tests {
     /// Compares with `torch.randn` recorded by `tools/fixtures/rng.py`.
     #[test]
     fn randn_matches_pytorch() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torch_randn.json");
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/torch_randn.json"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = json["cases"].as_array().unwrap();
         assert!(cases.len() > 50);
         let mut worst_ulps = 0u32;
@@ -156,12 +160,20 @@ mod tests {
             if let Some(then) = case["then"].as_u64() {
                 got.extend(g.randn(then as usize));
             }
-            let want: Vec<f32> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let want: Vec<f32> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
             assert_eq!(got.len(), want.len());
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 let ulps = (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32;
                 worst_ulps = worst_ulps.max(ulps);
-                assert!(ulps <= 4, "seed {seed} n {n} [{i}]: {a} vs {b} ({ulps} ulps)");
+                assert!(
+                    ulps <= 4,
+                    "seed {seed} n {n} [{i}]: {a} vs {b} ({ulps} ulps)"
+                );
             }
         }
         eprintln!("worst difference from PyTorch: {worst_ulps} ulps");

@@ -25,10 +25,17 @@ pub fn find_weights(dir: &Path) -> Result<Vec<PathBuf>> {
     names.sort();
     // Variant files (`*.fp16.safetensors`) are only used when asked for.
     let is_plain = |n: &str| n.ends_with(".safetensors") && n.matches('.').count() == 1;
-    if let Some(index) = names.iter().find(|n| n.ends_with(".safetensors.index.json") && n.matches('.').count() == 3) {
+    if let Some(index) = names
+        .iter()
+        .find(|n| n.ends_with(".safetensors.index.json") && n.matches('.').count() == 3)
+    {
         return shards_from_index(&dir.join(index));
     }
-    let plain: Vec<PathBuf> = names.iter().filter(|n| is_plain(n)).map(|n| dir.join(n)).collect();
+    let plain: Vec<PathBuf> = names
+        .iter()
+        .filter(|n| is_plain(n))
+        .map(|n| dir.join(n))
+        .collect();
     if !plain.is_empty() {
         return Ok(plain);
     }
@@ -69,7 +76,11 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps `files` into a `VarBuilder` that yields tensors of `dtype` on `device`.
-pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     // SAFETY: the files are mapped read-only; like every mmap-based loader we assume they are not
     // truncated or rewritten while altdiff runs.
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.context(|| {

@@ -25,7 +25,11 @@ fn run_case(name: &str) {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let mut args: Vec<String> = vec!["generate".into(), "--model".into(), model.display().to_string()];
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+    ];
     for p in case["prompts"].as_array().unwrap() {
         args.extend(["--prompt".into(), s(p)]);
     }
@@ -58,12 +62,22 @@ fn run_case(name: &str) {
 
     let want = load(&reference);
     let got = load(&dump);
-    let mut keys = vec!["input_ids", "prompt_embeds", "timesteps", "latents_init", "latents_final", "image"];
+    let mut keys = vec![
+        "input_ids",
+        "prompt_embeds",
+        "timesteps",
+        "latents_init",
+        "latents_final",
+        "image",
+    ];
     let guided = case["guidance"].as_f64().unwrap() > 1.0;
     if guided {
         keys.push("negative_prompt_embeds");
     } else {
-        assert!(!got.contains_key("negative_prompt_embeds"), "{name}: no uncond pass without guidance");
+        assert!(
+            !got.contains_key("negative_prompt_embeds"),
+            "{name}: no uncond pass without guidance"
+        );
     }
     for key in keys {
         assert_close(name, key, &got, &want);
@@ -84,10 +98,16 @@ fn run_case(name: &str) {
 
 #[test]
 fn every_recorded_case_has_a_test() {
-    let names: Vec<String> = cases().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = cases()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
     let src = include_str!("parity.rs");
     for n in &names {
-        assert!(src.contains(&format!("run_case(\"{n}\")")), "case {n} is not tested");
+        assert!(
+            src.contains(&format!("run_case(\"{n}\")")),
+            "case {n} is not tested"
+        );
     }
 }
 

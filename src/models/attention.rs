@@ -6,7 +6,9 @@
 //! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder,
+};
 
 /// Multi-head attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`, `to_out.0`).
 pub struct Attention {
@@ -102,7 +104,12 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+    ) -> candle_core::Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -116,7 +123,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }

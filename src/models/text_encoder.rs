@@ -39,7 +39,9 @@ impl SelfAttention {
         let (b, l, h) = xs.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, l, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let dtype = xs.dtype();
         let q = split(self.query.forward(xs)?)?.to_dtype(DType::F32)?;
@@ -74,9 +76,21 @@ impl Layer {
         };
         Ok(Self {
             attention: SelfAttention::new(vb.pp("attention"), cfg)?,
-            intermediate: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
-            output: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("output.dense"))?,
-            norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            intermediate: linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("intermediate.dense"),
+            )?,
+            output: linear(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                vb.pp("output.dense"),
+            )?,
+            norm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("output.LayerNorm"),
+            )?,
             act,
         })
     }
@@ -134,8 +148,16 @@ impl TextEncoder {
         };
         Ok(Self {
             word_embeddings: embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?,
-            position_embeddings: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
-            token_type_embeddings: embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            position_embeddings: embedding(
+                cfg.max_position_embeddings,
+                h,
+                e.pp("position_embeddings"),
+            )?,
+            token_type_embeddings: embedding(
+                cfg.type_vocab_size,
+                h,
+                e.pp("token_type_embeddings"),
+            )?,
             embeddings_norm: layer_norm(h, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
             layers,
             projection,
@@ -157,17 +179,22 @@ impl TextEncoder {
 
     /// Encodes `input_ids` ([B, L], u32) with `attention_mask` (same shape, 1 for real tokens) into
     /// `prompt_embeds` [B, L, project_dim], diffusers' `text_encoder(ids, attention_mask)[0]`.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let dtype = self.word_embeddings.embeddings().dtype();
         let device = input_ids.device();
         let (b, l) = input_ids.dims2()?;
         let mask_f = attention_mask.to_dtype(DType::F32)?;
         // Position ids: padding_idx + cumsum(mask) on real tokens, padding_idx on pads.
-        let positions = ((mask_f.cumsum(1)? * &mask_f)? + self.padding_idx as f64)?.to_dtype(DType::U32)?;
+        let positions =
+            ((mask_f.cumsum(1)? * &mask_f)? + self.padding_idx as f64)?.to_dtype(DType::U32)?;
         let token_types = Tensor::zeros((b, l), DType::U32, device)?;
         let xs = (self.word_embeddings.forward(input_ids)?
             + self.token_type_embeddings.forward(&token_types)?)?
-            .add(&self.position_embeddings.forward(&positions)?)?;
+        .add(&self.position_embeddings.forward(&positions)?)?;
         let mut xs = self.embeddings_norm.forward(&xs)?;
         // transformers: (1 - mask) * finfo(f32).min, added to the scores.
         let additive = ((1.0 - mask_f)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
@@ -198,6 +225,9 @@ mod tests {
         // padding_idx + cumsum(mask) * mask: [2, 3, 4, 1, 1] for a 3-token prompt padded to 5.
         let mask = Tensor::new(&[[1f32, 1., 1., 0., 0.]], &Device::Cpu).unwrap();
         let pos = ((mask.cumsum(1).unwrap() * &mask).unwrap() + 1.0).unwrap();
-        assert_eq!(pos.to_vec2::<f32>().unwrap(), vec![vec![2., 3., 4., 1., 1.]]);
+        assert_eq!(
+            pos.to_vec2::<f32>().unwrap(),
+            vec![vec![2., 3., 4., 1., 1.]]
+        );
     }
 }

@@ -46,7 +46,13 @@ fn timestep_embedding(
     emb.to_dtype(dtype)
 }
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
+fn conv3(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
         stride,
@@ -64,7 +70,9 @@ impl Downsample {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.pad_first {
             // diffusers: padding 0 means pad (0, 1, 0, 1) then a stride-2 conv.
-            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&xs)
         } else {
             self.conv.forward(xs)
@@ -84,7 +92,12 @@ fn resnet_config(cfg: &UNetConfig, out: usize, temb: usize, scale: f64) -> Resne
     }
 }
 
-fn transformers(vb: &VarBuilder, n: usize, block: &UNetBlock, cfg: &UNetConfig) -> candle_core::Result<Vec<SpatialTransformer>> {
+fn transformers(
+    vb: &VarBuilder,
+    n: usize,
+    block: &UNetBlock,
+    cfg: &UNetConfig,
+) -> candle_core::Result<Vec<SpatialTransformer>> {
     let tcfg = TransformerConfig {
         channels: block.out_channels,
         heads: block.heads,
@@ -124,11 +137,20 @@ impl Level {
         } else {
             vec![]
         };
-        Ok(Self { resnets, attentions })
+        Ok(Self {
+            resnets,
+            attentions,
+        })
     }
 
     /// ResNet `i`, then transformer `i` if the level has them.
-    fn layer(&self, i: usize, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+    fn layer(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let xs = self.resnets[i].forward(xs, Some(temb))?;
         match self.attentions.get(i) {
             Some(attn) => attn.forward(&xs, ctx),
@@ -154,7 +176,12 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(vb: &VarBuilder, block: &UNetBlock, cfg: &UNetConfig, temb: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        block: &UNetBlock,
+        cfg: &UNetConfig,
+        temb: usize,
+    ) -> candle_core::Result<Self> {
         let c = block.out_channels;
         let rcfg = resnet_config(cfg, c, temb, cfg.mid_block_scale_factor);
         let resnets = (0..2)
@@ -203,7 +230,14 @@ impl UNet {
             let vbd = vb.pp(format!("down_blocks.{i}"));
             let cin = if i == 0 { ch[0] } else { ch[i - 1] };
             let out = block.out_channels;
-            let level = Level::new(&vbd, &|j| if j == 0 { cin } else { out }, block.layers, block, cfg, temb)?;
+            let level = Level::new(
+                &vbd,
+                &|j| if j == 0 { cin } else { out },
+                block.layers,
+                block,
+                cfg,
+                temb,
+            )?;
             let downsample = if i + 1 < n {
                 let p = cfg.downsample_padding;
                 Some(Downsample {
@@ -248,19 +282,35 @@ impl UNet {
             down,
             mid,
             up,
-            norm_out: group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(
+                cfg.norm_num_groups,
+                ch[0],
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv3(vb.pp("conv_out"), ch[0], cfg.out_channels, 1, 1)?,
         })
     }
 
     /// Predicts the noise (or v) for `sample` [B, C, h, w] at `timestep`, conditioned on
     /// `context` [B, L, D].
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let (b, _, _, _) = sample.dims4()?;
         let dtype = sample.dtype();
         let t = Tensor::full(timestep as f32, b, sample.device())?;
-        let t_emb = timestep_embedding(&t, cfg.blocks[0].out_channels, cfg.flip_sin_to_cos, cfg.freq_shift, dtype)?;
+        let t_emb = timestep_embedding(
+            &t,
+            cfg.blocks[0].out_channels,
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+            dtype,
+        )?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         let sample = if cfg.center_input_sample {
@@ -290,7 +340,9 @@ impl UNet {
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
         for block in &self.up {
             for i in 0..block.level.resnets.len() {
-                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
                 xs = Tensor::cat(&[&xs, &skip], 1)?;
                 xs = block.level.layer(i, &xs, &emb, context)?;
             }
@@ -321,7 +373,10 @@ mod tests {
         // diffusers get_timestep_embedding(t=[10], dim=4, flip_sin_to_cos=True, shift=1):
         // freqs = exp(-ln(1e4) * [0, 1] / (2 - 1)) = [1, 1e-4]; emb = [cos(10), cos(1e-3), sin(10), sin(1e-3)].
         let t = Tensor::new(&[10f32], &Device::Cpu).unwrap();
-        let e = timestep_embedding(&t, 4, true, 1.0, DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        let e = timestep_embedding(&t, 4, true, 1.0, DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let want = [10f32.cos(), 1e-3f32.cos(), 10f32.sin(), 1e-3f32.sin()];
         for (a, b) in e[0].iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");

@@ -20,18 +20,22 @@ pub(crate) enum Prediction {
     /// The noise (`epsilon`).
     Epsilon,
     /// The velocity (`v_prediction`).
-    VPrediction,
+    Velocity,
     /// The denoised sample (`sample`; DDIM only).
     Sample,
 }
 
 impl Prediction {
     /// Parses `prediction_type` (default `epsilon`); `allowed` lists what the calling class accepts.
-    pub(crate) fn parse(cfg: &SchedulerConfig, path: &Path, allowed: &[Prediction]) -> Result<Self> {
+    pub(crate) fn parse(
+        cfg: &SchedulerConfig,
+        path: &Path,
+        allowed: &[Prediction],
+    ) -> Result<Self> {
         let name = cfg.prediction_type.as_deref().unwrap_or("epsilon");
         let parsed = match name {
             "epsilon" => Some(Prediction::Epsilon),
-            "v_prediction" => Some(Prediction::VPrediction),
+            "v_prediction" => Some(Prediction::Velocity),
             "sample" => Some(Prediction::Sample),
             _ => None,
         };
@@ -42,7 +46,10 @@ impl Prediction {
                 Err(Error::config(
                     path,
                     "prediction_type",
-                    format!("`{name}` is not supported (supported: {})", names.join(", ")),
+                    format!(
+                        "`{name}` is not supported (supported: {})",
+                        names.join(", ")
+                    ),
                 ))
             }
         }
@@ -51,7 +58,7 @@ impl Prediction {
     fn name(self) -> &'static str {
         match self {
             Prediction::Epsilon => "epsilon",
-            Prediction::VPrediction => "v_prediction",
+            Prediction::Velocity => "v_prediction",
             Prediction::Sample => "sample",
         }
     }
@@ -91,17 +98,20 @@ impl Spacing {
         match self {
             Spacing::Leading => {
                 let ratio = (train / steps) as i64;
-                (0..steps as i64).map(|i| i * ratio + steps_offset as i64).collect()
+                (0..steps as i64)
+                    .map(|i| i * ratio + steps_offset as i64)
+                    .collect()
             }
             Spacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, steps)
                 .into_iter()
                 .map(|v| v.round_ties_even() as i64)
                 .collect(),
             Spacing::Trailing => {
-                let mut t: Vec<i64> = numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
-                    .into_iter()
-                    .map(|v| v.round_ties_even() as i64 - 1)
-                    .collect();
+                let mut t: Vec<i64> =
+                    numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
+                        .into_iter()
+                        .map(|v| v.round_ties_even() as i64 - 1)
+                        .collect();
                 t.reverse();
                 t
             }
@@ -158,7 +168,11 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (`squaredcos_cap_v2`), in f64 then f32.
 fn squaredcos_cap_v2(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -221,7 +235,11 @@ impl NoiseSchedule {
     ) -> Result<Self> {
         let train_steps = cfg.num_train_timesteps.unwrap_or(1000);
         if train_steps == 0 {
-            return Err(Error::config(path, "num_train_timesteps", "must be positive"));
+            return Err(Error::config(
+                path,
+                "num_train_timesteps",
+                "must be positive",
+            ));
         }
         let mut betas = match (&cfg.trained_betas, cfg.beta_schedule.as_deref().unwrap_or("linear")) {
             (Some(b), _) if b.len() != train_steps => {
@@ -299,7 +317,9 @@ impl NoiseSchedule {
     /// run a degenerate schedule).
     pub(crate) fn check_steps(&self, steps: usize) -> Result<()> {
         if steps == 0 {
-            return Err(Error::usage("the number of inference steps must be at least 1"));
+            return Err(Error::usage(
+                "the number of inference steps must be at least 1",
+            ));
         }
         if steps > self.train_steps {
             return Err(Error::usage(format!(
@@ -321,13 +341,16 @@ pub(crate) fn train_timestep(t: f64) -> Result<i64> {
     if t.is_finite() && t.fract() == 0.0 && t.abs() < 1e15 {
         Ok(t as i64)
     } else {
-        Err(Error::usage(format!("scheduler timestep {t} is not an integer")))
+        Err(Error::usage(format!(
+            "scheduler timestep {t} is not an integer"
+        )))
     }
 }
 
 /// `x * by` with a float32 scalar, as torch multiplies a float32 tensor by a float32 0-d tensor.
 pub(crate) fn mul(x: &Tensor, by: f32) -> Result<Tensor> {
-    x.affine(by as f64, 0.0).context(|| "scheduler: scaling a tensor".into())
+    x.affine(by as f64, 0.0)
+        .context(|| "scheduler: scaling a tensor".into())
 }
 
 /// `x / by` with a float32 scalar, a true division as torch does it on the CPU.
@@ -359,7 +382,10 @@ mod tests {
         assert_eq!(t.len(), 62);
         assert_eq!(t[0], -1);
         assert_eq!(t[61], 999);
-        assert_eq!(Spacing::Trailing.timesteps(1000, 7, 0), vec![142, 285, 428, 570, 713, 856, 999]);
+        assert_eq!(
+            Spacing::Trailing.timesteps(1000, 7, 0),
+            vec![142, 285, 428, 570, 713, 856, 999]
+        );
     }
 
     #[test]
@@ -374,7 +400,12 @@ mod tests {
 
     #[test]
     fn python_negative_index_and_bounds() -> Result<()> {
-        let s = NoiseSchedule::from_config(&SchedulerConfig::default(), Path::new("x.json"), false, false)?;
+        let s = NoiseSchedule::from_config(
+            &SchedulerConfig::default(),
+            Path::new("x.json"),
+            false,
+            false,
+        )?;
         assert_eq!(s.alpha_at(-1)?, s.alphas_cumprod[999]);
         assert!(s.alpha_at(1000).is_err());
         assert!(s.alpha_at(-1001).is_err());

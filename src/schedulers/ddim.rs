@@ -43,7 +43,11 @@ impl DdimScheduler {
         let prediction = Prediction::parse(
             cfg,
             path,
-            &[Prediction::Epsilon, Prediction::VPrediction, Prediction::Sample],
+            &[
+                Prediction::Epsilon,
+                Prediction::Velocity,
+                Prediction::Sample,
+            ],
         )?;
         let spacing = Spacing::parse(cfg, path)?;
         let clip = if cfg.clip_sample.unwrap_or(true) {
@@ -97,16 +101,28 @@ impl Scheduler for DdimScheduler {
 
         let (pred_original, pred_epsilon) = match self.prediction {
             Prediction::Epsilon => {
-                let x0 = div(&sub(sample, &mul(model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
+                let x0 = div(
+                    &sub(sample, &mul(model_output, beta_t.sqrt())?)?,
+                    alpha_t.sqrt(),
+                )?;
                 (x0, model_output.clone())
             }
             Prediction::Sample => {
-                let eps = div(&sub(sample, &mul(model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
+                let eps = div(
+                    &sub(sample, &mul(model_output, alpha_t.sqrt())?)?,
+                    beta_t.sqrt(),
+                )?;
                 (model_output.clone(), eps)
             }
-            Prediction::VPrediction => {
-                let x0 = sub(&mul(sample, alpha_t.sqrt())?, &mul(model_output, beta_t.sqrt())?)?;
-                let eps = add(&mul(model_output, alpha_t.sqrt())?, &mul(sample, beta_t.sqrt())?)?;
+            Prediction::Velocity => {
+                let x0 = sub(
+                    &mul(sample, alpha_t.sqrt())?,
+                    &mul(model_output, beta_t.sqrt())?,
+                )?;
+                let eps = add(
+                    &mul(model_output, alpha_t.sqrt())?,
+                    &mul(sample, beta_t.sqrt())?,
+                )?;
                 (x0, eps)
             }
         };
@@ -121,7 +137,10 @@ impl Scheduler for DdimScheduler {
         // sqrt(1 - alpha_prev), bit for bit as in diffusers.
         let variance = (beta_prev / beta_t) * (1.0 - alpha_t / alpha_prev);
         let std_dev_t = self.eta * variance.sqrt();
-        let direction = mul(&pred_epsilon, (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt())?;
+        let direction = mul(
+            &pred_epsilon,
+            (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt(),
+        )?;
         add(&mul(&pred_original, alpha_prev.sqrt())?, &direction)
     }
 }
@@ -184,8 +203,14 @@ mod tests {
     fn ddim_step_count_errors() {
         let path = Path::new("scheduler_config.json");
         let cfg = SchedulerConfig::default();
-        assert!(matches!(DdimScheduler::new(&cfg, path, 0), Err(Error::Usage(_))));
-        assert!(matches!(DdimScheduler::new(&cfg, path, 1001), Err(Error::Usage(_))));
+        assert!(matches!(
+            DdimScheduler::new(&cfg, path, 0),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            DdimScheduler::new(&cfg, path, 1001),
+            Err(Error::Usage(_))
+        ));
     }
 
     #[test]

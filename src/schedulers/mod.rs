@@ -13,12 +13,12 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use crate::config::SchedulerConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Which scheduler algorithm to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
-    /// diffusers' `PNDMScheduler` (PLMS with `skip_prk_steps`).
+    /// diffusers' `PNDMScheduler` (PLMS, Runge-Kutta warm-up unless `skip_prk_steps`).
     Pndm,
     /// diffusers' `DDIMScheduler` with eta 0.
     Ddim,
@@ -54,17 +54,14 @@ impl SchedulerKind {
 
 /// Builds the scheduler `kind` from the checkpoint's scheduler config for `steps` inference steps,
 /// as diffusers' `XScheduler.from_config(config)` then `set_timesteps(steps)`. Unsupported or
-/// inconsistent values are [`Error::Config`] errors naming `config_path` and the field; a step count
-/// of zero (or above `num_train_timesteps`) is an [`Error::Usage`].
+/// inconsistent values are [`crate::Error::Config`] errors naming `config_path` and the field; a step count
+/// of zero (or above `num_train_timesteps`) is an [`crate::Error::Usage`].
 pub fn build(
     kind: SchedulerKind,
     config: &SchedulerConfig,
     config_path: &Path,
     steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
-    if steps == 0 {
-        return Err(Error::usage("the number of inference steps must be at least 1"));
-    }
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, config_path, steps)?),
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, config_path, steps)?),
@@ -73,7 +70,8 @@ pub fn build(
 
 /// One denoising run's scheduler state.
 pub trait Scheduler {
-    /// The timesteps in the order the UNet sees them (PNDM repeats its first one).
+    /// The timesteps in the order the UNet sees them (PNDM with `skip_prk_steps` repeats its second
+    /// one: 801, 601, 601, 401, 201, 1).
     fn timesteps(&self) -> &[f64];
     /// The factor the initial noise is multiplied by.
     fn init_noise_sigma(&self) -> f64;
@@ -94,7 +92,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::error::TensorContext;
+    use crate::error::{Error, TensorContext};
 
     /// Absolute tolerance of every recorded sample.
     const ATOL: f32 = 1e-5;
@@ -110,6 +108,10 @@ mod tests {
     /// The fixture's cases for one scheduler kind (`pndm` / `ddim`).
     pub(super) fn fixture_cases(kind: &str) -> Vec<Value> {
         let doc = fixture();
+        assert_eq!(
+            doc["diffusers_version"], "0.35.2",
+            "fixture recorded from another diffusers"
+        );
         doc["cases"]
             .as_array()
             .expect("cases")
@@ -139,7 +141,10 @@ mod tests {
         let cfg: SchedulerConfig = serde_json::from_value(case["config"].clone()).expect("config");
         let path = PathBuf::from(format!("{name}/scheduler_config.json"));
         if let Some(class) = &cfg.class_name {
-            assert!(SchedulerKind::from_class_name(class).is_some(), "{name}: class {class}");
+            assert!(
+                SchedulerKind::from_class_name(class).is_some(),
+                "{name}: class {class}"
+            );
         }
 
         let recorded = case["timesteps"].as_object().expect("timesteps");
@@ -153,11 +158,18 @@ mod tests {
                 .iter()
                 .map(|t| t.as_i64().expect("integer timestep") as f64)
                 .collect();
-            assert_eq!(s.timesteps(), expected.as_slice(), "{name}: timesteps for {steps} steps");
+            assert_eq!(
+                s.timesteps(),
+                expected.as_slice(),
+                "{name}: timesteps for {steps} steps"
+            );
         }
         for n in case["errors"].as_array().expect("errors") {
             let steps = n.as_u64().expect("step count") as usize;
-            assert!(build(kind, &cfg, &path, steps).is_err(), "{name}: {steps} steps should fail");
+            assert!(
+                build(kind, &cfg, &path, steps).is_err(),
+                "{name}: {steps} steps should fail"
+            );
         }
 
         let schedule = match kind {
@@ -165,16 +177,26 @@ mod tests {
             SchedulerKind::Ddim => ddim::DdimScheduler::new(&cfg, &path, 5)?.schedule,
         };
         let final_alpha = case["final_alpha_cumprod"].as_f64().expect("final alpha") as f32;
-        assert_eq!(schedule.final_alpha_cumprod, final_alpha, "{name}: final_alpha_cumprod");
+        assert_eq!(
+            schedule.final_alpha_cumprod, final_alpha,
+            "{name}: final_alpha_cumprod"
+        );
         if let Some(ac) = case.get("alphas_cumprod") {
             let ac = floats(ac);
             let rtol = case["alphas_cumprod_rtol"].as_f64().expect("alphas rtol") as f32;
-            assert_eq!(schedule.alphas_cumprod.len(), ac.len(), "{name}: alphas_cumprod length");
+            assert_eq!(
+                schedule.alphas_cumprod.len(),
+                ac.len(),
+                "{name}: alphas_cumprod length"
+            );
             let mut worst = 0f32;
             for (i, (a, b)) in schedule.alphas_cumprod.iter().zip(&ac).enumerate() {
                 let dev = (a - b).abs();
                 // rtol 0 means bit-exact.
-                assert!(dev <= rtol * b.abs(), "{name}: alphas_cumprod[{i}] {a} != {b}");
+                assert!(
+                    dev <= rtol * b.abs(),
+                    "{name}: alphas_cumprod[{i}] {a} != {b}"
+                );
                 worst = worst.max(dev / b.abs().max(f32::MIN_POSITIVE));
             }
             eprintln!("{name}: alphas_cumprod max relative deviation {worst:e}");
@@ -189,11 +211,18 @@ mod tests {
             let outputs = lp["model_outputs"].as_array().expect("model outputs");
             let expected = lp["prev_samples"].as_array().expect("prev samples");
             let timesteps = s.timesteps().to_vec();
-            assert_eq!(timesteps.len(), outputs.len(), "{name}: loop length for {steps} steps");
+            assert_eq!(
+                timesteps.len(),
+                outputs.len(),
+                "{name}: loop length for {steps} steps"
+            );
             let mut sample = tensor(&lp["sample"]);
             for (i, &t) in timesteps.iter().enumerate() {
                 sample = s.step(&tensor(&outputs[i]), t, &sample)?;
-                let got = sample.flatten_all().and_then(|x| x.to_vec1::<f32>()).context(|| "read".into())?;
+                let got = sample
+                    .flatten_all()
+                    .and_then(|x| x.to_vec1::<f32>())
+                    .context(|| "read".into())?;
                 let want = floats(&expected[i]);
                 assert_eq!(got.len(), want.len());
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -217,8 +246,14 @@ mod tests {
         }
         assert_eq!(SchedulerKind::parse("DDIM"), Some(SchedulerKind::Ddim));
         assert_eq!(SchedulerKind::parse("euler"), None);
-        assert_eq!(SchedulerKind::from_class_name("PNDMScheduler"), Some(SchedulerKind::Pndm));
-        assert_eq!(SchedulerKind::from_class_name("DDIMScheduler"), Some(SchedulerKind::Ddim));
+        assert_eq!(
+            SchedulerKind::from_class_name("PNDMScheduler"),
+            Some(SchedulerKind::Pndm)
+        );
+        assert_eq!(
+            SchedulerKind::from_class_name("DDIMScheduler"),
+            Some(SchedulerKind::Ddim)
+        );
         assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
     }
 
@@ -241,7 +276,10 @@ mod tests {
         for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
             let err = build(kind, &cfg, path, 10).err().expect("config error");
             let msg = err.to_string();
-            assert!(msg.contains("ckpt/scheduler/scheduler_config.json"), "{msg}");
+            assert!(
+                msg.contains("ckpt/scheduler/scheduler_config.json"),
+                "{msg}"
+            );
             assert!(msg.contains("beta_schedule"), "{msg}");
         }
     }

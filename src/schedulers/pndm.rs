@@ -44,7 +44,8 @@ impl PndmScheduler {
     /// `PNDMScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
     pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::from_config(cfg, path, false, false)?;
-        let prediction = Prediction::parse(cfg, path, &[Prediction::Epsilon, Prediction::VPrediction])?;
+        let prediction =
+            Prediction::parse(cfg, path, &[Prediction::Epsilon, Prediction::Velocity])?;
         let spacing = Spacing::parse(cfg, path)?;
         let skip_prk_steps = cfg.skip_prk_steps.unwrap_or(false);
         schedule.check_steps(steps)?;
@@ -73,14 +74,21 @@ impl PndmScheduler {
                 .iter()
                 .flat_map(|&t| [t, t + half])
                 .collect();
-            let doubled: Vec<i64> = pairs[..pairs.len() - 1].iter().flat_map(|&t| [t, t]).collect();
+            let doubled: Vec<i64> = pairs[..pairs.len() - 1]
+                .iter()
+                .flat_map(|&t| [t, t])
+                .collect();
             let mut prk = doubled[1..doubled.len() - 1].to_vec();
             prk.reverse();
             let mut plms = base[..base.len() - (PNDM_ORDER - 1)].to_vec();
             plms.reverse();
             (prk, plms)
         };
-        let timesteps = prk_timesteps.iter().chain(&plms_timesteps).map(|&t| t as f64).collect();
+        let timesteps = prk_timesteps
+            .iter()
+            .chain(&plms_timesteps)
+            .map(|&t| t as f64)
+            .collect();
         Ok(Self {
             step_ratio: schedule.step_ratio(steps),
             schedule,
@@ -96,8 +104,17 @@ impl PndmScheduler {
     }
 
     /// diffusers' `step_prk`: one of the four Runge-Kutta evaluations per warm-up step.
-    fn step_prk(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<Tensor> {
-        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { self.step_ratio / 2 };
+    fn step_prk(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let diff_to_prev = if self.counter % 2 == 1 {
+            0
+        } else {
+            self.step_ratio / 2
+        };
         let prev_timestep = timestep - diff_to_prev;
         let timestep = self.prk_timesteps[self.counter / 4 * 4];
         let weighted = |w: f32, acc: &Option<Tensor>| -> Result<Tensor> {
@@ -109,13 +126,15 @@ impl PndmScheduler {
         };
         let model_output = match self.counter % 4 {
             0 => {
-                self.cur_model_output = Some(weighted((1.0f64 / 6.0) as f32, &self.cur_model_output)?);
+                self.cur_model_output =
+                    Some(weighted((1.0f64 / 6.0) as f32, &self.cur_model_output)?);
                 self.ets.push(model_output.clone());
                 self.cur_sample = Some(sample.clone());
                 model_output.clone()
             }
             1 | 2 => {
-                self.cur_model_output = Some(weighted((1.0f64 / 3.0) as f32, &self.cur_model_output)?);
+                self.cur_model_output =
+                    Some(weighted((1.0f64 / 3.0) as f32, &self.cur_model_output)?);
                 model_output.clone()
             }
             _ => {
@@ -131,7 +150,12 @@ impl PndmScheduler {
     }
 
     /// diffusers' `step_plms`: the linear multistep update over the last four model outputs.
-    fn step_plms(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<Tensor> {
+    fn step_plms(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         if !self.skip_prk_steps && self.ets.len() < 3 {
             return Err(Error::usage(
                 "PNDM: the multistep phase needs the Runge-Kutta warm-up to have run first",
@@ -198,7 +222,10 @@ impl PndmScheduler {
         let beta_t = 1.0 - alpha_t;
         let beta_prev = 1.0 - alpha_prev;
         let model_output = match self.prediction {
-            Prediction::VPrediction => add(&mul(model_output, alpha_t.sqrt())?, &mul(sample, beta_t.sqrt())?)?,
+            Prediction::Velocity => add(
+                &mul(model_output, alpha_t.sqrt())?,
+                &mul(sample, beta_t.sqrt())?,
+            )?,
             _ => model_output.clone(),
         };
         let sample_coeff = (alpha_prev / alpha_t).sqrt();
@@ -264,13 +291,14 @@ mod tests {
     #[test]
     fn pndm_config_errors() {
         let path = Path::new("scheduler/scheduler_config.json");
-        let field_of = |cfg: SchedulerConfig, steps: usize| match PndmScheduler::new(&cfg, path, steps) {
-            Err(Error::Config { field, file, .. }) => {
-                assert_eq!(file, path);
-                Some(field)
-            }
-            _ => None,
-        };
+        let field_of =
+            |cfg: SchedulerConfig, steps: usize| match PndmScheduler::new(&cfg, path, steps) {
+                Err(Error::Config { field, file, .. }) => {
+                    assert_eq!(file, path);
+                    Some(field)
+                }
+                _ => None,
+            };
         let prk = SchedulerConfig {
             skip_prk_steps: Some(false),
             ..Default::default()
@@ -310,8 +338,14 @@ mod tests {
     fn pndm_step_count_errors() {
         let path = Path::new("scheduler_config.json");
         let cfg = SchedulerConfig::default();
-        assert!(matches!(PndmScheduler::new(&cfg, path, 0), Err(Error::Usage(_))));
-        assert!(matches!(PndmScheduler::new(&cfg, path, 1001), Err(Error::Usage(_))));
+        assert!(matches!(
+            PndmScheduler::new(&cfg, path, 0),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            PndmScheduler::new(&cfg, path, 1001),
+            Err(Error::Usage(_))
+        ));
         assert!(PndmScheduler::new(&cfg, path, 1000).is_ok());
     }
 }

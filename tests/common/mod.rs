@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 /// `tests/fixtures/...`
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// A fresh, empty scratch directory for one test.
@@ -49,8 +51,20 @@ pub fn load(path: &Path) -> HashMap<String, Tensor> {
 /// |a - b| <= atol + rtol |b| elementwise; returns the worst ratio of |a - b| to the bound.
 pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a: Vec<f64> = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f64> = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     a.iter()
         .zip(&b)
         .map(|(x, y)| {
@@ -64,11 +78,23 @@ pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> f64 {
 }
 
 /// Asserts that `got[key]` matches `want[key]` within |a-b| <= 1e-4 + 1e-3|b|.
-pub fn assert_close(case: &str, key: &str, got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) {
-    let g = got.get(key).unwrap_or_else(|| panic!("{case}: altdiff did not dump `{key}`"));
-    let w = want.get(key).unwrap_or_else(|| panic!("{case}: reference has no `{key}`"));
+pub fn assert_close(
+    case: &str,
+    key: &str,
+    got: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+) {
+    let g = got
+        .get(key)
+        .unwrap_or_else(|| panic!("{case}: altdiff did not dump `{key}`"));
+    let w = want
+        .get(key)
+        .unwrap_or_else(|| panic!("{case}: reference has no `{key}`"));
     assert_eq!(g.dims(), w.dims(), "{case}: `{key}` shape");
     let r = worst_ratio(g, w, 1e-4, 1e-3);
     eprintln!("{case:28} {key:24} worst |a-b|/(1e-4+1e-3|b|) = {r:.4}");
-    assert!(r <= 1.0, "{case}: `{key}` differs from diffusers (worst ratio {r:.3})");
+    assert!(
+        r <= 1.0,
+        "{case}: `{key}` differs from diffusers (worst ratio {r:.3})"
+    );
 }

@@ -1,0 +1,390 @@
+//! The binary as a user meets it: the offline demo, seeds, outputs, warnings and errors.
+
+mod common;
+
+use common::*;
+
+const M9: &str = "models/tiny-m9";
+const M18: &str = "models/tiny-m18";
+
+fn model(rel: &str) -> String {
+    fixture(rel).display().to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a usage/config failure: exit 2, a short message containing `needle`, no panic, nothing on stdout.
+fn assert_fails(out: &std::process::Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "stdout must stay clean: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn png_text(path: &str) -> Vec<(String, String)> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.get_text().unwrap()))
+        .collect()
+}
+
+#[test]
+fn offline_demo_writes_a_png_with_parameters() {
+    let dir = scratch("demo");
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        &model(M18),
+        "--prompt",
+        "un renard roux dans la neige",
+        "--seed",
+        "42",
+        "--steps",
+        "3",
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    let stdout = ok(&out);
+    let path = stdout.trim();
+    assert!(
+        path.ends_with(".png") && path.contains("42") && path.contains("un-renard-roux"),
+        "{path}"
+    );
+    let text = png_text(path);
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.starts_with("un renard roux dans la neige\n"),
+        "{params}"
+    );
+    assert!(
+        params.contains("Steps: 3, Sampler: pndm, CFG scale: 7.5, Seed: 42, Size: 64x64"),
+        "{params}"
+    );
+}
+
+#[test]
+fn seed_gives_pytorchs_initial_noise() {
+    // tiny-m9 at 64x64 has 1x4x8x8 = 256 latents: torch.randn(256) with manual_seed(42).
+    let dir = scratch("seed");
+    let dump = dir.join("t.safetensors");
+    ok(&altdiff(&[
+        "generate",
+        "--model",
+        &model(M9),
+        "--prompt",
+        "a fox",
+        "--seed",
+        "42",
+        "--steps",
+        "1",
+        "--dump-tensors",
+        dump.to_str().unwrap(),
+        "--output",
+        dir.join("img").to_str().unwrap(),
+    ]));
+    let got = load(&dump)["latents_init"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("torch_randn.json")).unwrap())
+            .unwrap();
+    let case = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["seed"] == 42 && c["n"] == 256 && c.get("then").is_none())
+        .unwrap();
+    let want: Vec<f32> = case["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn same_seed_same_image_and_nothing_overwritten() {
+    let dir = scratch("twice");
+    let file = dir.join("fox.png");
+    let args = |_: ()| {
+        vec![
+            "generate".to_string(),
+            "--model".into(),
+            model(M9),
+            "--prompt".into(),
+            "a fox".into(),
+            "--seed".into(),
+            "7".into(),
+            "--steps".into(),
+            "2".into(),
+            "--output".into(),
+            file.display().to_string(),
+        ]
+    };
+    let a = args(());
+    let first = ok(&altdiff(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let second = ok(&altdiff(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(first.trim(), file.display().to_string());
+    assert_eq!(
+        second.trim(),
+        dir.join("fox-1.png").display().to_string(),
+        "the existing file is kept"
+    );
+    let a = std::fs::read(&file).unwrap();
+    let b = std::fs::read(dir.join("fox-1.png")).unwrap();
+    assert_eq!(a, b, "the same seed gives the same PNG");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
+}
+
+#[test]
+fn random_seed_is_reported() {
+    let dir = scratch("random-seed");
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        &model(M9),
+        "--prompt",
+        "a fox",
+        "--steps",
+        "1",
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let err = stderr(&out);
+    let seed: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("seed: "))
+        .unwrap_or_else(|| panic!("no seed line in {err}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(seed <= u32::MAX as u64);
+}
+
+#[test]
+fn long_prompt_warns_with_the_dropped_words() {
+    let dir = scratch("long");
+    let prompt = format!("{} purple elephants", "a quiet lake in autumn, ".repeat(12));
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        &model(M18),
+        "--prompt",
+        &prompt,
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let err = stderr(&out);
+    assert!(err.contains("longer than 77 tokens"), "{err}");
+    assert!(err.contains("purple elephants"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let dir = scratch("usage");
+    let m = model(M9);
+    let o = dir.to_str().unwrap();
+    let base = ["generate", "--model", m.as_str(), "--prompt", "a fox"];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend_from_slice(extra);
+        if !extra.contains(&"--output") {
+            a.extend_from_slice(&["--output", o]);
+        }
+        altdiff(&a)
+    };
+    assert_fails(
+        &run(&["--height", "60"]),
+        "--height 60 must be a multiple of 8",
+    );
+    assert_fails(&run(&["--steps", "0"]), "--steps 0 is out of range");
+    assert_fails(
+        &run(&["--guidance", "NaN"]),
+        "--guidance NaN must be a finite number",
+    );
+    assert_fails(&run(&["--guidance", "-1"]), "must be a finite number >= 0");
+    assert_fails(
+        &run(&["--scheduler", "euler-x"]),
+        "unknown scheduler `euler-x`",
+    );
+    assert_fails(
+        &run(&["--max-length", "600"]),
+        "--max-length 600 is out of range",
+    );
+    assert_fails(&run(&["--device", "tpu"]), "unknown device `tpu`");
+    assert_fails(&run(&["--dtype", "f64"]), "f64");
+    let one = dir.join("one.png");
+    assert_fails(
+        &run(&["--num-images", "2", "--output", one.to_str().unwrap()]),
+        "names one file but this run makes 2 images",
+    );
+    assert_fails(
+        &run(&["--seed", "1", "--latents", "x.safetensors"]),
+        "give one",
+    );
+    #[cfg(not(feature = "cuda"))]
+    assert_fails(&run(&["--device", "cuda"]), "--features cuda");
+    assert_fails(
+        &altdiff(&["generate", "--model", m.as_str(), "--prompt", "  "]),
+        "prompt 1 is empty",
+    );
+    assert!(
+        std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "no file written on errors"
+    );
+}
+
+#[test]
+fn latents_file_is_checked() {
+    let dir = scratch("latents");
+    // The m9-pndm reference holds 1x4x8x8 latents; two prompts need 2x4x8x8.
+    let latents = fixture("reference/m9-pndm.safetensors");
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        &model(M9),
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &out,
+        "--latents has shape [1, 4, 8, 8] but this run needs [2, 4, 8, 8]",
+    );
+    let not_latents = fixture("models/tiny-m9/vae/diffusion_pytorch_model.safetensors");
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        &model(M9),
+        "--prompt",
+        "a",
+        "--latents",
+        not_latents.to_str().unwrap(),
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    assert_fails(&out, "no tensor named `latents`");
+}
+
+/// Copies a tiny model so a test can break it.
+fn copy_model(rel: &str, name: &str) -> std::path::PathBuf {
+    fn copy(src: &std::path::Path, dst: &std::path::Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), to).unwrap();
+            }
+        }
+    }
+    let dst = scratch(name).join("model");
+    copy(&fixture(rel), &dst);
+    dst
+}
+
+fn edit_json(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn model_problems_name_the_file_and_field() {
+    let gen = |m: &std::path::Path| {
+        let out_dir = m.parent().unwrap().join("out");
+        altdiff(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--seed",
+            "1",
+            "--steps",
+            "1",
+            "--output",
+            out_dir.to_str().unwrap(),
+        ])
+    };
+    let missing = scratch("nomodel").join("nope");
+    assert_fails(&gen(&missing), "model directory not found");
+
+    let m = copy_model(M9, "unsupported");
+    edit_json(&m.join("unet/config.json"), |v| {
+        v["resnet_time_scale_shift"] = "scale_shift".into()
+    });
+    let out = gen(&m);
+    assert_fails(&out, "unet/config.json: field `resnet_time_scale_shift`");
+
+    let m = copy_model(M9, "heads");
+    edit_json(&m.join("unet/config.json"), |v| {
+        v["attention_head_dim"] = serde_json::json!([3, 4])
+    });
+    assert_fails(
+        &gen(&m),
+        "field `attention_head_dim`: has 2 entries but the model has 3 blocks",
+    );
+
+    let m = copy_model(M18, "mismatch");
+    edit_json(&m.join("text_encoder/config.json"), |v| {
+        v["project_dim"] = 40.into()
+    });
+    assert_fails(
+        &gen(&m),
+        "the text encoder outputs 40 features but the UNet's cross_attention_dim is 48",
+    );
+
+    let m = copy_model(M9, "badjson");
+    std::fs::write(m.join("vae/config.json"), "{ not json").unwrap();
+    assert_fails(&gen(&m), "vae/config.json: invalid JSON");
+
+    let m = copy_model(M9, "noweights");
+    std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_fails(&gen(&m), "no .safetensors weights found");
+
+    let m = copy_model(M9, "notokenizer");
+    std::fs::remove_dir_all(m.join("tokenizer")).unwrap();
+    assert_fails(&gen(&m), "the model has no `tokenizer` folder");
+
+    let m = copy_model(M9, "scheduler");
+    edit_json(&m.join("scheduler/scheduler_config.json"), |v| {
+        v["beta_schedule"] = "cosine-ish".into()
+    });
+    assert_fails(&gen(&m), "field `beta_schedule`");
+}
