@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::options::{DeviceChoice, GenerateOptions, OutputTarget, Precision};
+use crate::options::{DeviceChoice, GenerateOptions, OutputTarget, Precision, Sampling};
 use crate::schedulers::SchedulerKind;
 
 const EXAMPLES: &str = "\
@@ -109,15 +109,17 @@ impl GenerateArgs {
         let opts = GenerateOptions {
             model: self.model,
             prompts: self.prompt,
-            negative_prompt: self.negative_prompt,
-            steps: self.steps,
-            guidance: self.guidance,
-            scheduler: self.scheduler,
-            height: self.height,
-            width: self.width,
+            sampling: Sampling {
+                negative_prompt: self.negative_prompt,
+                steps: self.steps,
+                guidance: self.guidance,
+                scheduler: self.scheduler,
+                height: self.height,
+                width: self.width,
+                num_images: self.num_images,
+                max_length: self.max_length,
+            },
             seed: self.seed,
-            num_images: self.num_images,
-            max_length: self.max_length,
             latents: self.latents,
             dump_tensors: self.dump_tensors,
             output: OutputTarget::from_path(self.output),

@@ -85,14 +85,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
     let pipeline = Pipeline::load(&files, &device, dtype)?;
     let request = Request {
         prompts: opts.prompts.clone(),
-        negative_prompt: opts.negative_prompt.clone(),
-        steps: opts.steps,
-        guidance: opts.guidance,
-        scheduler: opts.scheduler,
-        height: opts.height,
-        width: opts.width,
-        num_images: opts.num_images,
-        max_length: opts.max_length,
+        sampling: opts.sampling.clone(),
         noise,
         keep_tensors: opts.dump_tensors.is_some(),
     };
@@ -112,16 +105,16 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     for (k, img) in out.images.iter().enumerate() {
-        let prompt = &opts.prompts[k / opts.num_images];
+        let prompt = &opts.prompts[k / opts.sampling.num_images];
         let mut params = prompt.clone();
-        if let Some(neg) = &opts.negative_prompt {
+        if let Some(neg) = &opts.sampling.negative_prompt {
             params.push_str(&format!("\nNegative prompt: {neg}"));
         }
         params.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Max length: {}",
-            opts.steps,
+            opts.sampling.steps,
             out.resolved.scheduler.name(),
-            opts.guidance,
+            opts.sampling.guidance,
             seed.map_or_else(|| "latents file".into(), |s| s.to_string()),
             img.width,
             img.height,

@@ -72,6 +72,43 @@ impl OutputTarget {
     }
 }
 
+/// The settings of one generation (everything a batch line could override).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// Negative prompt for every prompt (`""` when `None`).
+    pub negative_prompt: Option<String>,
+    /// Inference steps (1 to [`MAX_STEPS`]).
+    pub steps: usize,
+    /// Classifier-free guidance scale (finite, >= 0); no guidance when <= 1.
+    pub guidance: f64,
+    /// Scheduler; the model's own when `None`.
+    pub scheduler: Option<SchedulerKind>,
+    /// Image height in pixels; the model's default when `None`.
+    pub height: Option<usize>,
+    /// Image width in pixels; the model's default when `None`.
+    pub width: Option<usize>,
+    /// Images per prompt (>= 1).
+    pub num_images: usize,
+    /// Token length; 77 or the tokenizer's limit if smaller when `None`.
+    pub max_length: Option<usize>,
+}
+
+impl Default for Sampling {
+    /// diffusers' defaults: 50 steps, guidance 7.5, one image.
+    fn default() -> Self {
+        Self {
+            negative_prompt: None,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            height: None,
+            width: None,
+            num_images: 1,
+            max_length: None,
+        }
+    }
+}
+
 /// Everything `altdiff generate` needs, validated.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -79,24 +116,10 @@ pub struct GenerateOptions {
     pub model: PathBuf,
     /// Prompts, in order.
     pub prompts: Vec<String>,
-    /// Negative prompt for every prompt.
-    pub negative_prompt: Option<String>,
-    /// Inference steps (>= 1).
-    pub steps: usize,
-    /// Guidance scale (finite, >= 0).
-    pub guidance: f64,
-    /// Scheduler override.
-    pub scheduler: Option<SchedulerKind>,
-    /// Image height.
-    pub height: Option<usize>,
-    /// Image width.
-    pub width: Option<usize>,
+    /// Generation settings.
+    pub sampling: Sampling,
     /// Seed; a random one is picked and reported when `None` and no latents are given.
     pub seed: Option<u64>,
-    /// Images per prompt (>= 1).
-    pub num_images: usize,
-    /// Token length override.
-    pub max_length: Option<usize>,
     /// Initial latents file.
     pub latents: Option<PathBuf>,
     /// Where to dump intermediate tensors.
@@ -112,15 +135,9 @@ pub struct GenerateOptions {
 /// The largest step count accepted (diffusers' schedulers train on 1000 timesteps).
 pub const MAX_STEPS: usize = 1000;
 
-impl GenerateOptions {
-    /// Checks values that do not need the model.
+impl Sampling {
+    /// Checks the values that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
-        if self.prompts.is_empty() {
-            return Err(Error::usage("give at least one --prompt"));
-        }
-        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
-            return Err(Error::usage(format!("prompt {} is empty", i + 1)));
-        }
         if self.steps == 0 || self.steps > MAX_STEPS {
             return Err(Error::usage(format!(
                 "--steps {} is out of range (1 to {MAX_STEPS})",
@@ -152,7 +169,21 @@ impl GenerateOptions {
                 )));
             }
         }
-        let total = self.prompts.len() * self.num_images;
+        Ok(())
+    }
+}
+
+impl GenerateOptions {
+    /// Checks values that do not need the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::usage("give at least one --prompt"));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(Error::usage(format!("prompt {} is empty", i + 1)));
+        }
+        self.sampling.validate()?;
+        let total = self.prompts.len() * self.sampling.num_images;
         if let OutputTarget::File(p) = &self.output {
             if total > 1 {
                 return Err(Error::usage(format!(

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use crate::error::{Error, Result, TensorContext};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::models::{TextEncoder, UNet, VaeDecoder};
+use crate::options::Sampling;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
@@ -40,24 +41,10 @@ pub enum Noise {
 /// One generation: a batch of prompts with shared settings.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// Prompts; each gets `num_images` images, adjacent in the output.
+    /// Prompts; each gets `sampling.num_images` images, adjacent in the output.
     pub prompts: Vec<String>,
-    /// Negative prompt for every prompt (`""` when `None`).
-    pub negative_prompt: Option<String>,
-    /// Inference steps.
-    pub steps: usize,
-    /// Classifier-free guidance scale; no guidance when <= 1.
-    pub guidance: f64,
-    /// Scheduler; the model's own when `None`.
-    pub scheduler: Option<SchedulerKind>,
-    /// Image height in pixels; default from the UNet's sample size.
-    pub height: Option<usize>,
-    /// Image width in pixels.
-    pub width: Option<usize>,
-    /// Images per prompt.
-    pub num_images: usize,
-    /// Token length; default [`DEFAULT_MAX_LENGTH`] or the tokenizer's limit if smaller.
-    pub max_length: Option<usize>,
+    /// The settings.
+    pub sampling: Sampling,
     /// Initial noise.
     pub noise: Noise,
     /// Keep the intermediate tensors for `--dump-tensors`.
@@ -159,10 +146,15 @@ impl Pipeline {
 
     /// Applies defaults and checks the request against the model.
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        if req.prompts.is_empty() {
+            return Err(Error::usage("no prompt given"));
+        }
+        let sampling = &req.sampling;
+        sampling.validate()?;
         let f = self.vae_scale_factor();
         let default_px = self.config.unet.sample_size * f;
-        let height = req.height.unwrap_or(default_px);
-        let width = req.width.unwrap_or(default_px);
+        let height = sampling.height.unwrap_or(default_px);
+        let width = sampling.width.unwrap_or(default_px);
         for (name, v) in [("height", height), ("width", width)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::usage(format!(
@@ -170,7 +162,7 @@ impl Pipeline {
                 )));
             }
         }
-        let scheduler = match req.scheduler.or(self.config.default_scheduler) {
+        let scheduler = match sampling.scheduler.or(self.config.default_scheduler) {
             Some(s) => s,
             None => {
                 return Err(Error::config(
@@ -181,7 +173,7 @@ impl Pipeline {
             }
         };
         let limit = self.text_encoder.max_tokens();
-        let max_length = match req.max_length {
+        let max_length = match sampling.max_length {
             Some(m) => m,
             None => DEFAULT_MAX_LENGTH.min(
                 self.tokenizer
@@ -193,12 +185,6 @@ impl Pipeline {
             return Err(Error::usage(format!(
                 "--max-length {max_length} is out of range: the text encoder takes 2 to {limit} tokens"
             )));
-        }
-        if req.prompts.is_empty() {
-            return Err(Error::usage("no prompt given"));
-        }
-        if req.num_images == 0 {
-            return Err(Error::usage("--num-images must be at least 1"));
         }
         Ok(Resolved {
             scheduler,
@@ -227,17 +213,24 @@ impl Pipeline {
         Ok((ids, embeds, tokens.into_iter().map(|t| t.dropped).collect()))
     }
 
-    /// Runs a request.
-    pub fn generate(&self, req: &Request, progress: &mut dyn Progress) -> Result<Generation> {
-        let r = self.resolve(req)?;
-        let p = req.prompts.len();
-        let b = p * req.num_images;
-        let f = self.vae_scale_factor();
-        let shape = (b, self.config.unet.in_channels, r.height / f, r.width / f);
-        let do_cfg = req.guidance > 1.0;
-        let mut tensors = Vec::new();
-
-        progress.stage("encode");
+    /// Text features for the UNet: `context` ([uncond; cond] with guidance, else cond), each
+    /// [B, L, D] with a prompt's images adjacent, as diffusers' `encode_prompt` builds them.
+    fn text_features(
+        &self,
+        req: &Request,
+        r: &Resolved,
+        tensors: &mut Vec<(String, Tensor)>,
+    ) -> Result<(Tensor, Vec<(usize, String)>)> {
+        let n = req.sampling.num_images;
+        let what = || "preparing the text features".to_string();
+        // diffusers: embeds.repeat(1, n, 1).view(P * n, L, D).
+        let per_image = |t: Tensor| -> Result<Tensor> {
+            let (p, l, d) = t.dims3().context(what)?;
+            t.unsqueeze(1)
+                .and_then(|t| t.broadcast_as((p, n, l, d)))
+                .and_then(|t| t.reshape((p * n, l, d)))
+                .context(what)
+        };
         let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
         let (ids, cond, dropped) = self.encode(&prompts, r.max_length)?;
         let truncated = dropped
@@ -245,20 +238,11 @@ impl Pipeline {
             .enumerate()
             .filter_map(|(i, d)| d.map(|d| (i, d)))
             .collect();
-        let per_image = |t: Tensor| -> candle_core::Result<Tensor> {
-            // diffusers: embeds.repeat(1, n, 1).view(P * n, L, D): a prompt's images are adjacent.
-            let (p, l, d) = t.dims3()?;
-            t.unsqueeze(1)?
-                .broadcast_as((p, req.num_images, l, d))?
-                .reshape((p * req.num_images, l, d))
-        };
-        let what = || "preparing the text features".to_string();
-        let cond = per_image(cond).context(what)?;
-        let uncond = if do_cfg {
-            let neg = req.negative_prompt.as_deref().unwrap_or("");
-            let negs = vec![neg; p];
-            let (_, uncond, _) = self.encode(&negs, r.max_length)?;
-            Some(per_image(uncond).context(what)?)
+        let cond = per_image(cond)?;
+        let uncond = if req.sampling.guidance > 1.0 {
+            let neg = req.sampling.negative_prompt.as_deref().unwrap_or("");
+            let (_, uncond, _) = self.encode(&vec![neg; prompts.len()], r.max_length)?;
+            Some(per_image(uncond)?)
         } else {
             None
         };
@@ -273,113 +257,150 @@ impl Pipeline {
             Some(u) => Tensor::cat(&[u, &cond], 0).context(what)?,
             None => cond,
         };
+        Ok((context, truncated))
+    }
 
-        let mut scheduler = schedulers::build(
-            r.scheduler,
-            &self.config.scheduler,
-            &self.files.scheduler_config,
-            req.steps,
-        )?;
-        let noise = match &req.noise {
+    /// The initial noise [B, C, h, w] in f32 on the device.
+    fn initial_noise(&self, req: &Request, r: &Resolved) -> Result<Tensor> {
+        let f = self.vae_scale_factor();
+        let shape = [
+            req.prompts.len() * req.sampling.num_images,
+            self.config.unet.in_channels,
+            r.height / f,
+            r.width / f,
+        ];
+        match &req.noise {
             Noise::Seed(seed) => {
-                let n = shape.0 * shape.1 * shape.2 * shape.3;
-                let data = TorchGenerator::new(*seed).randn(n);
-                Tensor::from_vec(data, shape, &self.device)
-                    .context(|| "drawing the initial noise".into())?
+                let data = TorchGenerator::new(*seed).randn(shape.iter().product());
+                Tensor::from_vec(data, &shape, &self.device).context(|| "drawing the initial noise".into())
             }
-            Noise::Latents(t) => {
-                if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                    return Err(Error::usage(format!(
-                        "--latents has shape {:?} but this run needs {:?} ({} prompt(s) x {} image(s), {} channels, {}x{} latents for {}x{} pixels)",
-                        t.dims(),
-                        [shape.0, shape.1, shape.2, shape.3],
-                        p,
-                        req.num_images,
-                        shape.1,
-                        shape.2,
-                        shape.3,
-                        r.height,
-                        r.width
-                    )));
-                }
-                t.to_device(&self.device)
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .context(|| "moving the latents".into())?
-            }
+            Noise::Latents(t) if t.dims() != shape => Err(Error::usage(format!(
+                "--latents has shape {:?} but this run needs {shape:?} ({} prompt(s) x {} image(s), {} channels, {}x{} latents for {}x{} pixels)",
+                t.dims(),
+                req.prompts.len(),
+                req.sampling.num_images,
+                shape[1],
+                shape[2],
+                shape[3],
+                r.height,
+                r.width
+            ))),
+            Noise::Latents(t) => t
+                .to_device(&self.device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .context(|| "moving the latents".into()),
+        }
+    }
+
+    /// One denoising step: the (guided) UNet prediction, then the scheduler update.
+    fn denoise_step(
+        &self,
+        latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+        guidance: Option<f64>,
+        scheduler: &mut dyn schedulers::Scheduler,
+    ) -> Result<Tensor> {
+        let what = || format!("denoising at timestep {t}");
+        let input = match guidance {
+            Some(_) => Tensor::cat(&[latents, latents], 0).context(what)?,
+            None => latents.clone(),
         };
-        let what = || "initialising the latents".to_string();
-        let mut latents = (noise * scheduler.init_noise_sigma()).context(what)?;
-        if req.keep_tensors {
-            let ts = scheduler.timesteps().to_vec();
-            let n = ts.len();
-            tensors.push((
-                "timesteps".into(),
-                Tensor::from_vec(ts, n, &Device::Cpu).context(what)?,
-            ));
-            tensors.push(("latents_init".into(), latents.clone()));
-        }
+        let input = scheduler
+            .scale_model_input(input, t)?
+            .to_dtype(self.dtype)
+            .context(what)?;
+        let out = self
+            .unet
+            .forward(&input, t, context)
+            .and_then(|o| o.to_dtype(DType::F32))
+            .context(what)?;
+        let noise_pred = match guidance {
+            // uncond + g * (cond - uncond)
+            Some(g) => {
+                let b = latents.dim(0).context(what)?;
+                let (un, co) = (out.i(0..b).context(what)?, out.i(b..2 * b).context(what)?);
+                ((co - &un).and_then(|d| d * g).and_then(|d| d + &un)).context(what)?
+            }
+            None => out,
+        };
+        scheduler.step(&noise_pred, t, latents)
+    }
 
-        progress.stage("denoise");
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let what = || {
-                format!(
-                    "denoising step {} of {} (timestep {t})",
-                    i + 1,
-                    timesteps.len()
-                )
-            };
-            let input = if do_cfg {
-                Tensor::cat(&[&latents, &latents], 0).context(what)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(input, t)?;
-            let input = input.to_dtype(self.dtype).context(what)?;
-            let out = self
-                .unet
-                .forward(&input, t, &context)
-                .and_then(|o| o.to_dtype(DType::F32))
-                .context(what)?;
-            let noise_pred = if do_cfg {
-                let un = out.i(0..b).context(what)?;
-                let co = out.i(b..2 * b).context(what)?;
-                (&un + ((co - &un).context(what)? * req.guidance).context(what)?).context(what)?
-            } else {
-                out
-            };
-            latents = scheduler.step(&noise_pred, t, &latents)?;
-            check_finite(&latents, i + 1, timesteps.len())?;
-            progress.step(i + 1, timesteps.len());
-        }
-        if req.keep_tensors {
-            tensors.push(("latents_final".into(), latents.clone()));
-        }
-
-        progress.stage("decode");
-        let mut images = Vec::with_capacity(b);
-        let mut image_tensors = Vec::new();
+    /// Decodes latents one image at a time: `vae.decode(latents / scaling_factor)`, then
+    /// `(x / 2 + 0.5).clamp(0, 1)`. Returns the images and, if `keep`, the [B, 3, H, W] tensor.
+    fn decode(&self, latents: &Tensor, keep: bool) -> Result<(Vec<RgbImage>, Option<Tensor>)> {
+        let b = latents.dim(0).context(|| "decoding".into())?;
         let scale = 1.0 / self.config.vae.scaling_factor;
+        let mut images = Vec::with_capacity(b);
+        let mut kept = Vec::new();
         for i in 0..b {
             let what = || format!("decoding image {}", i + 1);
-            let z = (latents.i(i..i + 1).context(what)? * scale)
+            let x = latents
+                .i(i..i + 1)
+                .and_then(|z| z * scale)
                 .and_then(|z| z.to_dtype(self.dtype))
-                .context(what)?;
-            let x = self
-                .vae
-                .decode(&z)
+                .and_then(|z| self.vae.decode(&z))
                 .and_then(|x| x.to_dtype(DType::F32))
                 .and_then(|x| (x / 2.0)? + 0.5)
                 .and_then(|x| x.clamp(0f32, 1f32))
                 .context(what)?;
             images.push(to_rgb(&x).context(what)?);
-            if req.keep_tensors {
-                image_tensors.push(x);
+            if keep {
+                kept.push(x);
             }
         }
-        if req.keep_tensors {
-            let img = Tensor::cat(&image_tensors, 0).context(|| "collecting the images".into())?;
-            tensors.push(("image".into(), img));
+        let tensor = if keep {
+            Some(Tensor::cat(&kept, 0).context(|| "collecting the images".into())?)
+        } else {
+            None
+        };
+        Ok((images, tensor))
+    }
+
+    /// Runs a request.
+    pub fn generate(&self, req: &Request, progress: &mut dyn Progress) -> Result<Generation> {
+        let r = self.resolve(req)?;
+        let mut tensors = Vec::new();
+        let keep = req.keep_tensors;
+
+        progress.stage("encode");
+        let (context, truncated) = self.text_features(req, &r, &mut tensors)?;
+
+        let mut scheduler = schedulers::build(
+            r.scheduler,
+            &self.config.scheduler,
+            &self.files.scheduler_config,
+            req.sampling.steps,
+        )?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let what = || "initialising the latents".to_string();
+        let mut latents =
+            (self.initial_noise(req, &r)? * scheduler.init_noise_sigma()).context(what)?;
+        if keep {
+            let n = timesteps.len();
+            tensors.push((
+                "timesteps".into(),
+                Tensor::from_vec(timesteps.clone(), n, &Device::Cpu).context(what)?,
+            ));
+            tensors.push(("latents_init".into(), latents.clone()));
+        }
+
+        progress.stage("denoise");
+        let guidance = (req.sampling.guidance > 1.0).then_some(req.sampling.guidance);
+        for (i, &t) in timesteps.iter().enumerate() {
+            latents = self.denoise_step(&latents, t, &context, guidance, scheduler.as_mut())?;
+            check_finite(&latents, i + 1, timesteps.len())?;
+            progress.step(i + 1, timesteps.len());
+        }
+        if keep {
+            tensors.push(("latents_final".into(), latents.clone()));
+        }
+
+        progress.stage("decode");
+        let (images, image) = self.decode(&latents, keep)?;
+        if let Some(image) = image {
+            tensors.push(("image".into(), image));
         }
         Ok(Generation {
             images,

@@ -11,6 +11,13 @@ fn model(rel: &str) -> String {
     fixture(rel).display().to_string()
 }
 
+/// `altdiff generate --model <model> <extra...>`.
+fn gen(model: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["generate", "--model", model];
+    args.extend_from_slice(extra);
+    altdiff(&args)
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -42,19 +49,19 @@ fn png_text(path: &str) -> Vec<(String, String)> {
 #[test]
 fn offline_demo_writes_a_png_with_parameters() {
     let dir = scratch("demo");
-    let out = altdiff(&[
-        "generate",
-        "--model",
+    let out = gen(
         &model(M18),
-        "--prompt",
-        "un renard roux dans la neige",
-        "--seed",
-        "42",
-        "--steps",
-        "3",
-        "--output",
-        dir.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "un renard roux dans la neige",
+            "--seed",
+            "42",
+            "--steps",
+            "3",
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    );
     let stdout = ok(&out);
     let path = stdout.trim();
     assert!(
@@ -78,21 +85,21 @@ fn seed_gives_pytorchs_initial_noise() {
     // tiny-m9 at 64x64 has 1x4x8x8 = 256 latents: torch.randn(256) with manual_seed(42).
     let dir = scratch("seed");
     let dump = dir.join("t.safetensors");
-    ok(&altdiff(&[
-        "generate",
-        "--model",
+    ok(&gen(
         &model(M9),
-        "--prompt",
-        "a fox",
-        "--seed",
-        "42",
-        "--steps",
-        "1",
-        "--dump-tensors",
-        dump.to_str().unwrap(),
-        "--output",
-        dir.join("img").to_str().unwrap(),
-    ]));
+        &[
+            "--prompt",
+            "a fox",
+            "--seed",
+            "42",
+            "--steps",
+            "1",
+            "--dump-tensors",
+            dump.to_str().unwrap(),
+            "--output",
+            dir.join("img").to_str().unwrap(),
+        ],
+    ));
     let got = load(&dump)["latents_init"]
         .flatten_all()
         .unwrap()
@@ -160,17 +167,17 @@ fn same_seed_same_image_and_nothing_overwritten() {
 #[test]
 fn random_seed_is_reported() {
     let dir = scratch("random-seed");
-    let out = altdiff(&[
-        "generate",
-        "--model",
+    let out = gen(
         &model(M9),
-        "--prompt",
-        "a fox",
-        "--steps",
-        "1",
-        "--output",
-        dir.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "a fox",
+            "--steps",
+            "1",
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    );
     ok(&out);
     let err = stderr(&out);
     let seed: u64 = err
@@ -187,19 +194,19 @@ fn random_seed_is_reported() {
 fn long_prompt_warns_with_the_dropped_words() {
     let dir = scratch("long");
     let prompt = format!("{} purple elephants", "a quiet lake in autumn, ".repeat(12));
-    let out = altdiff(&[
-        "generate",
-        "--model",
+    let out = gen(
         &model(M18),
-        "--prompt",
-        &prompt,
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "--output",
-        dir.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            &prompt,
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    );
     ok(&out);
     let err = stderr(&out);
     assert!(err.contains("longer than 77 tokens"), "{err}");
@@ -251,10 +258,7 @@ fn usage_errors_exit_2_with_one_line() {
     );
     #[cfg(not(feature = "cuda"))]
     assert_fails(&run(&["--device", "cuda"]), "--features cuda");
-    assert_fails(
-        &altdiff(&["generate", "--model", m.as_str(), "--prompt", "  "]),
-        "prompt 1 is empty",
-    );
+    assert_fails(&gen(m.as_str(), &["--prompt", "  "]), "prompt 1 is empty");
     assert!(
         std::fs::read_dir(&dir).unwrap().next().is_none(),
         "no file written on errors"
@@ -266,35 +270,35 @@ fn latents_file_is_checked() {
     let dir = scratch("latents");
     // The m9-pndm reference holds 1x4x8x8 latents; two prompts need 2x4x8x8.
     let latents = fixture("reference/m9-pndm.safetensors");
-    let out = altdiff(&[
-        "generate",
-        "--model",
+    let out = gen(
         &model(M9),
-        "--prompt",
-        "a",
-        "--prompt",
-        "b",
-        "--latents",
-        latents.to_str().unwrap(),
-        "--output",
-        dir.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    );
     assert_fails(
         &out,
         "--latents has shape [1, 4, 8, 8] but this run needs [2, 4, 8, 8]",
     );
     let not_latents = fixture("models/tiny-m9/vae/diffusion_pytorch_model.safetensors");
-    let out = altdiff(&[
-        "generate",
-        "--model",
+    let out = gen(
         &model(M9),
-        "--prompt",
-        "a",
-        "--latents",
-        not_latents.to_str().unwrap(),
-        "--output",
-        dir.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "a",
+            "--latents",
+            not_latents.to_str().unwrap(),
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    );
     assert_fails(&out, "no tensor named `latents`");
 }
 
@@ -328,19 +332,19 @@ fn edit_json(path: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
 fn model_problems_name_the_file_and_field() {
     let gen = |m: &std::path::Path| {
         let out_dir = m.parent().unwrap().join("out");
-        altdiff(&[
-            "generate",
-            "--model",
+        gen(
             m.to_str().unwrap(),
-            "--prompt",
-            "a",
-            "--seed",
-            "1",
-            "--steps",
-            "1",
-            "--output",
-            out_dir.to_str().unwrap(),
-        ])
+            &[
+                "--prompt",
+                "a",
+                "--seed",
+                "1",
+                "--steps",
+                "1",
+                "--output",
+                out_dir.to_str().unwrap(),
+            ],
+        )
     };
     let missing = scratch("nomodel").join("nope");
     assert_fails(&gen(&missing), "model directory not found");

@@ -82,14 +82,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     /// diffusers' `DDIMScheduler.step` with `use_clipped_model_output = False`.
     fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
         let t = train_timestep(timestep)?;

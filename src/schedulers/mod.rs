@@ -73,10 +73,14 @@ pub trait Scheduler {
     /// The timesteps in the order the UNet sees them (PNDM with `skip_prk_steps` repeats its second
     /// one: 801, 601, 601, 401, 201, 1).
     fn timesteps(&self) -> &[f64];
-    /// The factor the initial noise is multiplied by.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the UNet input for `timestep` (identity for PNDM and DDIM).
-    fn scale_model_input(&self, sample: Tensor, timestep: f64) -> Result<Tensor>;
+    /// The factor the initial noise is multiplied by (1 unless the scheduler works in sigmas).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the UNet input for `timestep` (identity unless the scheduler works in sigmas).
+    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample)
+    }
     /// Advances one step: the UNet's output at `timestep` for `sample` gives the next sample.
     fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor>;
 }

@@ -240,14 +240,6 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
         let t = train_timestep(timestep)?;
         if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
