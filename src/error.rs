@@ -114,7 +114,16 @@ impl<T> TensorContext<T> for std::result::Result<T, candle_core::Error> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Tensor {
             context: what(),
-            source,
+            source: without_backtrace(source),
         })
+    }
+}
+
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set and prints it as part of
+/// the message; a user-facing error stays one line, so drop it.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
     }
 }

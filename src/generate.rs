@@ -61,7 +61,7 @@ fn random_seed() -> u64 {
 /// Runs `altdiff generate`; returns the paths written.
 pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
     let device = crate::device::open(opts.device)?;
-    let dtype = crate::device::dtype(opts.dtype, &device);
+    let dtype = crate::device::dtype(opts.dtype, &device)?;
     let files = ModelFiles::from_dir(&opts.model)?;
     let noise = match (&opts.latents, opts.seed) {
         (Some(path), _) => Noise::Latents(read_latents(path)?),

@@ -27,7 +27,15 @@ fn assert_fails(out: &std::process::Output, needle: &str) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(2), "exit code; stderr: {err}");
     assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
-    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(
+        err.lines().count() <= 4,
+        "a short message, not {} lines: {err}",
+        err.lines().count()
+    );
     assert!(
         out.stdout.is_empty(),
         "stdout must stay clean: {}",
@@ -247,6 +255,10 @@ fn usage_errors_exit_2_with_one_line() {
     );
     assert_fails(&run(&["--device", "tpu"]), "unknown device `tpu`");
     assert_fails(&run(&["--dtype", "f64"]), "f64");
+    assert_fails(
+        &run(&["--dtype", "bf16", "--device", "cpu"]),
+        "--dtype bf16 is not supported on the CPU",
+    );
     let one = dir.join("one.png");
     assert_fails(
         &run(&["--num-images", "2", "--output", one.to_str().unwrap()]),
@@ -391,4 +403,42 @@ fn model_problems_name_the_file_and_field() {
         v["beta_schedule"] = "cosine-ish".into()
     });
     assert_fails(&gen(&m), "field `beta_schedule`");
+}
+
+#[test]
+fn f16_stays_close_to_f32() {
+    // The GPU default precision, run on the CPU: same pipeline, rounding-level differences only.
+    let dir = scratch("f16");
+    let dump = |dtype: &str| {
+        let path = dir.join(format!("{dtype}.safetensors"));
+        let out_dir = dir.join(dtype);
+        ok(&gen(
+            &model(M18),
+            &[
+                "--prompt",
+                "un renard roux",
+                "--seed",
+                "3",
+                "--steps",
+                "3",
+                "--dtype",
+                dtype,
+                "--dump-tensors",
+                path.to_str().unwrap(),
+                "--output",
+                out_dir.to_str().unwrap(),
+            ],
+        ));
+        load(&path)
+    };
+    let (a, b) = (dump("f32"), dump("f16"));
+    let r = worst_ratio(&b["image"], &a["image"], 0.02, 0.0);
+    assert!(
+        r <= 1.0,
+        "f16 image differs from f32 by more than 0.02 (ratio {r})"
+    );
+    assert!(
+        worst_ratio(&b["image"], &a["image"], 1e-7, 0.0) > 1.0,
+        "f16 really ran in f16"
+    );
 }

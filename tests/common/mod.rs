@@ -27,6 +27,8 @@ pub fn altdiff(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_altdiff"))
         .args(args)
         .env_remove("ALTDIFF_LOG")
+        // Errors must stay one line even when a user has backtraces switched on.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .expect("the altdiff binary runs")
 }
