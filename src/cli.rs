@@ -6,13 +6,16 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::options::{DeviceChoice, GenerateOptions, OutputTarget, Precision, Sampling};
+use crate::options::{
+    DeviceChoice, GenerateOptions, ModelChoice, OutputTarget, Precision, Sampling,
+};
 use crate::schedulers::SchedulerKind;
+use crate::source::ModelSource;
 
 const EXAMPLES: &str = "\
 Examples:
   altdiff generate --model tests/fixtures/models/tiny-m18 --prompt \"un renard roux dans la neige\" --seed 1
-  altdiff generate --model ./AltDiffusion-m9 --prompt \"一只在雪地里的红狐狸\" --steps 25 --output fox.png
+  altdiff generate --prompt \"一只在雪地里的红狐狸\" --steps 25 --output fox.png      (BAAI/AltDiffusion-m18 from the hub)
   altdiff generate --model ./AltDiffusion-m18 --prompt \"a lighthouse\" --prompt \"ein Leuchtturm\" \\
       --num-images 2 --scheduler ddim --output out/";
 
@@ -37,14 +40,90 @@ pub enum Command {
     /// Generate images from text prompts.
     #[command(after_help = EXAMPLES)]
     Generate(GenerateArgs),
+    /// Fetch a model from the hub into the cache ahead of time and verify it.
+    Download(DownloadArgs),
+    /// Write a diffusers-layout copy with safetensors weights and a tokenizer.json.
+    Convert(ConvertArgs),
+    /// Show how a prompt is tokenised: pieces, ids, the count against the limit.
+    Tokenize(TokenizeArgs),
+}
+
+/// Which model to use.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A local directory in diffusers layout or a hub repository id (BAAI/AltDiffusion-m18,
+    /// BAAI/AltDiffusion-m9, ...). Default: BAAI/AltDiffusion-m18.
+    #[arg(long, short = 'm', value_name = "DIR|REPO")]
+    pub model: Option<String>,
+    /// Hub revision: branch, tag, commit or refs/pr/N (default main).
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Weight variant, e.g. fp16 for *.fp16.safetensors.
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+}
+
+impl ModelArgs {
+    /// The validated model choice.
+    pub fn into_choice(self) -> Result<ModelChoice> {
+        Ok(ModelChoice {
+            source: ModelSource::parse(self.model.as_deref(), self.revision.as_deref())?,
+            variant: self.variant,
+        })
+    }
+}
+
+/// `altdiff download`.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Hub repository id.
+    #[arg(value_name = "REPO", default_value = crate::source::DEFAULT_REPO)]
+    pub repo: String,
+    /// Branch, tag, commit or refs/pr/N.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Weight variant, e.g. fp16.
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+}
+
+/// `altdiff convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The model to convert.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The new model directory (must not exist yet).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Precision of the written weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+}
+
+/// `altdiff tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The model whose tokenizer to use.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token limit to check against (default as for generate).
+    #[arg(long, value_name = "N")]
+    pub max_length: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// The text.
+    #[arg(value_name = "TEXT")]
+    pub text: String,
 }
 
 /// `altdiff generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory in diffusers layout (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/).
-    #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A prompt; repeat for several. Each prompt gets --num-images images.
     #[arg(long, short = 'p', value_name = "TEXT", required = true)]
     pub prompt: Vec<String>,
@@ -107,7 +186,7 @@ impl GenerateArgs {
     /// Converts and validates.
     pub fn into_options(self) -> Result<GenerateOptions> {
         let opts = GenerateOptions {
-            model: self.model,
+            model: self.model.into_choice()?,
             prompts: self.prompt,
             sampling: Sampling {
                 negative_prompt: self.negative_prompt,

@@ -53,6 +53,15 @@ pub enum Error {
         message: String,
     },
 
+    /// The model hub refused or failed a request.
+    #[error("{repo}: {message}")]
+    Hub {
+        /// The repository.
+        repo: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+
     /// The tokenizer could not be loaded or failed to encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -98,6 +107,7 @@ impl Error {
             | Error::Json { .. }
             | Error::Config { .. }
             | Error::Model { .. }
+            | Error::Hub { .. }
             | Error::Tokenizer(_) => 2,
             Error::Io { .. } | Error::Tensor { .. } | Error::Numerics(_) => 1,
         }

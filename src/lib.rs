@@ -8,10 +8,10 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod device;
 pub mod error;
-pub mod generate;
 pub mod model;
 pub mod models;
 pub mod options;
@@ -19,6 +19,8 @@ pub mod output;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod sentencepiece;
+pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
@@ -26,10 +28,25 @@ pub use error::{Error, Result};
 
 /// Runs a parsed command line.
 pub fn run(cli: cli::Cli) -> Result<()> {
+    let progress = !cli.quiet;
     match cli.command {
         cli::Command::Generate(args) => {
             let opts = args.into_options()?;
-            generate::run(&opts).map(|_| ())
+            commands::generate::run(&opts, progress).map(|_| ())
+        }
+        cli::Command::Download(a) => commands::download::run(
+            &a.repo,
+            a.revision.as_deref(),
+            a.variant.as_deref(),
+            progress,
+        ),
+        cli::Command::Convert(a) => {
+            let model = a.model.into_choice()?;
+            commands::convert::run(&model, &a.out, a.dtype, progress).map(|_| ())
+        }
+        cli::Command::Tokenize(a) => {
+            let model = a.model.into_choice()?;
+            commands::tokenize::run(&model, a.max_length, a.json, &a.text, progress)
         }
     }
 }

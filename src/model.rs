@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{ModelIndex, SchedulerConfig, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::schedulers::SchedulerKind;
+use crate::weights::{find_weights, Weights};
 
 /// Every file of a model directory that generation reads.
 #[derive(Debug, Clone)]
@@ -16,17 +17,17 @@ pub struct ModelFiles {
     /// `text_encoder/config.json`.
     pub text_encoder_config: PathBuf,
     /// Text encoder weights.
-    pub text_encoder_weights: Vec<PathBuf>,
+    pub text_encoder_weights: Weights,
     /// The `tokenizer/` folder.
     pub tokenizer_dir: PathBuf,
     /// `unet/config.json`.
     pub unet_config: PathBuf,
     /// UNet weights.
-    pub unet_weights: Vec<PathBuf>,
+    pub unet_weights: Weights,
     /// `vae/config.json`.
     pub vae_config: PathBuf,
     /// VAE weights.
-    pub vae_weights: Vec<PathBuf>,
+    pub vae_weights: Weights,
     /// `scheduler/scheduler_config.json`.
     pub scheduler_config: PathBuf,
 }
@@ -55,8 +56,8 @@ fn component(root: &Path, name: &str) -> Result<PathBuf> {
 }
 
 impl ModelFiles {
-    /// Finds the files of a local model directory.
-    pub fn from_dir(root: &Path) -> Result<Self> {
+    /// Finds the files of a local model directory; `variant` selects e.g. `*.fp16.safetensors`.
+    pub fn from_dir(root: &Path, variant: Option<&str>) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::Model {
                 path: root.to_path_buf(),
@@ -72,12 +73,12 @@ impl ModelFiles {
         Ok(Self {
             root: root.to_path_buf(),
             text_encoder_config: existing(te.join("config.json"))?,
-            text_encoder_weights: crate::weights::find_weights(&te)?,
+            text_encoder_weights: find_weights(&te, variant)?,
             tokenizer_dir,
             unet_config: existing(unet.join("config.json"))?,
-            unet_weights: crate::weights::find_weights(&unet)?,
+            unet_weights: find_weights(&unet, variant)?,
             vae_config: existing(vae.join("config.json"))?,
-            vae_weights: crate::weights::find_weights(&vae)?,
+            vae_weights: find_weights(&vae, variant)?,
             scheduler_config: existing(scheduler.join("scheduler_config.json"))?,
         })
     }

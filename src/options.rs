@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::schedulers::SchedulerKind;
+use crate::source::ModelSource;
 
 /// Which compute device to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +110,20 @@ impl Default for Sampling {
     }
 }
 
+/// A model and how to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelChoice {
+    /// Local directory or hub repository.
+    pub source: ModelSource,
+    /// Weight variant (`fp16` for `*.fp16.safetensors`).
+    pub variant: Option<String>,
+}
+
 /// Everything `altdiff generate` needs, validated.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// Local model directory.
-    pub model: PathBuf,
+    /// The model.
+    pub model: ModelChoice,
     /// Prompts, in order.
     pub prompts: Vec<String>,
     /// Generation settings.

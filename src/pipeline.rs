@@ -108,15 +108,23 @@ impl Pipeline {
         let text_encoder = TextEncoder::new(vb, &config.text_encoder).context(|| {
             format!(
                 "loading the text encoder from {}",
-                files.text_encoder_weights[0].display()
+                files.text_encoder_weights.files[0].display()
             )
         })?;
         let vb = crate::weights::var_builder(&files.unet_weights, dtype, device)?;
-        let unet = UNet::new(vb, &config.unet)
-            .context(|| format!("loading the UNet from {}", files.unet_weights[0].display()))?;
+        let unet = UNet::new(vb, &config.unet).context(|| {
+            format!(
+                "loading the UNet from {}",
+                files.unet_weights.files[0].display()
+            )
+        })?;
         let vb = crate::weights::var_builder(&files.vae_weights, dtype, device)?;
-        let vae = VaeDecoder::new(vb, &config.vae)
-            .context(|| format!("loading the VAE from {}", files.vae_weights[0].display()))?;
+        let vae = VaeDecoder::new(vb, &config.vae).context(|| {
+            format!(
+                "loading the VAE from {}",
+                files.vae_weights.files[0].display()
+            )
+        })?;
         Ok(Self {
             config,
             files: files.clone(),

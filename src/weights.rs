@@ -1,71 +1,137 @@
 //! Finding and opening a component's weight files, behind one `VarBuilder` factory.
 //!
-//! `*.safetensors` files are memory-mapped. A component folder may hold one file
-//! (`model.safetensors`, `diffusion_pytorch_model.safetensors`) or shards listed in a
-//! `*.safetensors.index.json`.
+//! `*.safetensors` files are memory-mapped; PyTorch zip pickles (`pytorch_model.bin`,
+//! `diffusion_pytorch_model.bin`) go through candle's pickle reader, which reads each tensor from the
+//! archive when the model asks for it, so a model is never held twice in memory. A component folder may
+//! hold one file or shards listed in a `*.index.json`; `variant` (e.g. `fp16`) selects
+//! `name.fp16.safetensors` files as diffusers' `variant=` does. Safetensors are preferred over `.bin`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::pickle::PthTensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, TensorContext};
 
-/// The weight files of one component folder (`text_encoder/`, `unet/`, `vae/`).
-pub fn find_weights(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The format of a component's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// `*.safetensors`.
+    Safetensors,
+    /// PyTorch zip pickles (`*.bin`).
+    Pickle,
+}
+
+/// The weight files of one component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Weights {
+    /// Their format.
+    pub format: WeightFormat,
+    /// The files (several when sharded).
+    pub files: Vec<PathBuf>,
+}
+
+/// How a weight file name splits: `stem[.variant].ext`.
+fn split_name(name: &str) -> Option<(&str, Option<&str>, WeightFormat)> {
+    let (rest, format) = if let Some(r) = name.strip_suffix(".safetensors") {
+        (r, WeightFormat::Safetensors)
+    } else if let Some(r) = name.strip_suffix(".bin") {
+        (r, WeightFormat::Pickle)
+    } else {
+        return None;
+    };
+    match rest.split_once('.') {
+        None => Some((rest, None, format)),
+        Some((stem, variant)) if !variant.contains('.') => Some((stem, Some(variant), format)),
+        _ => None,
+    }
+}
+
+/// Picks the weight files among the names in one component folder (e.g. a hub listing or a
+/// directory): safetensors before `.bin`, the requested variant only, an index's shards when sharded.
+/// Returns the chosen names (relative to the folder) and their format.
+pub fn select_weight_names(
+    names: &[String],
+    variant: Option<&str>,
+) -> Option<(WeightFormat, Vec<String>)> {
+    for format in [WeightFormat::Safetensors, WeightFormat::Pickle] {
+        let ext = match format {
+            WeightFormat::Safetensors => "safetensors",
+            WeightFormat::Pickle => "bin",
+        };
+        // Sharded: `stem.ext.index.json` or, with a variant, `stem.ext.index.variant.json`.
+        let index_name = |n: &str| match variant {
+            None => n.ends_with(&format!(".{ext}.index.json")),
+            Some(v) => n.ends_with(&format!(".{ext}.index.{v}.json")),
+        };
+        if let Some(index) = names.iter().find(|n| index_name(n)) {
+            return Some((format, vec![index.clone()]));
+        }
+        let mut files: Vec<String> = names
+            .iter()
+            .filter(|n| matches!(split_name(n), Some((_, v, f)) if f == format && v == variant))
+            .cloned()
+            .collect();
+        if !files.is_empty() {
+            files.sort();
+            return Some((format, files));
+        }
+    }
+    None
+}
+
+/// The weights of one component folder (`text_encoder/`, `unet/`, `vae/`).
+pub fn find_weights(dir: &Path, variant: Option<&str>) -> Result<Weights> {
     let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let mut names: Vec<String> = entries
+    let names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
-    names.sort();
-    // Variant files (`*.fp16.safetensors`) are only used when asked for.
-    let is_plain = |n: &str| n.ends_with(".safetensors") && n.matches('.').count() == 1;
-    if let Some(index) = names
-        .iter()
-        .find(|n| n.ends_with(".safetensors.index.json") && n.matches('.').count() == 3)
-    {
-        return shards_from_index(&dir.join(index));
-    }
-    let plain: Vec<PathBuf> = names
-        .iter()
-        .filter(|n| is_plain(n))
-        .map(|n| dir.join(n))
-        .collect();
-    if !plain.is_empty() {
-        return Ok(plain);
-    }
-    let message = if names.iter().any(|n| n.ends_with(".bin")) {
-        "holds only PyTorch .bin weights, which this version of altdiff cannot read yet; \
-         convert them to .safetensors"
-            .to_string()
-    } else {
-        "no .safetensors weights found".to_string()
+    let Some((format, chosen)) = select_weight_names(&names, variant) else {
+        let what = match variant {
+            Some(v) => format!("no `{v}` variant weights (*.{v}.safetensors or *.{v}.bin) found"),
+            None => "no weights (*.safetensors or *.bin) found".to_string(),
+        };
+        return Err(Error::Model {
+            path: dir.to_path_buf(),
+            message: what,
+        });
     };
-    Err(Error::Model {
-        path: dir.to_path_buf(),
-        message,
-    })
+    let files = if chosen[0].ends_with(".json") {
+        shards_from_index(&dir.join(&chosen[0]))?
+    } else {
+        chosen.iter().map(|n| dir.join(n)).collect()
+    };
+    Ok(Weights { format, files })
 }
 
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+/// The shard files named by a `*.index.json`.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
     let (value, _): (serde_json::Value, _) = crate::config::read_json(index)?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::config(index, "weight_map", "missing or not an object"))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = map
+    let mut files: Vec<String> = map
         .values()
         .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
+        .map(str::to_string)
         .collect();
     files.sort();
     files.dedup();
+    Ok(files)
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: Vec<PathBuf> = shard_names(index)?.iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(Error::Model {
             path: missing.clone(),
@@ -75,16 +141,163 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Memory-maps `files` into a `VarBuilder` that yields tensors of `dtype` on `device`.
+/// Several PyTorch pickles seen as one set of tensors (sharded `.bin` checkpoints).
+struct PickleShards {
+    shards: Vec<PthTensors>,
+}
+
+impl PickleShards {
+    fn find(&self, name: &str) -> candle_core::Result<Tensor> {
+        for shard in &self.shards {
+            if let Some(t) = shard.get(name)? {
+                return Ok(t);
+            }
+        }
+        Err(candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        })
+    }
+}
+
+impl SimpleBackend for PickleShards {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.find(name)?.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shards
+            .iter()
+            .any(|s| s.tensor_infos().contains_key(name))
+    }
+}
+
+/// Opens `weights` as a `VarBuilder` that yields tensors of `dtype` on `device`.
 pub fn var_builder(
-    files: &[PathBuf],
+    weights: &Weights,
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
-    // SAFETY: the files are mapped read-only; like every mmap-based loader we assume they are not
-    // truncated or rewritten while altdiff runs.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.context(|| {
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let names = || {
+        let names: Vec<String> = weights
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
         format!("cannot read weights {}", names.join(", "))
-    })
+    };
+    match weights.format {
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we assume they are not
+        // truncated or rewritten while altdiff runs.
+        WeightFormat::Safetensors => {
+            unsafe { VarBuilder::from_mmaped_safetensors(&weights.files, dtype, device) }
+                .context(names)
+        }
+        WeightFormat::Pickle => {
+            let shards = weights
+                .files
+                .iter()
+                .map(|f| PthTensors::new(f, None))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .context(names)?;
+            Ok(VarBuilder::from_backend(
+                Box::new(PickleShards { shards }),
+                dtype,
+                device.clone(),
+            ))
+        }
+    }
+}
+
+/// Every tensor of `weights`, by name (for `altdiff convert`).
+pub fn load_all(weights: &Weights, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let what = || format!("reading {}", weights.files[0].display());
+    let mut out = HashMap::new();
+    for file in &weights.files {
+        match weights.format {
+            WeightFormat::Safetensors => {
+                out.extend(candle_core::safetensors::load(file, device).context(what)?)
+            }
+            WeightFormat::Pickle => {
+                let pth = PthTensors::new(file, None).context(what)?;
+                let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
+                for name in names {
+                    if let Some(t) = pth.get(&name).context(what)? {
+                        out.insert(name, t.to_device(device).context(what)?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn prefers_safetensors_and_honours_variants() {
+        let all = names(&[
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.fp16.bin",
+        ]);
+        assert_eq!(
+            select_weight_names(&all, None),
+            Some((
+                WeightFormat::Safetensors,
+                names(&["diffusion_pytorch_model.safetensors"])
+            ))
+        );
+        assert_eq!(
+            select_weight_names(&all, Some("fp16")),
+            Some((
+                WeightFormat::Safetensors,
+                names(&["diffusion_pytorch_model.fp16.safetensors"])
+            ))
+        );
+        let bin_only = names(&["pytorch_model.bin", "config.json"]);
+        assert_eq!(
+            select_weight_names(&bin_only, None),
+            Some((WeightFormat::Pickle, names(&["pytorch_model.bin"])))
+        );
+        assert_eq!(select_weight_names(&bin_only, Some("fp16")), None);
+        let sharded = names(&[
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ]);
+        assert_eq!(
+            select_weight_names(&sharded, None),
+            Some((
+                WeightFormat::Safetensors,
+                names(&["model.safetensors.index.json"])
+            ))
+        );
+    }
 }

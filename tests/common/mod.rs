@@ -100,3 +100,4 @@ pub fn assert_close(
         "{case}: `{key}` differs from diffusers (worst ratio {r:.3})"
     );
 }
+pub mod hub;

@@ -59,10 +59,11 @@ fn random_seed() -> u64 {
 }
 
 /// Runs `altdiff generate`; returns the paths written.
-pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
+pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Vec<PathBuf>> {
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
-    let files = ModelFiles::from_dir(&opts.model)?;
+    let fetched = super::fetch_model(&opts.model, progress)?;
+    let files = ModelFiles::from_dir(&fetched.root, opts.model.variant.as_deref())?;
     let noise = match (&opts.latents, opts.seed) {
         (Some(path), _) => Noise::Latents(read_latents(path)?),
         (None, Some(seed)) => Noise::Seed(seed),
@@ -78,7 +79,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
     };
     tracing::info!(
         "loading {} on {:?} in {:?}",
-        opts.model.display(),
+        fetched.identity,
         device,
         dtype
     );
@@ -99,11 +100,7 @@ pub fn run(opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
     }
 
     let mut written = Vec::with_capacity(out.images.len());
-    let model_name = opts
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = fetched.identity.to_string();
     for (k, img) in out.images.iter().enumerate() {
         let prompt = &opts.prompts[k / opts.sampling.num_images];
         let mut params = prompt.clone();
