@@ -164,6 +164,26 @@ impl HubSettings {
     }
 }
 
+/// What to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything generation needs.
+    Generation,
+    /// Only the tokenizer files (`altdiff tokenize`).
+    Tokenizer,
+}
+
+/// How to fetch a model.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchOptions<'a> {
+    /// Weight variant (`fp16`).
+    pub variant: Option<&'a str>,
+    /// Which files.
+    pub scope: Scope,
+    /// Re-check the checksums of files already in the cache (`altdiff download`).
+    pub verify_all: bool,
+}
+
 /// A model ready to load: a directory in diffusers layout and where it came from.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -179,24 +199,33 @@ pub struct Fetched {
 pub fn needed_files(
     listing: &[String],
     variant: Option<&str>,
+    scope: Scope,
 ) -> std::result::Result<Vec<String>, Vec<String>> {
     let has = |f: &str| listing.iter().any(|l| l == f);
     let mut need = Vec::new();
     let mut missing = Vec::new();
-    for f in [
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "text_encoder/config.json",
-        "unet/config.json",
-        "vae/config.json",
-    ] {
+    let configs: &[&str] = match scope {
+        Scope::Generation => &[
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "unet/config.json",
+            "vae/config.json",
+        ],
+        Scope::Tokenizer => &[],
+    };
+    let components: &[&str] = match scope {
+        Scope::Generation => &WEIGHT_COMPONENTS,
+        Scope::Tokenizer => &[],
+    };
+    for &f in configs {
         if has(f) {
             need.push(f.to_string());
         } else {
             missing.push(f.to_string());
         }
     }
-    for component in WEIGHT_COMPONENTS {
+    for component in components {
         let prefix = format!("{component}/");
         let names: Vec<String> = listing
             .iter()
@@ -307,7 +336,7 @@ fn fetch_command(repo: &str, revision: &str) -> String {
 fn resolve_offline(
     repo: &str,
     revision: &str,
-    variant: Option<&str>,
+    opts: &FetchOptions,
     settings: &HubSettings,
 ) -> Result<Fetched> {
     let repo_dir = repo_cache_dir(settings, repo);
@@ -334,7 +363,7 @@ fn resolve_offline(
     };
     let root = repo_dir.join("snapshots").join(&commit);
     let listing = list_tree(&root);
-    let files = needed_files(&listing, variant).map_err(|missing| {
+    let files = needed_files(&listing, opts.variant, opts.scope).map_err(|missing| {
         not_cached(format!(
             "the cached copy of {repo} lacks {}",
             missing.join(", ")
@@ -455,9 +484,8 @@ fn evict(snapshot_file: &Path) {
 fn resolve_online(
     repo: &str,
     revision: &str,
-    variant: Option<&str>,
+    opts: &FetchOptions,
     settings: &HubSettings,
-    verify_all: bool,
 ) -> Result<Fetched> {
     let api = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
         .with_endpoint(settings.endpoint.clone())
@@ -474,7 +502,7 @@ fn resolve_online(
         Ok(info) => info,
         Err(ApiError::RequestError(e)) if matches!(e.as_ref(), ureq::Error::Transport(_)) => {
             // No network: fall back to the cache, as huggingface_hub does.
-            if let Ok(cached) = resolve_offline(repo, revision, variant, settings) {
+            if let Ok(cached) = resolve_offline(repo, revision, opts, settings) {
                 tracing::warn!(
                     "cannot reach {}; using the cached {}",
                     settings.endpoint,
@@ -496,7 +524,7 @@ fn resolve_online(
     let repo_dir = repo_cache_dir(settings, repo);
     let root = repo_dir.join("snapshots").join(&commit);
     let listing: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-    let files = needed_files(&listing, variant).map_err(|missing| Error::Hub {
+    let files = needed_files(&listing, opts.variant, opts.scope).map_err(|missing| Error::Hub {
         repo: repo.to_string(),
         message: format!(
             "revision {revision} ({commit}) lacks {}",
@@ -507,7 +535,7 @@ fn resolve_online(
     let mut fetch = |file: &str| -> Result<PathBuf> {
         let local = root.join(file);
         if local.is_file() {
-            if verify_all
+            if opts.verify_all
                 && !verify_cached_file(&local).map_err(|source| Error::Io {
                     path: local.clone(),
                     source,
@@ -564,13 +592,8 @@ fn resolve_online(
     })
 }
 
-/// Makes a model available locally. `verify_all` re-checks cached files' checksums (`altdiff download`).
-pub fn fetch(
-    source: &ModelSource,
-    variant: Option<&str>,
-    settings: &HubSettings,
-    verify_all: bool,
-) -> Result<Fetched> {
+/// Makes a model available locally.
+pub fn fetch(source: &ModelSource, opts: &FetchOptions, settings: &HubSettings) -> Result<Fetched> {
     match source {
         ModelSource::Local(path) => Ok(Fetched {
             root: path.clone(),
@@ -579,11 +602,9 @@ pub fn fetch(
             ),
         }),
         ModelSource::Hub { repo, revision } if settings.offline => {
-            resolve_offline(repo, revision, variant, settings)
+            resolve_offline(repo, revision, opts, settings)
         }
-        ModelSource::Hub { repo, revision } => {
-            resolve_online(repo, revision, variant, settings, verify_all)
-        }
+        ModelSource::Hub { repo, revision } => resolve_online(repo, revision, opts, settings),
     }
 }
 
@@ -643,7 +664,7 @@ mod tests {
             "vae/config.json",
             "vae/diffusion_pytorch_model.bin",
         ]);
-        let need = needed_files(&listing, None).unwrap();
+        let need = needed_files(&listing, None, Scope::Generation).unwrap();
         assert!(need
             .iter()
             .all(|f| !f.starts_with("safety_checker") && !f.starts_with("feature_extractor")));
@@ -653,7 +674,9 @@ mod tests {
         assert!(need.contains(&"text_encoder/pytorch_model.bin".to_string()));
         assert!(need.contains(&"tokenizer/sentencepiece.bpe.model".to_string()));
         assert_eq!(need.len(), 11, "{need:?}");
-        let missing = needed_files(&s(&["model_index.json"]), None).unwrap_err();
+        let tok = needed_files(&listing, None, Scope::Tokenizer).unwrap();
+        assert!(tok.iter().all(|f| f.starts_with("tokenizer/")), "{tok:?}");
+        let missing = needed_files(&s(&["model_index.json"]), None, Scope::Generation).unwrap_err();
         assert!(
             missing.iter().any(|m| m.starts_with("unet/")),
             "{missing:?}"

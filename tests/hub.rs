@@ -386,4 +386,11 @@ fn hf_hub_cache_overrides_the_cache_folder() {
         .join("tokenizer")
         .is_dir());
     assert!(!home.join("hub").exists());
+    let snap = cache
+        .join("models--tiny--AltDiffusion-m18/snapshots")
+        .join(PR_COMMIT);
+    assert!(
+        !snap.join("unet").exists(),
+        "tokenize fetches only the tokenizer"
+    );
 }

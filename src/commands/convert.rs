@@ -90,7 +90,7 @@ pub fn run(
         Precision::F16 => DType::F16,
         Precision::Bf16 => DType::BF16,
     };
-    let fetched = super::fetch_model(model, progress)?;
+    let fetched = super::fetch_model(model, crate::source::Scope::Generation, progress)?;
     let files = ModelFiles::from_dir(&fetched.root, model.variant.as_deref())?;
     // Validates the configs before spending minutes on weights.
     crate::model::ModelConfig::load(&files)?;

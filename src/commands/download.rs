@@ -1,7 +1,7 @@
 //! `altdiff download`: fetch a hub model into the cache ahead of time and verify every file.
 
 use crate::error::{Error, Result};
-use crate::source::{self, HubSettings, ModelSource};
+use crate::source::{self, FetchOptions, HubSettings, ModelSource, Scope};
 
 /// Downloads `repo` at `revision` (or checks the cached copy) and prints the snapshot folder.
 pub fn run(
@@ -20,7 +20,12 @@ pub fn run(
             "HF_HUB_OFFLINE is set: `altdiff download` needs the network (unset it to download)",
         ));
     }
-    let fetched = source::fetch(&source, variant, &settings, true)?;
+    let opts = FetchOptions {
+        variant,
+        scope: Scope::Generation,
+        verify_all: true,
+    };
+    let fetched = source::fetch(&source, &opts, &settings)?;
     eprintln!(
         "{} is ready in the cache ({})",
         fetched.identity,

@@ -62,7 +62,7 @@ fn random_seed() -> u64 {
 pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Vec<PathBuf>> {
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
-    let fetched = super::fetch_model(&opts.model, progress)?;
+    let fetched = super::fetch_model(&opts.model, crate::source::Scope::Generation, progress)?;
     let files = ModelFiles::from_dir(&fetched.root, opts.model.variant.as_deref())?;
     let noise = match (&opts.latents, opts.seed) {
         (Some(path), _) => Noise::Latents(read_latents(path)?),

@@ -13,7 +13,7 @@ pub fn run(
     text: &str,
     progress: bool,
 ) -> Result<()> {
-    let fetched = super::fetch_model(model, progress)?;
+    let fetched = super::fetch_model(model, crate::source::Scope::Tokenizer, progress)?;
     let tokenizer = PromptTokenizer::load(&fetched.root.join("tokenizer"))?;
     let limit = max_length.unwrap_or_else(|| {
         DEFAULT_MAX_LENGTH.min(tokenizer.model_max_length().unwrap_or(DEFAULT_MAX_LENGTH))
