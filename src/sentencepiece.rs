@@ -165,6 +165,11 @@ pub struct ModelProto {
     pub trainer_spec: TrainerSpec,
     /// `normalizer_spec` (3).
     pub normalizer_spec: NormalizerSpec,
+    /// Whether the proto has a `trainer_spec` field (real models always do).
+    pub has_trainer_spec: bool,
+    /// Whether the proto has a `normalizer_spec` field (real models always do; it is serialised after
+    /// the pieces and the trainer spec, so a file cut anywhere before its end lacks it or is malformed).
+    pub has_normalizer_spec: bool,
 }
 
 /// Protobuf wire types.
@@ -285,7 +290,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a field of a known number, checking its wire type.
-    fn expect(&mut self, wire: Wire, want: Wire, what: &str) -> Result<()> {
+    fn check_wire(&mut self, wire: Wire, want: Wire, what: &str) -> Result<()> {
         if wire != want {
             return Err(malformed(
                 self.offset(),
@@ -300,7 +305,7 @@ impl<'a> Reader<'a> {
     }
 
     fn read_varint(&mut self, wire: Wire, what: &str) -> Result<u64> {
-        self.expect(wire, Wire::Varint, what)?;
+        self.check_wire(wire, Wire::Varint, what)?;
         self.varint()
     }
 
@@ -315,7 +320,7 @@ impl<'a> Reader<'a> {
     }
 
     fn read_bytes(&mut self, wire: Wire, what: &str) -> Result<(&'a [u8], usize)> {
-        self.expect(wire, Wire::Len, what)?;
+        self.check_wire(wire, Wire::Len, what)?;
         self.len_delimited()
     }
 
@@ -326,7 +331,7 @@ impl<'a> Reader<'a> {
     }
 
     fn read_f32(&mut self, wire: Wire, what: &str) -> Result<f32> {
-        self.expect(wire, Wire::Fixed32, what)?;
+        self.check_wire(wire, Wire::Fixed32, what)?;
         let b = self.take(4)?;
         Ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -347,10 +352,12 @@ impl ModelProto {
                 2 => {
                     let (msg, at) = r.read_bytes(wire, "trainer_spec")?;
                     parse_trainer_spec(&mut proto.trainer_spec, msg, at)?;
+                    proto.has_trainer_spec = true;
                 }
                 3 => {
                     let (msg, at) = r.read_bytes(wire, "normalizer_spec")?;
                     parse_normalizer_spec(&mut proto.normalizer_spec, msg, at)?;
+                    proto.has_normalizer_spec = true;
                 }
                 _ => r.skip(wire)?,
             }
@@ -485,13 +492,18 @@ impl CharsMap {
         let mut best = None;
         for (i, &c) in key.iter().enumerate() {
             node_pos ^= usize::from(c);
-            let unit = *self.units.get(node_pos)?;
+            // (A walk off the array can only come from a corrupt trie; it ends the search.)
+            let Some(&unit) = self.units.get(node_pos) else {
+                break;
+            };
             if unit_label(unit) != u32::from(c) {
                 break;
             }
             node_pos ^= unit_offset(unit);
             if unit_has_leaf(unit) {
-                let leaf = *self.units.get(node_pos)?;
+                let Some(&leaf) = self.units.get(node_pos) else {
+                    break;
+                };
                 best = Some((i + 1, unit_value(leaf) as usize));
             }
         }
@@ -567,6 +579,18 @@ impl SentencePieceModel {
     /// Checks a parsed model and prepares it for encoding.
     pub fn from_proto(proto: ModelProto) -> Result<Self> {
         let err = |m: String| Error::Tokenizer(format!("sentencepiece model: {m}"));
+        // sentencepiece itself would fall back to default specs, but a model without them (identity
+        // normalisation) would give silently wrong ids; real files always have both.
+        if !proto.has_trainer_spec || !proto.has_normalizer_spec {
+            return Err(err(format!(
+                "no {} (a truncated file?)",
+                if proto.has_trainer_spec {
+                    "normalizer_spec"
+                } else {
+                    "trainer_spec"
+                }
+            )));
+        }
         let spec = &proto.trainer_spec;
         if spec.model_type != MODEL_TYPE_UNIGRAM {
             let name = match spec.model_type {
@@ -1181,22 +1205,23 @@ mod tests {
     fn truncated_model_is_an_error_not_a_panic() {
         let bytes = std::fs::read(model_path()).unwrap();
         assert!(SentencePieceModel::from_bytes(&bytes).is_ok());
-        // Every prefix of the first 600 bytes (the first pieces), and a sample of longer prefixes
-        // (cutting the charsmap and the specs at the end of the file).
+        // Every prefix of the first 600 bytes (the first pieces), a sample of longer prefixes and
+        // the last 300 (cutting the charsmap at its end). The file ends with the normaliser spec,
+        // so every strict prefix is malformed or lacks it: an error, never a panic or a hang.
         let mut cuts: Vec<usize> = (0..600).collect();
         cuts.extend((600..bytes.len()).step_by(997));
         cuts.extend(bytes.len() - 300..bytes.len());
         for cut in cuts {
-            // A cut between two complete pieces is a valid (smaller) proto; anything else must be
-            // an error. Either way: no panic, no hang.
-            let _ = SentencePieceModel::from_bytes(&bytes[..cut]);
-            let _ = ModelProto::parse(&bytes[..cut]);
+            let err = SentencePieceModel::from_bytes(&bytes[..cut]);
+            assert!(err.is_err(), "cut at {cut}");
         }
-        // A cut inside the first piece's message is always an error.
+        // The proto reader alone: a cut inside the first piece's message is malformed.
         for cut in 1..8 {
-            assert!(ModelProto::parse(&bytes[..cut]).is_err(), "{cut}");
+            let err = ModelProto::parse(&bytes[..cut]).unwrap_err().to_string();
+            assert!(err.contains("malformed sentencepiece model"), "{err}");
         }
-        assert!(SentencePieceModel::from_bytes(&[]).is_err(), "no <unk>");
+        let err = SentencePieceModel::from_bytes(&[]).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
     }
 
     /// A tiny deterministic generator (xorshift) for garbage inputs.
@@ -1271,6 +1296,7 @@ mod tests {
             len_field(&mut out, 1, &p);
         }
         len_field(&mut out, 2, trainer_spec);
+        len_field(&mut out, 3, &[]);
         out
     }
 
@@ -1308,8 +1334,22 @@ mod tests {
             ]
         );
         // Byte fallback and user-defined pieces are refused.
-        assert!(SentencePieceModel::from_bytes(&encode_proto(&pieces, &[35 << 3, 1])).is_err());
+        // (field 35, varint: key 35 << 3 = 280 = varint bytes 0x98 0x02)
+        let err = SentencePieceModel::from_bytes(&encode_proto(&pieces, &[0x98, 0x02, 1]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("byte fallback"), "{err}");
         let user = [("<unk>", 0.0, 2), ("x", 0.0, 4)];
-        assert!(SentencePieceModel::from_bytes(&encode_proto(&user, &[])).is_err());
+        let err = SentencePieceModel::from_bytes(&encode_proto(&user, &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("user-defined"), "{err}");
+        // No normaliser spec at all.
+        let mut no_norm = encode_proto(&pieces, &[3 << 3, 1]);
+        no_norm.truncate(no_norm.len() - 2);
+        let err = SentencePieceModel::from_bytes(&no_norm)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("normalizer_spec"), "{err}");
     }
 }

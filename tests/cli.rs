@@ -392,7 +392,7 @@ fn model_problems_name_the_file_and_field() {
 
     let m = copy_model(M9, "noweights");
     std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    assert_fails(&gen(&m), "no .safetensors weights found");
+    assert_fails(&gen(&m), "no weights (*.safetensors or *.bin) found");
 
     let m = copy_model(M9, "notokenizer");
     std::fs::remove_dir_all(m.join("tokenizer")).unwrap();

@@ -332,7 +332,7 @@ fn handle(
         };
     }
     ranged(
-        &file,
+        file,
         range,
         vec![("ETag".into(), format!("\"{}\"", file.etag)), commit],
     )
