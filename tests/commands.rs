@@ -86,7 +86,7 @@ fn convert_hub_layout_to_safetensors() {
         "latents_final",
         "image",
     ] {
-        let r = worst_ratio(&converted[key], &original[key], 0.0, 0.0);
+        let r = max_abs_diff(&converted[key], &original[key]);
         assert_eq!(
             r, 0.0,
             "{key}: the converted model must give identical results"

@@ -155,3 +155,51 @@ fn m18_long_prompt_truncated() {
 fn m18_non_square_two_images() {
     run_case("m18-nonsquare-two-images");
 }
+
+/// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
+/// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.
+#[test]
+fn hub_layout_equals_safetensors_exactly() {
+    let dir = scratch("hub-layout");
+    let run = |model: &str| {
+        let dump = dir.join(format!("{model}.safetensors"));
+        let latents = fixture("reference/m18-scripts.safetensors");
+        let case = cases()
+            .into_iter()
+            .find(|c| c["name"] == "m18-scripts")
+            .unwrap();
+        let mut args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            fixture(&format!("models/{model}")).display().to_string(),
+        ];
+        for p in case["prompts"].as_array().unwrap() {
+            args.extend(["--prompt".into(), p.as_str().unwrap().to_string()]);
+        }
+        for a in ["--steps", "2", "--height", "32", "--width", "32"] {
+            args.push(a.into());
+        }
+        args.extend([
+            "--latents".into(),
+            latents.display().to_string(),
+            "--dump-tensors".into(),
+            dump.display().to_string(),
+            "--output".into(),
+            dir.join(model).display().to_string(),
+        ]);
+        ok(&altdiff(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        load(&dump)
+    };
+    let (hub, st) = (run("tiny-m18-hub"), run("tiny-m18"));
+    for key in [
+        "input_ids",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "latents_final",
+        "image",
+    ] {
+        assert_eq!(max_abs_diff(&hub[key], &st[key]), 0.0, "{key} differs");
+    }
+}

@@ -70,10 +70,13 @@ pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> f64 {
     a.iter()
         .zip(&b)
         .map(|(x, y)| {
-            if x.is_nan() || y.is_nan() {
+            let (d, bound) = ((x - y).abs(), atol + rtol * y.abs());
+            if x.is_nan() || y.is_nan() || (d > 0.0 && bound == 0.0) {
                 f64::INFINITY
+            } else if d == 0.0 {
+                0.0
             } else {
-                (x - y).abs() / (atol + rtol * y.abs())
+                d / bound
             }
         })
         .fold(0.0, f64::max)
@@ -101,3 +104,32 @@ pub fn assert_close(
     );
 }
 pub mod hub;
+
+/// The largest |a - b| (infinite if shapes differ or a NaN appears).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.dims() != b.dims() {
+        return f64::INFINITY;
+    }
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    a.iter().zip(&b).fold(0.0, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}
