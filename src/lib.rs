@@ -24,6 +24,9 @@ pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{Error, Result};
 
 /// Runs a parsed command line.

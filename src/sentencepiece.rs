@@ -1060,37 +1060,18 @@ impl XlmRobertaSentencePiece {
 mod tests {
     use super::*;
 
-    fn fixture(rel: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
+    use crate::test_support::fixture;
 
     fn model_path() -> std::path::PathBuf {
-        fixture("tests/fixtures/models/tiny-m18/tokenizer/sentencepiece.bpe.model")
+        fixture("models/tiny-m18/tokenizer/sentencepiece.bpe.model")
     }
 
     fn tiny() -> XlmRobertaSentencePiece {
         XlmRobertaSentencePiece::load(&model_path()).unwrap()
     }
 
-    /// `(text, slow ids, ids expected from tokenizer.json)` of every record of tokenizer_ids.json.
     fn cases() -> Vec<(String, Vec<u32>, Vec<u32>)> {
-        let text = std::fs::read_to_string(fixture("tests/fixtures/tokenizer_ids.json")).unwrap();
-        let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        cases
-            .iter()
-            .map(|c| {
-                let slow = ids(&c["ids"]);
-                let fast = c.get("fast_ids").map_or_else(|| slow.clone(), ids);
-                (c["text"].as_str().unwrap().to_string(), slow, fast)
-            })
-            .collect()
+        crate::test_support::tokenizer_cases()
     }
 
     #[test]
@@ -1173,7 +1154,7 @@ mod tests {
         let ours = tiny().to_tokenizers().unwrap();
         let json = ours.to_string(false).unwrap();
         // The same JSON as transformers' converter wrote (compared as values) ...
-        let theirs_path = fixture("tests/fixtures/models/tiny-m18/tokenizer/tokenizer.json");
+        let theirs_path = fixture("models/tiny-m18/tokenizer/tokenizer.json");
         let theirs_text = std::fs::read_to_string(&theirs_path).unwrap();
         let a: serde_json::Value = serde_json::from_str(&json).unwrap();
         let b: serde_json::Value = serde_json::from_str(&theirs_text).unwrap();

@@ -193,6 +193,19 @@ pub struct Fetched {
     pub identity: ModelIdentity,
 }
 
+impl Fetched {
+    fn hub(root: PathBuf, repo: &str, revision: &str, commit: String) -> Self {
+        Fetched {
+            root,
+            identity: ModelIdentity::Hub {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                commit,
+            },
+        }
+    }
+}
+
 /// The files of a repository listing that generation needs, given the listing of one revision.
 /// Sharded weights need their index read first: such components are returned as the index file and
 /// resolved by [`expand_shards`]. Errors list everything required that is absent.
@@ -380,14 +393,7 @@ fn resolve_offline(
             absent.join(", ")
         )));
     }
-    Ok(Fetched {
-        root,
-        identity: ModelIdentity::Hub {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            commit,
-        },
-    })
+    Ok(Fetched::hub(root, repo, revision, commit))
 }
 
 /// A one-line explanation of a hub error.
@@ -582,14 +588,7 @@ fn resolve_online(
             path: repo_dir.join("refs"),
             source,
         })?;
-    Ok(Fetched {
-        root,
-        identity: ModelIdentity::Hub {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            commit,
-        },
-    })
+    Ok(Fetched::hub(root, repo, revision, commit))
 }
 
 /// Makes a model available locally.

@@ -641,7 +641,7 @@ mod tests {
     use super::*;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+        crate::test_support::fixture("")
     }
 
     /// tokenizer.json backend.
@@ -654,25 +654,8 @@ mod tests {
         PromptTokenizer::load(&fixtures().join("models/tiny-m18-hub/tokenizer")).unwrap()
     }
 
-    /// `(text, slow ids, fast ids)` of every record of tokenizer_ids.json.
     fn cases() -> Vec<(String, Vec<u32>, Vec<u32>)> {
-        let text = std::fs::read_to_string(fixtures().join("tokenizer_ids.json")).unwrap();
-        let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        cases
-            .iter()
-            .map(|c| {
-                let slow = ids(&c["ids"]);
-                let fast = c.get("fast_ids").map_or_else(|| slow.clone(), ids);
-                (c["text"].as_str().unwrap().to_string(), slow, fast)
-            })
-            .collect()
+        crate::test_support::tokenizer_cases()
     }
 
     /// A scratch tokenizer folder holding the tiny sentencepiece model and `files`.

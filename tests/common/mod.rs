@@ -133,3 +133,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         }
     })
 }
+
+/// A tensor's values as f64, flattened.
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}

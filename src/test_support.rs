@@ -1,0 +1,33 @@
+//! Helpers shared by the unit tests (fixture paths and recorded tokenizer cases).
+
+use std::path::PathBuf;
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// `(text, slow ids, ids expected from tokenizer.json)` of every record of tokenizer_ids.json: the
+/// slow ids are transformers' `XLMRobertaTokenizer`'s; records where its fast tokenizer differs carry
+/// `fast_ids`.
+pub fn tokenizer_cases() -> Vec<(String, Vec<u32>, Vec<u32>)> {
+    let text = std::fs::read_to_string(fixture("tokenizer_ids.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    cases
+        .iter()
+        .map(|c| {
+            let slow = ids(&c["ids"]);
+            let fast = c.get("fast_ids").map_or_else(|| slow.clone(), ids);
+            (c["text"].as_str().unwrap().to_string(), slow, fast)
+        })
+        .collect()
+}
