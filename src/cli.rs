@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::options::{
-    DeviceChoice, GenerateOptions, ModelChoice, OutputTarget, Precision, Sampling,
+    DeviceChoice, GenerateOptions, ModelChoice, OutputOptions, OutputTarget, Precision, Sampling,
+    Shard,
 };
 use crate::schedulers::SchedulerKind;
 use crate::source::ModelSource;
@@ -39,13 +40,50 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from text prompts.
     #[command(after_help = EXAMPLES)]
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Fetch a model from the hub into the cache ahead of time and verify it.
     Download(DownloadArgs),
     /// Write a diffusers-layout copy with safetensors weights and a tokenizer.json.
     Convert(ConvertArgs),
     /// Show how a prompt is tokenised: pieces, ids, the count against the limit.
     Tokenize(TokenizeArgs),
+    /// Print the generation parameters stored in a PNG.
+    Info(InfoArgs),
+    /// List the languages AltDiffusion m9 and m18 were trained on.
+    Languages(LanguagesArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+/// `altdiff info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// A PNG written by altdiff (or by webui).
+    #[arg(value_name = "IMAGE.png")]
+    pub image: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `altdiff languages`.
+#[derive(Debug, Args)]
+pub struct LanguagesArgs {
+    /// Only this model's languages: m9 or m18 (or a model directory / hub repo, whose text encoder
+    /// config decides).
+    #[arg(long, short = 'm', value_name = "m9|m18|DIR|REPO")]
+    pub model: Option<String>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `altdiff completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// Which model to use.
@@ -125,22 +163,27 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// A prompt; repeat for several. Each prompt gets --num-images images.
-    #[arg(long, short = 'p', value_name = "TEXT", required = true)]
+    #[arg(long, short = 'p', value_name = "TEXT", required_unless_present_any = ["prompt_file", "from_image"])]
     pub prompt: Vec<String>,
+    /// A batch file (- for stdin): plain lines, JSON Lines or webui "prompts from file" lines; per-line
+    /// settings override the command line.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Regenerate the image described by an altdiff PNG's metadata; other flags override it.
+    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = ["prompt_file", "latents"])]
+    pub from_image: Option<PathBuf>,
     /// What the images should not show (used with guidance > 1; default "").
     #[arg(long, short = 'n', value_name = "TEXT")]
     pub negative_prompt: Option<String>,
-    /// Denoising steps (PNDM runs one more UNet evaluation than this, as diffusers does).
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(
-        long,
-        short = 'g',
-        default_value_t = 7.5,
-        allow_negative_numbers = true
-    )]
-    pub guidance: f64,
+    /// Language of the prompts (ISO 639-1 code or English name); default: detected per prompt.
+    #[arg(long, short = 'l', value_name = "LANG")]
+    pub lang: Option<String>,
+    /// Denoising steps [default: 50] (PNDM runs one more UNet evaluation, as diffusers does).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale [default: 7.5]; 1 or less turns guidance off.
+    #[arg(long, short = 'g', allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
     /// Scheduler; default: the model's own (scheduler/scheduler_config.json).
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub scheduler: Option<SchedulerKind>,
@@ -151,12 +194,15 @@ pub struct GenerateArgs {
     #[arg(long, short = 'W')]
     pub width: Option<usize>,
     /// Seed of the initial noise (PyTorch's CPU generator: the same seed gives diffusers' latents).
-    /// Default: a random seed, reported on stderr.
+    /// Batch-file line i without its own seed gets SEED + i. Default: random, reported on stderr.
     #[arg(long, short = 's')]
     pub seed: Option<u64>,
-    /// Images per prompt.
-    #[arg(long, default_value_t = 1)]
-    pub num_images: usize,
+    /// Images per prompt [default: 1].
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// Batch-file prompts sharing their settings that go through the UNet together.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
     /// Token length prompts are padded / truncated to (2-512); default 77, or the tokenizer's limit if smaller.
     #[arg(long, value_name = "N")]
     pub max_length: Option<usize>,
@@ -169,6 +215,25 @@ pub struct GenerateArgs {
     /// A .png file name for a single image, else a directory (created).
     #[arg(long, short = 'o', value_name = "PATH", default_value = "altdiff-out")]
     pub output: PathBuf,
+    /// File names in the output directory: {index} {image} {lang} {seed} {slug} {steps} {scheduler}
+    /// {width} {height} {line}, numbers optionally padded like {index:05}.
+    #[arg(long, value_name = "TEMPLATE", default_value = crate::output::DEFAULT_TEMPLATE)]
+    pub name_template: String,
+    /// Replace existing files (default: pick the next free name).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Skip prompts whose images already exist (resume an interrupted batch).
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// Also write a contact sheet (grid.png) of all images.
+    #[arg(long)]
+    pub grid: bool,
+    /// Print one JSON object per written image on stdout (path, prompt, lang, seed, ...).
+    #[arg(long)]
+    pub json: bool,
+    /// Only the prompts whose position mod N is K (0-based), e.g. 0/4, keeping their indexes and seeds.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
     /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -183,27 +248,82 @@ fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
 }
 
 impl GenerateArgs {
-    /// Converts and validates.
+    /// Converts and validates; with `--from-image`, the image's record gives every setting that no
+    /// flag overrides.
     pub fn into_options(self) -> Result<GenerateOptions> {
+        let record = match &self.from_image {
+            Some(path) => Some(crate::metadata::read_record(path)?),
+            None => None,
+        };
+        let rec = record.as_ref();
+        let defaults = Sampling::default();
+        let scheduler = match (self.scheduler, rec) {
+            (Some(s), _) => Some(s),
+            (None, Some(r)) => Some(SchedulerKind::parse(&r.scheduler).ok_or_else(|| {
+                Error::usage(format!(
+                    "the image's scheduler `{}` is not supported by this altdiff",
+                    r.scheduler
+                ))
+            })?),
+            (None, None) => None,
+        };
+        let model = match (&self.model.model, rec) {
+            (None, Some(r)) => ModelArgs {
+                model: Some(r.model.source.clone()),
+                revision: self
+                    .model
+                    .revision
+                    .clone()
+                    .or_else(|| r.model.commit.clone().or(r.model.revision.clone())),
+                variant: self.model.variant.clone().or(r.model.variant.clone()),
+            },
+            _ => self.model,
+        };
+        let prompts = match (self.prompt.is_empty(), rec) {
+            (true, Some(r)) => vec![r.prompt.clone()],
+            _ => self.prompt,
+        };
         let opts = GenerateOptions {
-            model: self.model.into_choice()?,
-            prompts: self.prompt,
+            model: model.into_choice()?,
+            prompts,
+            prompt_file: self.prompt_file,
+            lang: self.lang.or_else(|| rec.and_then(|r| r.lang.clone())),
+            batch_size: self.batch_size,
+            shard: self.shard,
             sampling: Sampling {
-                negative_prompt: self.negative_prompt,
-                steps: self.steps,
-                guidance: self.guidance,
-                scheduler: self.scheduler,
-                height: self.height,
-                width: self.width,
-                num_images: self.num_images,
-                max_length: self.max_length,
+                negative_prompt: self
+                    .negative_prompt
+                    .or_else(|| rec.and_then(|r| r.negative_prompt.clone())),
+                steps: self
+                    .steps
+                    .or(rec.map(|r| r.steps))
+                    .unwrap_or(defaults.steps),
+                guidance: self
+                    .guidance
+                    .or(rec.map(|r| r.guidance))
+                    .unwrap_or(defaults.guidance),
+                scheduler,
+                height: self.height.or(rec.map(|r| r.height)),
+                width: self.width.or(rec.map(|r| r.width)),
+                num_images: self.num_images.unwrap_or(defaults.num_images),
+                max_length: self.max_length.or(rec.map(|r| r.max_length)),
             },
             seed: self.seed,
+            from_image: record.clone(),
             latents: self.latents,
             dump_tensors: self.dump_tensors,
-            output: OutputTarget::from_path(self.output),
+            output: OutputOptions {
+                target: OutputTarget::from_path(self.output),
+                name_template: self.name_template,
+                overwrite: self.overwrite,
+                skip_existing: self.skip_existing,
+                grid: self.grid,
+                json: self.json,
+            },
             device: self.device,
-            dtype: self.dtype,
+            dtype: self
+                .dtype
+                .or_else(|| rec.and_then(|r| Precision::from_name(&r.dtype))),
         };
         opts.validate()?;
         if opts.seed.is_some() && opts.latents.is_some() {

@@ -7,11 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod lang;
+pub mod metadata;
 pub mod model;
 pub mod models;
 pub mod options;
@@ -29,27 +32,71 @@ mod test_support;
 
 pub use error::{Error, Result};
 
+/// How a command ended, when it did not fail outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything was done.
+    Success,
+    /// Part of the work failed (some prompts of a batch); the rest was done. Exit code 1.
+    PartialFailure,
+}
+
 /// Runs a parsed command line.
-pub fn run(cli: cli::Cli) -> Result<()> {
+pub fn run(cli: cli::Cli) -> Result<Outcome> {
     let progress = !cli.quiet;
+    let done = |r: Result<()>| r.map(|()| Outcome::Success);
     match cli.command {
         cli::Command::Generate(args) => {
             let opts = args.into_options()?;
-            commands::generate::run(&opts, progress).map(|_| ())
+            Ok(match commands::generate::run(&opts, progress)? {
+                commands::generate::Outcome::AllWritten => Outcome::Success,
+                commands::generate::Outcome::SomeFailed => Outcome::PartialFailure,
+            })
         }
-        cli::Command::Download(a) => commands::download::run(
+        cli::Command::Download(a) => done(commands::download::run(
             &a.repo,
             a.revision.as_deref(),
             a.variant.as_deref(),
             progress,
-        ),
+        )),
         cli::Command::Convert(a) => {
             let model = a.model.into_choice()?;
-            commands::convert::run(&model, &a.out, a.dtype, progress).map(|_| ())
+            done(commands::convert::run(&model, &a.out, a.dtype, progress).map(|_| ()))
+        }
+        cli::Command::Info(a) => done(commands::info::run(&a.image, a.json)),
+        cli::Command::Languages(a) => {
+            let model = match a.model.as_deref() {
+                None => None,
+                Some(m) if m.eq_ignore_ascii_case("m9") => Some(lang::ModelLanguages::M9),
+                Some(m) if m.eq_ignore_ascii_case("m18") => Some(lang::ModelLanguages::M18),
+                Some(m) => {
+                    let choice = options::ModelChoice {
+                        source: source::ModelSource::parse(Some(m), None)?,
+                        variant: None,
+                    };
+                    let fetched = commands::fetch_model(&choice, source::Scope::Config, progress)?;
+                    let cfg = config::TextEncoderConfig::load(
+                        &fetched.root.join("text_encoder/config.json"),
+                    )?;
+                    Some(lang::ModelLanguages::from_text_encoder(&cfg))
+                }
+            };
+            done(commands::languages::run(model, a.json))
+        }
+        cli::Command::Completions(a) => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(a.shell, &mut cmd, "altdiff", &mut std::io::stdout());
+            Ok(Outcome::Success)
         }
         cli::Command::Tokenize(a) => {
             let model = a.model.into_choice()?;
-            commands::tokenize::run(&model, a.max_length, a.json, &a.text, progress)
+            done(commands::tokenize::run(
+                &model,
+                a.max_length,
+                a.json,
+                &a.text,
+                progress,
+            ))
         }
     }
 }

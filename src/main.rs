@@ -23,7 +23,8 @@ fn main() -> ExitCode {
         .init();
     let verbose = cli.verbose > 0;
     match altdiff::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(altdiff::Outcome::Success) => ExitCode::SUCCESS,
+        Ok(altdiff::Outcome::PartialFailure) => ExitCode::from(1),
         Err(e) => {
             let err = anyhow::Error::new(e);
             if verbose {

@@ -49,6 +49,24 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The command-line name (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses a command-line name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Precision::F32, Precision::F16, Precision::Bf16]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+}
+
 /// Where images go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputTarget {
@@ -119,23 +137,76 @@ pub struct ModelChoice {
     pub variant: Option<String>,
 }
 
+/// `--shard K/N`: keep the prompts whose global position mod N is K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, 0-based.
+    pub index: usize,
+    /// The number of shards.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("invalid shard `{s}`: expected K/N with 0 <= K < N, e.g. 0/4");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (
+            k.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// How output files are named and written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// Where images go.
+    pub target: OutputTarget,
+    /// File name template for directories (see [`crate::output::NameTemplate`]).
+    pub name_template: String,
+    /// Replace existing files instead of picking the next free name.
+    pub overwrite: bool,
+    /// Skip jobs whose files already exist (resuming a batch).
+    pub skip_existing: bool,
+    /// Also write a contact sheet of all images.
+    pub grid: bool,
+    /// Print one JSON object per written image on stdout.
+    pub json: bool,
+}
+
 /// Everything `altdiff generate` needs, validated.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     /// The model.
     pub model: ModelChoice,
-    /// Prompts, in order.
+    /// Prompts given with `--prompt`, in order.
     pub prompts: Vec<String>,
+    /// `--prompt-file` (`-` for stdin).
+    pub prompt_file: Option<PathBuf>,
+    /// `--lang`: a language code or English name for every prompt without its own.
+    pub lang: Option<String>,
+    /// Prompts sharing settings that go through the UNet together.
+    pub batch_size: usize,
+    /// `--shard K/N`.
+    pub shard: Option<Shard>,
     /// Generation settings.
     pub sampling: Sampling,
     /// Seed; a random one is picked and reported when `None` and no latents are given.
     pub seed: Option<u64>,
+    /// The record of the image given with `--from-image` (its seed and noise position are reused
+    /// unless `--seed` overrides them).
+    pub from_image: Option<crate::metadata::ImageRecord>,
     /// Initial latents file.
     pub latents: Option<PathBuf>,
     /// Where to dump intermediate tensors.
     pub dump_tensors: Option<PathBuf>,
-    /// Where images go.
-    pub output: OutputTarget,
+    /// Outputs.
+    pub output: OutputOptions,
     /// Compute device.
     pub device: DeviceChoice,
     /// Precision; f32 on CPU and f16 on GPUs when `None`.
@@ -186,15 +257,31 @@ impl Sampling {
 impl GenerateOptions {
     /// Checks values that do not need the model.
     pub fn validate(&self) -> Result<()> {
-        if self.prompts.is_empty() {
-            return Err(Error::usage("give at least one --prompt"));
+        if self.prompts.is_empty() && self.prompt_file.is_none() {
+            return Err(Error::usage(
+                "give at least one --prompt or a --prompt-file",
+            ));
         }
         if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
             return Err(Error::usage(format!("prompt {} is empty", i + 1)));
         }
         self.sampling.validate()?;
+        if self.batch_size == 0 {
+            return Err(Error::usage("--batch-size must be at least 1"));
+        }
+        if self.output.overwrite && self.output.skip_existing {
+            return Err(Error::usage(
+                "--overwrite and --skip-existing contradict each other; give one",
+            ));
+        }
         let total = self.prompts.len() * self.sampling.num_images;
-        if let OutputTarget::File(p) = &self.output {
+        if let OutputTarget::File(p) = &self.output.target {
+            if self.prompt_file.is_some() {
+                return Err(Error::usage(format!(
+                    "--output {} names one file but --prompt-file makes one image per line; give a directory",
+                    p.display()
+                )));
+            }
             if total > 1 {
                 return Err(Error::usage(format!(
                     "--output {} names one file but this run makes {total} images; give a directory",

@@ -37,6 +37,162 @@ pub fn encode_png(img: &RgbImage, text: &[(&str, &str)]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The default file-name template.
+pub const DEFAULT_TEMPLATE: &str = "{index:05}-{image}-{lang}-{seed}-{slug}.png";
+
+/// The values a file-name template can use.
+#[derive(Debug, Clone, Default)]
+pub struct NameFields {
+    /// Global position of the prompt (0-based, the same whatever the shard).
+    pub index: usize,
+    /// Image number within the prompt (0-based).
+    pub image: usize,
+    /// Line of the prompt file (0 for `--prompt`).
+    pub line: usize,
+    /// Language code.
+    pub lang: String,
+    /// Seed (or `latents`).
+    pub seed: String,
+    /// Slug of the prompt.
+    pub slug: String,
+    /// Steps.
+    pub steps: usize,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Width.
+    pub width: usize,
+    /// Height.
+    pub height: usize,
+}
+
+/// A parsed `--name-template`: literal text and `{field}` / `{field:05}` placeholders.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NameTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Field {
+        name: String,
+        width: usize,
+        zero: bool,
+    },
+}
+
+const FIELDS: [&str; 10] = [
+    "index",
+    "image",
+    "line",
+    "lang",
+    "seed",
+    "slug",
+    "steps",
+    "scheduler",
+    "width",
+    "height",
+];
+
+impl NameTemplate {
+    /// Parses a template; unknown fields and unbalanced braces are usage errors.
+    pub fn parse(template: &str) -> Result<Self> {
+        let bad = |m: String| Error::usage(format!("--name-template {template:?}: {m}"));
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| bad("a `{` is not closed".into()))?
+                + open;
+            let spec = &rest[open + 1..close];
+            let (name, fmt) = spec.split_once(':').unwrap_or((spec, ""));
+            if !FIELDS.contains(&name) {
+                return Err(bad(format!(
+                    "unknown field `{name}` (known: {})",
+                    FIELDS.join(", ")
+                )));
+            }
+            let zero = fmt.starts_with('0');
+            let width = if fmt.is_empty() {
+                0
+            } else {
+                fmt.parse::<usize>()
+                    .ok()
+                    .filter(|w| *w <= 32)
+                    .ok_or_else(|| bad(format!("`{spec}`: the format must be a width like 05")))?
+            };
+            parts.push(Part::Field {
+                name: name.to_string(),
+                width,
+                zero,
+            });
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(bad("a `}` has no `{`".into()));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        let t = NameTemplate { parts };
+        if t.parts
+            .iter()
+            .any(|p| matches!(p, Part::Text(x) if x.contains('/') || x.contains('\\')))
+        {
+            return Err(bad("file names cannot contain path separators".into()));
+        }
+        Ok(t)
+    }
+
+    /// The file name for `f` (`.png` appended when the template has no extension).
+    pub fn render(&self, f: &NameFields) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Field { name, width, zero } => {
+                    let v = match name.as_str() {
+                        "index" => f.index.to_string(),
+                        "image" => f.image.to_string(),
+                        "line" => f.line.to_string(),
+                        "lang" => f.lang.clone(),
+                        "seed" => f.seed.clone(),
+                        "slug" => f.slug.clone(),
+                        "steps" => f.steps.to_string(),
+                        "scheduler" => f.scheduler.clone(),
+                        "width" => f.width.to_string(),
+                        _ => f.height.to_string(),
+                    };
+                    let pad = width.saturating_sub(v.chars().count());
+                    if *zero && v.chars().all(|c| c.is_ascii_digit()) {
+                        out.push_str(&"0".repeat(pad));
+                    }
+                    out.push_str(&v);
+                }
+            }
+        }
+        let out: String = out
+            .chars()
+            .map(|c| {
+                if c == '/' || c == '\\' || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if out.to_ascii_lowercase().ends_with(".png") {
+            out
+        } else {
+            out + ".png"
+        }
+    }
+}
+
 /// A filesystem-safe, length-capped form of `prompt` that keeps its own script.
 pub fn slug(prompt: &str, max_chars: usize) -> String {
     let mut out = String::new();
@@ -59,6 +215,25 @@ pub fn slug(prompt: &str, max_chars: usize) -> String {
     } else {
         out
     }
+}
+
+/// Writes `bytes` to `target` through a temporary file and a rename, replacing what was there.
+pub fn write_replacing(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let tmp = dir.join(format!(".altdiff-{}-replace.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, target).map_err(io_err(target))?;
+        Ok(target.to_path_buf())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 /// Writes `bytes` to `dir/name`, or to `dir/stem-N.ext` for the first free N when the name is taken.
@@ -126,6 +301,27 @@ mod tests {
         );
         assert_eq!(slug("一只在雪地里的红狐狸", 4), "一只在雪");
         assert_eq!(slug("  ...  ", 10), "image");
+    }
+
+    #[test]
+    fn templates_render_and_reject_unknown_fields() {
+        let t = NameTemplate::parse(DEFAULT_TEMPLATE).unwrap();
+        let f = NameFields {
+            index: 7,
+            image: 1,
+            lang: "zh".into(),
+            seed: "42".into(),
+            slug: slug("一只在雪地里的红狐狸", 48),
+            ..Default::default()
+        };
+        assert_eq!(t.render(&f), "00007-1-zh-42-一只在雪地里的红狐狸.png");
+        assert_eq!(
+            NameTemplate::parse("{seed}_{index:3}").unwrap().render(&f),
+            "42_7.png"
+        );
+        assert!(NameTemplate::parse("{nope}").is_err());
+        assert!(NameTemplate::parse("{index").is_err());
+        assert!(NameTemplate::parse("a/{index}").is_err());
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub enum Scope {
     Generation,
     /// Only the tokenizer files (`altdiff tokenize`).
     Tokenizer,
+    /// Only the text encoder's config (`altdiff languages --model`).
+    Config,
 }
 
 /// How to fetch a model.
@@ -208,7 +210,7 @@ impl Fetched {
 
 /// The files of a repository listing that generation needs, given the listing of one revision.
 /// Sharded weights need their index read first: such components are returned as the index file and
-/// resolved by [`expand_shards`]. Errors list everything required that is absent.
+/// resolved once the index is read. Errors list everything required that is absent.
 pub fn needed_files(
     listing: &[String],
     variant: Option<&str>,
@@ -226,10 +228,11 @@ pub fn needed_files(
             "vae/config.json",
         ],
         Scope::Tokenizer => &[],
+        Scope::Config => &["text_encoder/config.json"],
     };
     let components: &[&str] = match scope {
         Scope::Generation => &WEIGHT_COMPONENTS,
-        Scope::Tokenizer => &[],
+        Scope::Tokenizer | Scope::Config => &[],
     };
     for &f in configs {
         if has(f) {
@@ -254,21 +257,25 @@ pub fn needed_files(
             }),
         }
     }
-    let tok_files = [
-        "tokenizer/tokenizer.json",
-        "tokenizer/sentencepiece.bpe.model",
-    ];
-    let found: Vec<&str> = tok_files.iter().copied().filter(|f| has(f)).collect();
-    if found.is_empty() {
-        missing.push("tokenizer/tokenizer.json (or tokenizer/sentencepiece.bpe.model)".to_string());
-    }
-    need.extend(found.iter().map(|f| f.to_string()));
-    for f in [
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/special_tokens_map.json",
-    ] {
-        if has(f) {
-            need.push(f.to_string());
+    if scope != Scope::Config {
+        let tok_files = [
+            "tokenizer/tokenizer.json",
+            "tokenizer/sentencepiece.bpe.model",
+        ];
+        let found: Vec<&str> = tok_files.iter().copied().filter(|f| has(f)).collect();
+        if found.is_empty() {
+            missing.push(
+                "tokenizer/tokenizer.json (or tokenizer/sentencepiece.bpe.model)".to_string(),
+            );
+        }
+        need.extend(found.iter().map(|f| f.to_string()));
+        for f in [
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/special_tokens_map.json",
+        ] {
+            if has(f) {
+                need.push(f.to_string());
+            }
         }
     }
     if missing.is_empty() {

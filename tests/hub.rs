@@ -164,11 +164,17 @@ fn download_then_generate_offline_with_the_server_gone() {
 
     hub.stop();
     let png = generate_matches_reference(&home, None, true, REPO, &[]);
-    let text = String::from_utf8_lossy(&std::fs::read(png).unwrap()).into_owned();
-    assert!(
-        text.contains(&format!("Model: {REPO}@{COMMIT}")),
+    let info = ok(&run(&home, None, true, &["info", "--json", &png]));
+    let record: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
+    assert_eq!(
+        record["altdiff"]["model"]["source"], REPO,
         "the model identity is stored with the image"
     );
+    assert_eq!(record["altdiff"]["model"]["commit"], COMMIT);
+    assert!(record["parameters"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("Model: {REPO}, Model hash: {}", &COMMIT[..10])));
     // Without HF_HUB_OFFLINE and with no server, the cache is used after a warning.
     let out = run(
         &home,

@@ -1,26 +1,80 @@
-//! `altdiff generate`: options -> model -> pipeline request -> images on disk (and tensors on request).
+//! `altdiff generate`: prompts (flags, a batch file or an image's metadata) -> jobs -> groups that go
+//! through the pipeline together -> PNGs with metadata, one JSON line per image on request.
+//!
+//! The model loads once per run. A prompt that fails (a broken batch line, an invalid per-line value,
+//! a failure while generating) is reported and the others still run; the run then exits with 1.
+//!
+//! Noise: prompts given with `--prompt` (and no shard) are one diffusers batch: one `torch.randn`
+//! over all images from `--seed`, as diffusers does with a list of prompts. Batch-file prompts are
+//! independent jobs: line i (global position) uses its own `seed`, else `--seed + i`, so a shard or a
+//! resumed run draws exactly the noise the whole batch would have.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::batch;
 use crate::error::{Error, Result, TensorContext};
+use crate::lang::{self, ModelLanguages};
+use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
-use crate::options::{GenerateOptions, OutputTarget};
-use crate::pipeline::{Noise, Pipeline, Progress, Request};
+use crate::options::{GenerateOptions, OutputTarget, Sampling};
+use crate::output::{NameFields, NameTemplate};
+use crate::pipeline::{Noise, Pipeline, Progress, Request, RgbImage};
+use crate::rng::TorchGenerator;
+use crate::schedulers::SchedulerKind;
+use crate::source::ModelIdentity;
 
-/// Reports progress as log lines.
-struct LogProgress;
+/// How a run ended when it got as far as generating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every prompt was written (or skipped as existing).
+    AllWritten,
+    /// Some prompts failed; the others were written.
+    SomeFailed,
+}
 
-impl Progress for LogProgress {
-    fn stage(&mut self, name: &str) {
-        tracing::info!("{name}");
+/// One prompt to generate.
+#[derive(Debug, Clone)]
+struct Job {
+    /// Global position among all prompts (flags first, then file entries, failed ones included).
+    index: usize,
+    /// Line in the prompt file.
+    line: Option<usize>,
+    prompt: String,
+    sampling: Sampling,
+    seed: u64,
+    lang: Option<&'static lang::Language>,
+    /// A per-line output file name.
+    output: Option<String>,
+}
+
+/// A prompt that could not be generated.
+struct Failure {
+    index: usize,
+    line: Option<usize>,
+    message: String,
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self.line {
+            Some(l) => format!("line {l}: {}", self.message),
+            None => format!("prompt {}: {}", self.index + 1, self.message),
+        }
     }
-    fn step(&mut self, done: usize, total: usize) {
-        tracing::debug!("step {done}/{total}");
-    }
+}
+
+fn random_seed() -> u64 {
+    // Seeds are 32-bit in practice (PyTorch's mt19937 uses the low 32 bits).
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        & 0xffff_ffff
 }
 
 /// Reads the `latents` tensor of a safetensors file.
@@ -50,33 +104,400 @@ fn read_latents(path: &Path) -> Result<Tensor> {
         .context(|| "reading --latents".into())
 }
 
-fn random_seed() -> u64 {
-    // Seeds are 32-bit in practice (PyTorch's mt19937 uses the low 32 bits).
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        & 0xffff_ffff
+fn read_prompt_file(path: &Path) -> Result<Vec<u8>> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map_err(io)?;
+        Ok(buf)
+    } else {
+        std::fs::read(path).map_err(io)
+    }
 }
 
-/// Runs `altdiff generate`; returns the paths written.
-pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Vec<PathBuf>> {
+/// Applies a batch line's overrides to the command line's settings.
+fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result<Sampling, String> {
+    let scheduler = match &o.scheduler {
+        None => base.scheduler,
+        Some(name) => {
+            let n = batch::normalize_sampler(name);
+            Some(SchedulerKind::parse(&n).ok_or_else(|| {
+                format!("scheduler `{name}` is not supported (expected pndm or ddim)")
+            })?)
+        }
+    };
+    let s = Sampling {
+        negative_prompt: o
+            .negative_prompt
+            .clone()
+            .or_else(|| base.negative_prompt.clone()),
+        steps: o.steps.unwrap_or(base.steps),
+        guidance: o.guidance.unwrap_or(base.guidance),
+        scheduler,
+        height: o.height.or(base.height),
+        width: o.width.or(base.width),
+        num_images: o.num_images.unwrap_or(base.num_images),
+        max_length: base.max_length,
+    };
+    s.validate().map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Every prompt of the run, with the failures found while reading them.
+fn plan(
+    opts: &GenerateOptions,
+    base_seed: u64,
+    default_lang: Option<&'static lang::Language>,
+) -> Result<(Vec<Job>, Vec<Failure>)> {
+    let mut jobs = Vec::new();
+    let mut failures = Vec::new();
+    for (i, p) in opts.prompts.iter().enumerate() {
+        jobs.push(Job {
+            index: i,
+            line: None,
+            prompt: p.clone(),
+            sampling: opts.sampling.clone(),
+            seed: base_seed.wrapping_add(i as u64),
+            lang: default_lang,
+            output: None,
+        });
+    }
+    if let Some(file) = &opts.prompt_file {
+        let bytes = read_prompt_file(file)?;
+        let entries = batch::parse(&bytes);
+        if entries.is_empty() {
+            return Err(Error::usage(format!(
+                "--prompt-file {}: no prompts in it",
+                file.display()
+            )));
+        }
+        for (k, entry) in entries.into_iter().enumerate() {
+            let index = opts.prompts.len() + k;
+            let job = entry.map_err(|e| (e.line, e.message)).and_then(|j| {
+                let sampling =
+                    apply_overrides(&opts.sampling, &j.overrides).map_err(|m| (j.line, m))?;
+                let lang = match &j.overrides.lang {
+                    Some(l) => Some(lang::parse(l).map_err(|e| (j.line, e.to_string()))?),
+                    None => default_lang,
+                };
+                Ok(Job {
+                    index,
+                    line: Some(j.line),
+                    prompt: j.prompt,
+                    sampling,
+                    seed: j
+                        .overrides
+                        .seed
+                        .unwrap_or_else(|| base_seed.wrapping_add(index as u64)),
+                    lang,
+                    output: j.overrides.output,
+                })
+            });
+            match job {
+                Ok(job) => jobs.push(job),
+                Err((line, message)) => failures.push(Failure {
+                    index,
+                    line: Some(line),
+                    message,
+                }),
+            }
+        }
+    }
+    if let Some(shard) = opts.shard {
+        jobs.retain(|j| j.index % shard.count == shard.index);
+        failures.retain(|f| f.index % shard.count == shard.index);
+    }
+    Ok((jobs, failures))
+}
+
+/// Progress: bars on a terminal (batch position and denoising steps), log lines otherwise.
+struct Bars {
+    batch: Option<indicatif::ProgressBar>,
+    steps: Option<indicatif::ProgressBar>,
+    started: Instant,
+    marks: Vec<(String, f64)>,
+}
+
+impl Bars {
+    fn new(total_jobs: usize, show: bool) -> Self {
+        let show = show && std::io::stderr().is_terminal();
+        let (batch, steps) = if show {
+            let multi = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>9} [{bar:30}] {pos}/{len} {msg} (ETA {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let b = multi.add(
+                indicatif::ProgressBar::new(total_jobs as u64)
+                    .with_style(style.clone())
+                    .with_prefix("prompts"),
+            );
+            let s = multi.add(
+                indicatif::ProgressBar::new(0)
+                    .with_style(style)
+                    .with_prefix("steps"),
+            );
+            (Some(b), Some(s))
+        } else {
+            (None, None)
+        };
+        Self {
+            batch,
+            steps,
+            started: Instant::now(),
+            marks: Vec::new(),
+        }
+    }
+
+    fn job_done(&self, n: u64) {
+        if let Some(b) = &self.batch {
+            b.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        for b in [&self.batch, &self.steps].into_iter().flatten() {
+            b.finish_and_clear();
+        }
+    }
+
+    /// Stage timings of the last group, in seconds.
+    fn timings(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let mut prev = 0.0;
+        for (name, t) in &self.marks {
+            out.insert(
+                format!("{name}_s"),
+                serde_json::json!(((t - prev) * 1000.0).round() / 1000.0),
+            );
+            prev = *t;
+        }
+        out.insert(
+            "total_s".into(),
+            serde_json::json!((prev * 1000.0).round() / 1000.0),
+        );
+        serde_json::Value::Object(out)
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&mut self, name: &str) {
+        let now = self.started.elapsed().as_secs_f64();
+        // A stage ends when the next starts: record the end of the previous one.
+        if let Some((prev, _)) = self.marks.last().cloned() {
+            if prev != "done" {
+                self.marks.push((prev, now));
+            }
+        }
+        self.marks.retain(|(n, _)| n != name);
+        tracing::info!("{name}");
+        let _ = name;
+    }
+    fn step(&mut self, done: usize, total: usize) {
+        if let Some(s) = &self.steps {
+            s.set_length(total as u64);
+            s.set_position(done as u64);
+        }
+        tracing::debug!("step {done}/{total}");
+    }
+}
+
+/// The images of one pipeline request.
+struct Group {
+    jobs: Vec<Job>,
+    /// One randn over the whole group (diffusers' layout for a list of prompts).
+    shared_seed: bool,
+}
+
+/// Consecutive jobs with the same settings, up to `batch_size` prompts each.
+fn group(jobs: Vec<Job>, batch_size: usize, shared_seed: bool) -> Vec<Group> {
+    if shared_seed {
+        return vec![Group { jobs, shared_seed }];
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for job in jobs {
+        match groups.last_mut() {
+            Some(g) if g.jobs.len() < batch_size && g.jobs[0].sampling == job.sampling => {
+                g.jobs.push(job)
+            }
+            _ => groups.push(Group {
+                jobs: vec![job],
+                shared_seed,
+            }),
+        }
+    }
+    groups
+}
+
+/// Everything about one run that every group shares.
+struct Run<'a> {
+    opts: &'a GenerateOptions,
+    pipeline: &'a Pipeline,
+    identity: &'a ModelIdentity,
+    template: NameTemplate,
+    model_langs: ModelLanguages,
+    scheduler_config: serde_json::Value,
+    latents_file: Option<Tensor>,
+    dtype: DType,
+}
+
+impl Run<'_> {
+    fn record(
+        &self,
+        job: &Job,
+        r: &crate::pipeline::Resolved,
+        noise: NoiseRecord,
+        lang: Option<&str>,
+    ) -> ImageRecord {
+        let (source, revision, commit) = match self.identity {
+            ModelIdentity::Local(p) => (p.display().to_string(), None, None),
+            ModelIdentity::Hub {
+                repo,
+                revision,
+                commit,
+            } => (repo.clone(), Some(revision.clone()), Some(commit.clone())),
+        };
+        ImageRecord {
+            altdiff: env!("CARGO_PKG_VERSION").to_string(),
+            prompt: job.prompt.clone(),
+            negative_prompt: job.sampling.negative_prompt.clone(),
+            lang: lang.map(str::to_string),
+            noise,
+            steps: job.sampling.steps,
+            guidance: job.sampling.guidance,
+            scheduler: r.scheduler.name().to_string(),
+            scheduler_config: self.scheduler_config.clone(),
+            width: r.width,
+            height: r.height,
+            max_length: r.max_length,
+            model: ModelRecord {
+                source,
+                revision,
+                commit,
+                variant: self.opts.model.variant.clone(),
+            },
+            dtype: format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+
+    /// The file for image `image` of `job`.
+    fn path(
+        &self,
+        job: &Job,
+        image: usize,
+        lang: &str,
+        r: &crate::pipeline::Resolved,
+        seed: &str,
+    ) -> PathBuf {
+        match &self.opts.output.target {
+            OutputTarget::File(p) => p.clone(),
+            OutputTarget::Dir(d) => match &job.output {
+                Some(name) if job.sampling.num_images == 1 => d.join(name),
+                Some(name) => {
+                    let p = Path::new(name);
+                    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                    d.join(format!("{stem}-{image}.png"))
+                }
+                None => d.join(self.template.render(&NameFields {
+                    index: job.index,
+                    image,
+                    line: job.line.unwrap_or(0),
+                    lang: lang.to_string(),
+                    seed: seed.to_string(),
+                    slug: crate::output::slug(&job.prompt, 48),
+                    steps: job.sampling.steps,
+                    scheduler: r.scheduler.name().to_string(),
+                    width: r.width,
+                    height: r.height,
+                })),
+            },
+        }
+    }
+
+    /// The noise of a group and each image's record of it.
+    fn noise(&self, group: &Group, shape: &[usize]) -> Result<(Noise, Vec<NoiseRecord>)> {
+        let per_image: usize = shape[1..].iter().product();
+        let total_images: usize = group.jobs.iter().map(|j| j.sampling.num_images).sum();
+        if let Some(t) = &self.latents_file {
+            return Ok((
+                Noise::Latents(t.clone()),
+                vec![NoiseRecord::LatentsFile; total_images],
+            ));
+        }
+        if let Some(rec) = &self.opts.from_image {
+            if let (NoiseRecord::Seed { seed, batch, index }, None) = (&rec.noise, self.opts.seed) {
+                // The image's own slice of the randn call it came from.
+                let all = TorchGenerator::new(*seed).randn(batch * per_image);
+                let mine = all[index * per_image..(index + 1) * per_image].to_vec();
+                let t = Tensor::from_vec(mine, shape, &Device::Cpu)
+                    .context(|| "drawing the noise".into())?;
+                return Ok((Noise::Latents(t), vec![rec.noise.clone()]));
+            }
+        }
+        if group.shared_seed {
+            let seed = group.jobs[0].seed;
+            let records = (0..total_images)
+                .map(|index| NoiseRecord::Seed {
+                    seed,
+                    batch: total_images,
+                    index,
+                })
+                .collect();
+            return Ok((Noise::Seed(seed), records));
+        }
+        let mut data = Vec::with_capacity(total_images * per_image);
+        let mut records = Vec::new();
+        for job in &group.jobs {
+            let n = job.sampling.num_images;
+            data.extend(TorchGenerator::new(job.seed).randn(n * per_image));
+            records.extend((0..n).map(|index| NoiseRecord::Seed {
+                seed: job.seed,
+                batch: n,
+                index,
+            }));
+        }
+        let t =
+            Tensor::from_vec(data, shape, &Device::Cpu).context(|| "drawing the noise".into())?;
+        Ok((Noise::Latents(t), records))
+    }
+}
+
+/// Runs `altdiff generate`.
+pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
+    let template = NameTemplate::parse(&opts.output.name_template)?;
+    let default_lang = opts.lang.as_deref().map(lang::parse).transpose()?;
+    if opts.latents.is_some() && (opts.prompt_file.is_some() || opts.shard.is_some()) {
+        return Err(Error::usage(
+            "--latents works with --prompt only (one batch), not with --prompt-file or --shard",
+        ));
+    }
+    let base_seed = match (opts.seed, &opts.from_image, &opts.latents) {
+        (Some(s), _, _) => s,
+        (None, Some(rec), _) => rec.seed().unwrap_or(0),
+        (None, None, Some(_)) => 0,
+        (None, None, None) => {
+            let s = random_seed();
+            eprintln!("seed: {s}");
+            s
+        }
+    };
+    let (jobs, mut failures) = plan(opts, base_seed, default_lang)?;
+    let shared_seed = opts.prompt_file.is_none() && opts.shard.is_none();
+    let mut jobs = jobs;
+    if shared_seed {
+        for j in &mut jobs {
+            j.seed = base_seed;
+        }
+    }
+
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
     let fetched = super::fetch_model(&opts.model, crate::source::Scope::Generation, progress)?;
     let files = ModelFiles::from_dir(&fetched.root, opts.model.variant.as_deref())?;
-    let noise = match (&opts.latents, opts.seed) {
-        (Some(path), _) => Noise::Latents(read_latents(path)?),
-        (None, Some(seed)) => Noise::Seed(seed),
-        (None, None) => {
-            let seed = random_seed();
-            eprintln!("seed: {seed}");
-            Noise::Seed(seed)
-        }
-    };
-    let seed = match noise {
-        Noise::Seed(s) => Some(s),
-        Noise::Latents(_) => None,
-    };
+    let latents_file = opts.latents.as_deref().map(read_latents).transpose()?;
     tracing::info!(
         "loading {} on {:?} in {:?}",
         fetched.identity,
@@ -84,77 +505,298 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Vec<PathBuf>> {
         dtype
     );
     let pipeline = Pipeline::load(&files, &device, dtype)?;
+    let scheduler_config =
+        crate::config::read_json::<serde_json::Value>(&files.scheduler_config)?.0;
+    let run = Run {
+        opts,
+        pipeline: &pipeline,
+        identity: &fetched.identity,
+        template,
+        model_langs: ModelLanguages::from_text_encoder(&pipeline.config().text_encoder),
+        scheduler_config,
+        latents_file,
+        dtype,
+    };
+
+    let total_jobs = jobs.len();
+    let groups = group(jobs, opts.batch_size, shared_seed);
+    if opts.dump_tensors.is_some() && groups.len() > 1 {
+        return Err(Error::usage(
+            "--dump-tensors needs a single batch (use --prompt, not --prompt-file)",
+        ));
+    }
+    let mut bars = Bars::new(total_jobs, progress);
+    let mut written: Vec<(PathBuf, RgbImage)> = Vec::new();
+    let mut skipped = 0usize;
+    for group in groups {
+        match run_group(&run, group, &mut bars, &mut written, &mut skipped) {
+            Ok(()) => {}
+            Err(failed) => {
+                let (jobs, e) = *failed;
+                // A usage or configuration problem applies to the whole run: stop as before any work.
+                if written.is_empty()
+                    && failures.is_empty()
+                    && e.exit_code() == 2
+                    && opts.prompt_file.is_none()
+                {
+                    bars.finish();
+                    return Err(e);
+                }
+                for j in jobs {
+                    failures.push(Failure {
+                        index: j.index,
+                        line: j.line,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    bars.finish();
+    if opts.output.grid && !written.is_empty() {
+        write_grid(opts, &written)?;
+    }
+    if skipped > 0 {
+        eprintln!("skipped {skipped} prompt(s) whose images exist");
+    }
+    if failures.is_empty() {
+        return Ok(Outcome::AllWritten);
+    }
+    failures.sort_by_key(|f| f.index);
+    eprintln!(
+        "{} of {} prompt(s) failed; the other images were written:",
+        failures.len(),
+        total_jobs + failures.len()
+    );
+    for f in &failures {
+        eprintln!("  {}", f.describe());
+    }
+    Ok(Outcome::SomeFailed)
+}
+
+/// A group's failure: the jobs it sank and why.
+type GroupResult = std::result::Result<(), Box<(Vec<Job>, Error)>>;
+
+/// Generates one group and writes its images; on failure returns the group's jobs and the error.
+fn run_group(
+    run: &Run,
+    group: Group,
+    bars: &mut Bars,
+    written: &mut Vec<(PathBuf, RgbImage)>,
+    skipped: &mut usize,
+) -> GroupResult {
+    let opts = run.opts;
+    let sampling = group.jobs[0].sampling.clone();
+    let probe = Request {
+        prompts: vec![group.jobs[0].prompt.clone()],
+        sampling: sampling.clone(),
+        noise: Noise::Seed(0),
+        keep_tensors: false,
+    };
+    let resolved = match run.pipeline.resolve(&probe) {
+        Ok(r) => r,
+        Err(e) => return Err(Box::new((group.jobs, e))),
+    };
+    // Languages (for names, metadata and warnings) and the files each job would write.
+    let mut langs = Vec::new();
+    let mut keep = Vec::new();
+    for job in group.jobs {
+        let decision = lang::check(job.lang, &job.prompt, run.model_langs);
+        for w in &decision.warnings {
+            tracing::warn!("{}: {w}", job_name(&job));
+        }
+        if decision.source == lang::LangSource::Detected {
+            tracing::info!("{}: detected language {}", job_name(&job), decision.code());
+        }
+        let code = decision.code();
+        let seed = if run.latents_file.is_some() {
+            "latents".to_string()
+        } else {
+            job.seed.to_string()
+        };
+        let all_exist = (0..job.sampling.num_images)
+            .all(|i| run.path(&job, i, code, &resolved, &seed).exists());
+        if opts.output.skip_existing && all_exist && !group.shared_seed {
+            *skipped += 1;
+            bars.job_done(1);
+            continue;
+        }
+        langs.push(code);
+        keep.push(job);
+    }
+    if keep.is_empty() {
+        return Ok(());
+    }
+    let group = Group {
+        jobs: keep,
+        shared_seed: group.shared_seed,
+    };
+    let f = run.pipeline.vae_scale_factor();
+    let images: usize = group.jobs.iter().map(|j| j.sampling.num_images).sum();
+    let shape = [
+        images,
+        run.pipeline.config().unet.in_channels,
+        resolved.height / f,
+        resolved.width / f,
+    ];
+    let (noise, records) = match run.noise(&group, &shape) {
+        Ok(n) => n,
+        Err(e) => return Err(Box::new((group.jobs, e))),
+    };
+    // A request holds prompts with the same number of images each (they share `sampling`).
     let request = Request {
-        prompts: opts.prompts.clone(),
-        sampling: opts.sampling.clone(),
+        prompts: group.jobs.iter().map(|j| j.prompt.clone()).collect(),
+        sampling,
         noise,
         keep_tensors: opts.dump_tensors.is_some(),
     };
-    let out = pipeline.generate(&request, &mut LogProgress)?;
-    for (i, dropped) in &out.truncated {
+    bars.marks.clear();
+    bars.started = Instant::now();
+    let out = match run.pipeline.generate(&request, bars) {
+        Ok(o) => o,
+        Err(e) => return Err(Box::new((group.jobs, e))),
+    };
+    bars.stage("done");
+    let timings = bars.timings();
+    for (p, dropped) in &out.truncated {
         tracing::warn!(
-            "prompt {} is longer than {} tokens; dropped: \"{dropped}\"",
-            i + 1,
+            "{} is longer than {} tokens; dropped: \"{dropped}\"",
+            job_name(&group.jobs[*p]),
             out.resolved.max_length
         );
     }
-
-    let mut written = Vec::with_capacity(out.images.len());
-    let model_name = fetched.identity.to_string();
-    for (k, img) in out.images.iter().enumerate() {
-        let prompt = &opts.prompts[k / opts.sampling.num_images];
-        let mut params = prompt.clone();
-        if let Some(neg) = &opts.sampling.negative_prompt {
-            params.push_str(&format!("\nNegative prompt: {neg}"));
-        }
-        params.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Max length: {}",
-            opts.sampling.steps,
-            out.resolved.scheduler.name(),
-            opts.sampling.guidance,
-            seed.map_or_else(|| "latents file".into(), |s| s.to_string()),
-            img.width,
-            img.height,
-            model_name,
-            out.resolved.max_length
-        ));
-        let bytes = crate::output::encode_png(img, &[("parameters", &params)])?;
-        let target = match &opts.output {
-            OutputTarget::File(p) => p.clone(),
-            OutputTarget::Dir(d) => {
-                let seed_part = seed.map_or_else(|| "latents".into(), |s| s.to_string());
-                d.join(format!(
-                    "{k:05}-{seed_part}-{}.png",
-                    crate::output::slug(prompt, 48)
-                ))
-            }
-        };
-        let path = crate::output::write_new_file(&target, &bytes)?;
-        if path != target {
-            tracing::warn!(
-                "{} exists; wrote {} instead",
-                target.display(),
-                path.display()
+    let mut k = 0;
+    for (job, code) in group.jobs.iter().zip(&langs) {
+        for i in 0..job.sampling.num_images {
+            let img = &out.images[k];
+            let record = run.record(
+                job,
+                &out.resolved,
+                records[k].clone(),
+                Some(code).filter(|c| **c != "und").copied(),
             );
+            k += 1;
+            let seed = record
+                .seed()
+                .map_or_else(|| "latents".to_string(), |s| s.to_string());
+            let target = run.path(job, i, code, &out.resolved, &seed);
+            let result = record
+                .chunks()
+                .and_then(|chunks| {
+                    let refs: Vec<(&str, &str)> =
+                        chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    crate::output::encode_png(img, &refs)
+                })
+                .and_then(|bytes| {
+                    if opts.output.overwrite {
+                        crate::output::write_replacing(&target, &bytes)
+                    } else {
+                        crate::output::write_new_file(&target, &bytes)
+                    }
+                });
+            let path = match result {
+                Ok(p) => p,
+                Err(e) => return Err(Box::new((vec![job.clone()], e))),
+            };
+            if path != target {
+                tracing::warn!(
+                    "{} exists; wrote {} instead",
+                    target.display(),
+                    path.display()
+                );
+            }
+            if opts.output.json {
+                let line = serde_json::json!({
+                    "path": path,
+                    "prompt": job.prompt,
+                    "negative_prompt": job.sampling.negative_prompt,
+                    "lang": record.lang,
+                    "seed": record.seed(),
+                    "index": job.index,
+                    "image": i,
+                    "line": job.line,
+                    "steps": job.sampling.steps,
+                    "guidance": job.sampling.guidance,
+                    "scheduler": record.scheduler,
+                    "width": record.width,
+                    "height": record.height,
+                    "model": run.identity.to_string(),
+                    "timings": timings,
+                });
+                println!("{line}");
+            } else {
+                println!("{}", path.display());
+            }
+            written.push((path, img.clone()));
         }
-        println!("{}", path.display());
-        written.push(path);
+        bars.job_done(1);
     }
-
     if let Some(dump) = &opts.dump_tensors {
-        let map: HashMap<String, Tensor> = out
-            .tensors
-            .into_iter()
-            .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
-            .collect::<candle_core::Result<_>>()
-            .context(|| "collecting the tensors to dump".into())?;
-        let tmp = dump.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&map, &tmp)
-            .context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, dump).map_err(|source| Error::Io {
-            path: dump.clone(),
-            source,
-        })?;
+        if let Err(e) = dump_tensors(dump, out.tensors) {
+            return Err(Box::new((group.jobs, e)));
+        }
     }
-    Ok(written)
+    Ok(())
+}
+
+fn job_name(job: &Job) -> String {
+    match job.line {
+        Some(l) => format!("line {l}"),
+        None => format!("prompt {}", job.index + 1),
+    }
+}
+
+fn dump_tensors(dump: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
+        .collect::<candle_core::Result<_>>()
+        .context(|| "collecting the tensors to dump".into())?;
+    let tmp = dump.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&map, &tmp).context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dump).map_err(|source| Error::Io {
+        path: dump.to_path_buf(),
+        source,
+    })
+}
+
+/// A contact sheet of every image written, in a square-ish grid, as `grid.png` beside them.
+fn write_grid(opts: &GenerateOptions, images: &[(PathBuf, RgbImage)]) -> Result<()> {
+    let n = images.len();
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
+    let cw = images.iter().map(|(_, i)| i.width).max().unwrap_or(0);
+    let ch = images.iter().map(|(_, i)| i.height).max().unwrap_or(0);
+    let (w, h) = (cols * cw, rows * ch);
+    let mut pixels = vec![0u8; w * h * 3];
+    for (k, (_, img)) in images.iter().enumerate() {
+        let (x0, y0) = ((k % cols) * cw, (k / cols) * ch);
+        for y in 0..img.height {
+            let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
+            let start = ((y0 + y) * w + x0) * 3;
+            pixels[start..start + src.len()].copy_from_slice(src);
+        }
+    }
+    let grid = RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    };
+    let dir = match &opts.output.target {
+        OutputTarget::Dir(d) => d.clone(),
+        OutputTarget::File(f) => f.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let paths: Vec<String> = images
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    let bytes = crate::output::encode_png(&grid, &[("altdiff-grid", &paths.join("\n"))])?;
+    let target = dir.join("grid.png");
+    let path = if opts.output.overwrite {
+        crate::output::write_replacing(&target, &bytes)?
+    } else {
+        crate::output::write_new_file(&target, &bytes)?
+    };
+    eprintln!("contact sheet: {}", path.display());
+    Ok(())
 }

@@ -3,6 +3,8 @@
 pub mod convert;
 pub mod download;
 pub mod generate;
+pub mod info;
+pub mod languages;
 pub mod tokenize;
 
 use crate::error::Result;

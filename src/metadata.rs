@@ -1,0 +1,212 @@
+//! What is stored with each image: webui's `parameters` text (so webui, ComfyUI and image viewers
+//! show it) and an `altdiff` JSON record with everything needed to regenerate the image.
+//!
+//! Both go into UTF-8 iTXt chunks. `altdiff info` prints them; `altdiff generate --from-image`
+//! rebuilds a generation from the JSON record.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The iTXt keyword of the webui-style parameters.
+pub const PARAMETERS_KEY: &str = "parameters";
+/// The iTXt keyword of the JSON record.
+pub const RECORD_KEY: &str = "altdiff";
+
+/// Where an image's initial noise came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum NoiseRecord {
+    /// `torch.randn` over `batch` images from a CPU generator seeded with `seed`; this image is
+    /// number `index` of them (diffusers' layout for several images in one call).
+    Seed {
+        /// The generator seed.
+        seed: u64,
+        /// Images drawn in the one randn call.
+        batch: usize,
+        /// This image's position among them.
+        index: usize,
+    },
+    /// A `--latents` file (not stored, so the image cannot be regenerated from its metadata alone).
+    LatentsFile,
+}
+
+/// The model an image was made with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Hub repository id or local path.
+    pub source: String,
+    /// Hub revision asked for (None for local models).
+    pub revision: Option<String>,
+    /// The commit it resolved to (None for local models).
+    pub commit: Option<String>,
+    /// Weight variant.
+    pub variant: Option<String>,
+}
+
+/// Everything needed to regenerate one image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// altdiff's version that wrote it.
+    pub altdiff: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt.
+    pub negative_prompt: Option<String>,
+    /// ISO 639-1 code of the prompt's language (given or detected).
+    pub lang: Option<String>,
+    /// The initial noise.
+    pub noise: NoiseRecord,
+    /// Inference steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// altdiff's scheduler name.
+    pub scheduler: String,
+    /// The model's scheduler_config.json as used.
+    pub scheduler_config: serde_json::Value,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Token length.
+    pub max_length: usize,
+    /// The model.
+    pub model: ModelRecord,
+    /// Compute precision.
+    pub dtype: String,
+}
+
+/// webui's name for an altdiff scheduler.
+pub fn webui_sampler(name: &str) -> &str {
+    match name {
+        "pndm" => "PLMS",
+        "ddim" => "DDIM",
+        "euler" => "Euler",
+        "euler-a" => "Euler a",
+        "dpm++2m" => "DPM++ 2M",
+        "dpm++2m-karras" => "DPM++ 2M Karras",
+        "heun" => "Heun",
+        "lms" => "LMS",
+        "unipc" => "UniPC",
+        "ddpm" => "DDPM",
+        other => other,
+    }
+}
+
+impl ImageRecord {
+    /// The seed, when the noise came from one.
+    pub fn seed(&self) -> Option<u64> {
+        match self.noise {
+            NoiseRecord::Seed { seed, .. } => Some(seed),
+            NoiseRecord::LatentsFile => None,
+        }
+    }
+
+    /// webui's `parameters` text: the prompt, `Negative prompt: ...`, then the settings line.
+    pub fn webui_parameters(&self) -> String {
+        let mut s = self.prompt.clone();
+        if let Some(neg) = self.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
+            s.push_str("\nNegative prompt: ");
+            s.push_str(neg);
+        }
+        let seed = self
+            .seed()
+            .map_or_else(|| "latents file".to_string(), |s| s.to_string());
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}",
+            self.steps,
+            webui_sampler(&self.scheduler),
+            self.guidance,
+            self.width,
+            self.height,
+            self.model.source.replace(',', " ")
+        ));
+        if let Some(commit) = &self.model.commit {
+            s.push_str(&format!(
+                ", Model hash: {}",
+                &commit[..commit.len().min(10)]
+            ));
+        }
+        if let NoiseRecord::Seed { batch, index, .. } = self.noise {
+            if batch > 1 {
+                s.push_str(&format!(", Batch size: {batch}, Batch pos: {index}"));
+            }
+        }
+        if let Some(lang) = &self.lang {
+            s.push_str(&format!(", Lang: {lang}"));
+        }
+        s.push_str(&format!(
+            ", Max length: {}, Version: altdiff {}",
+            self.max_length, self.altdiff
+        ));
+        s
+    }
+
+    /// The two text chunks to store.
+    pub fn chunks(&self) -> Result<Vec<(&'static str, String)>> {
+        let json =
+            serde_json::to_string(self).map_err(|e| Error::usage(format!("metadata: {e}")))?;
+        Ok(vec![
+            (PARAMETERS_KEY, self.webui_parameters()),
+            (RECORD_KEY, json),
+        ])
+    }
+}
+
+/// Every text chunk (tEXt, zTXt, iTXt) of a PNG file, as (keyword, text).
+pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |e: png::DecodingError| {
+        Error::usage(format!("{}: not a readable PNG ({e})", path.display()))
+    };
+    let mut decoder = png::Decoder::new(BufReader::new(file));
+    decoder.set_ignore_text_chunk(false);
+    // Only the chunks before the image data are read (altdiff and webui write their text there), so a
+    // hostile file cannot make this allocate an image buffer.
+    let reader = decoder.read_info().map_err(bad)?;
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for c in &info.compressed_latin1_text {
+        if let Ok(t) = c.get_text() {
+            out.push((c.keyword.clone(), t));
+        }
+    }
+    for c in &info.utf8_text {
+        if let Ok(t) = c.get_text() {
+            out.push((c.keyword.clone(), t));
+        }
+    }
+    Ok(out)
+}
+
+/// The altdiff record of a PNG written by altdiff.
+pub fn read_record(path: &Path) -> Result<ImageRecord> {
+    let chunks = read_png_text(path)?;
+    let json = chunks
+        .iter()
+        .find(|(k, _)| k == RECORD_KEY)
+        .map(|(_, v)| v)
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "{}: no altdiff metadata (only images written by altdiff can be regenerated)",
+                path.display()
+            ))
+        })?;
+    serde_json::from_str(json).map_err(|e| {
+        Error::usage(format!(
+            "{}: unreadable altdiff metadata: {e}",
+            path.display()
+        ))
+    })
+}
