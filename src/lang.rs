@@ -317,7 +317,7 @@ const JAPANESE_ONLY_HAN: &str = "々気広駅図売読続県変歳黒鉄関円�
 /// Simplified Chinese forms that Japanese writes differently (and traditional Chinese too).
 const SIMPLIFIED_ONLY_HAN: &str = "们这个说时东车马鸟鱼风门见长龙爱头发红绿蓝书边张开关从对过还进远运问间题飞电脑场树桥员骑细节绘鸡晚际线两园脉宁灵详术缭绕轻";
 
-/// Letters count per script; CJK characters count double in [`Counts::weight`], since one
+/// Letters counted per script; CJK characters count double in [`Counts::groups`], since one
 /// character carries about what a short Latin word does.
 #[derive(Debug, Default)]
 struct Counts {
@@ -546,7 +546,7 @@ const CYRILLIC_TELLS: &[Tells] = &[
             "или",
             "его",
         ],
-        spellings: &[],
+        spellings: &["ой$", "ие$", "ия$", "ии$"],
         also: &[],
     },
 ];
@@ -1112,6 +1112,110 @@ mod tests {
         assert_eq!(code("Un renard roux assis dans la neige"), Some("fr"));
         assert_eq!(code("Ein roter Fuchs sitzt im Schnee"), Some("de"));
         assert_eq!(code("Hai con mèo ngủ trên băng ghế gỗ"), Some("vi"));
+    }
+
+    /// Prompts written apart from the corpus in tools/fixtures (which tests/languages.rs checks), so
+    /// that the tells are not only fitted to it.
+    const HELD_OUT: &[(&str, &str)] = &[
+        ("en", "a cozy cabin in the woods, warm light, cinematic"),
+        ("en", "cyberpunk samurai standing in the rain"),
+        ("en", "portrait of an old fisherman, dramatic lighting"),
+        ("en", "a castle floating above the clouds"),
+        ("en", "children playing on the beach at sunset"),
+        ("fr", "une forêt enchantée au clair de lune"),
+        ("fr", "portrait d'un vieux pêcheur, éclairage dramatique"),
+        ("fr", "un château flottant au-dessus des nuages"),
+        ("fr", "des enfants jouant sur la plage au coucher du soleil"),
+        ("fr", "chat noir sur un toit de Paris"),
+        ("de", "eine gemütliche Hütte im Wald, warmes Licht"),
+        (
+            "de",
+            "Porträt eines alten Fischers, dramatische Beleuchtung",
+        ),
+        ("de", "ein Schloss, das über den Wolken schwebt"),
+        ("de", "Kinder spielen bei Sonnenuntergang am Strand"),
+        ("de", "schwarze Katze auf einem Dach in Berlin"),
+        ("es", "una cabaña acogedora en el bosque, luz cálida"),
+        ("es", "retrato de un viejo pescador, iluminación dramática"),
+        ("es", "un castillo flotando sobre las nubes"),
+        ("es", "niños jugando en la playa al atardecer"),
+        ("es", "gato negro en un tejado de Madrid"),
+        ("it", "una baita accogliente nel bosco, luce calda"),
+        (
+            "it",
+            "ritratto di un vecchio pescatore, illuminazione drammatica",
+        ),
+        ("it", "un castello che fluttua sopra le nuvole"),
+        ("it", "bambini che giocano sulla spiaggia al tramonto"),
+        ("it", "gatto nero su un tetto di Roma"),
+        ("pt", "uma cabana aconchegante na floresta, luz quente"),
+        ("pt", "retrato de um velho pescador, iluminação dramática"),
+        ("pt", "um castelo flutuando sobre as nuvens"),
+        ("pt", "crianças brincando na praia ao pôr do sol"),
+        ("pt", "gato preto em um telhado de Lisboa"),
+        ("nl", "een gezellige hut in het bos, warm licht"),
+        ("nl", "portret van een oude visser, dramatische belichting"),
+        ("nl", "een kasteel dat boven de wolken zweeft"),
+        ("nl", "kinderen spelen op het strand bij zonsondergang"),
+        ("nl", "zwarte kat op een dak in Amsterdam"),
+        ("pl", "przytulna chatka w lesie, ciepłe światło"),
+        ("pl", "portret starego rybaka, dramatyczne oświetlenie"),
+        ("pl", "zamek unoszący się nad chmurami"),
+        ("pl", "dzieci bawiące się na plaży o zachodzie słońca"),
+        ("pl", "czarny kot na dachu w Krakowie"),
+        ("tr", "ormanda sıcak bir kulübe, sıcak ışık"),
+        ("tr", "yaşlı bir balıkçının portresi, dramatik aydınlatma"),
+        ("tr", "bulutların üzerinde süzülen bir kale"),
+        ("tr", "gün batımında sahilde oynayan çocuklar"),
+        ("tr", "İstanbul'da bir çatıda kara kedi"),
+        ("vi", "một căn nhà gỗ ấm cúng trong rừng"),
+        ("vi", "chân dung ông lão đánh cá, ánh sáng kịch tính"),
+        ("vi", "lâu đài bay lơ lửng trên mây"),
+        ("vi", "trẻ em chơi đùa trên bãi biển lúc hoàng hôn"),
+        ("vi", "mèo đen trên mái nhà ở Hà Nội"),
+        ("ru", "уютная хижина в лесу, тёплый свет"),
+        ("ru", "портрет старого рыбака, драматическое освещение"),
+        ("ru", "замок, парящий над облаками"),
+        ("ru", "дети играют на пляже на закате"),
+        ("ru", "чёрный кот на крыше в Москве"),
+        ("uk", "затишна хатинка в лісі, тепле світло"),
+        ("uk", "портрет старого рибалки, драматичне освітлення"),
+        ("uk", "замок, що ширяє над хмарами"),
+        ("uk", "діти граються на пляжі на заході сонця"),
+        ("uk", "чорний кіт на даху в Києві"),
+        ("zh", "雪山上的古老寺庙，油画风格"),
+        ("zh", "一个穿着红色连衣裙的女孩在雨中"),
+        ("zh", "未来主义的城市，赛博朋克风格"),
+        ("ja", "雪山の古いお寺、油絵風"),
+        ("ja", "雨の中で赤いドレスを着た女の子"),
+        ("ja", "サイバーパンクな未来都市"),
+        ("ko", "눈 덮인 산 위의 오래된 절"),
+        ("ko", "비 속에서 빨간 드레스를 입은 소녀"),
+        ("th", "วัดเก่าบนภูเขาหิมะ"),
+        ("th", "เด็กผู้หญิงใส่ชุดสีแดงท่ามกลางสายฝน"),
+        ("hi", "बर्फीले पहाड़ पर एक पुराना मंदिर"),
+        ("hi", "बारिश में लाल पोशाक पहने एक लड़की"),
+        ("ar", "معبد قديم على جبل ثلجي"),
+        ("ar", "فتاة ترتدي فستانا أحمر تحت المطر"),
+    ];
+
+    #[test]
+    fn held_out_prompts_are_detected() {
+        let wrong: Vec<String> = HELD_OUT
+            .iter()
+            .filter(|(want, text)| code(text) != Some(*want))
+            .map(|(want, text)| format!("{want}: {text} -> {:?}", detect(text)))
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        let reliable = HELD_OUT
+            .iter()
+            .filter(|(_, text)| detect(text).is_some_and(|d| d.reliable))
+            .count();
+        assert!(
+            reliable * 10 >= HELD_OUT.len() * 8,
+            "{reliable}/{}",
+            HELD_OUT.len()
+        );
     }
 
     #[test]
