@@ -65,10 +65,16 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
         }
         cli::Command::Info(a) => done(commands::info::run(&a.image, a.json)),
         cli::Command::Languages(a) => {
+            // `m9`, `m18` or the BAAI repo names decide without any file; other models are asked
+            // through their text encoder config.
             let model = match a.model.as_deref() {
                 None => None,
-                Some(m) if m.eq_ignore_ascii_case("m9") => Some(lang::ModelLanguages::M9),
-                Some(m) if m.eq_ignore_ascii_case("m18") => Some(lang::ModelLanguages::M18),
+                Some(m)
+                    if !std::path::Path::new(m).exists()
+                        && m.parse::<lang::ModelLanguages>().is_ok() =>
+                {
+                    m.parse::<lang::ModelLanguages>().ok()
+                }
                 Some(m) => {
                     let choice = options::ModelChoice {
                         source: source::ModelSource::parse(Some(m), None)?,

@@ -607,3 +607,47 @@ fn readme_flag_reference_matches_help() {
         "flags in the README table that --help does not have: {stale:?}"
     );
 }
+
+/// Every language of the models, detected from a corpus sentence through the binary.
+#[test]
+fn detection_through_the_binary_covers_all_18_languages() {
+    let corpus = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/corpus-18-languages.txt"),
+    )
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut lines = Vec::new();
+    let mut expected = Vec::new();
+    for l in corpus.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((lang, sentence)) = l.split_once('\t') {
+            if seen.insert(lang.to_string()) {
+                lines.push(
+                    serde_json::json!({"prompt": sentence, "steps": 1, "width": 16, "height": 16})
+                        .to_string(),
+                );
+                expected.push(lang.to_string());
+            }
+        }
+    }
+    assert_eq!(expected.len(), 18);
+    let dir = scratch("all-langs");
+    let out = gen_json(
+        &[
+            "--prompt-file",
+            "-",
+            "--seed",
+            "1",
+            "--batch-size",
+            "18",
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+        Some(lines.join("\n").as_bytes()),
+    );
+    ok(&out);
+    let got: Vec<String> = records(&out)
+        .iter()
+        .map(|r| r["lang"].as_str().unwrap_or("none").to_string())
+        .collect();
+    assert_eq!(got, expected);
+}

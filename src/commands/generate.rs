@@ -504,7 +504,17 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         device,
         dtype
     );
-    let pipeline = Pipeline::load(&files, &device, dtype)?;
+    let spinner = (progress && std::io::stderr().is_terminal()).then(|| {
+        let sp = indicatif::ProgressBar::new_spinner()
+            .with_message(format!("loading {}", fetched.identity));
+        sp.enable_steady_tick(std::time::Duration::from_millis(120));
+        sp
+    });
+    let pipeline = Pipeline::load(&files, &device, dtype);
+    if let Some(sp) = spinner {
+        sp.finish_and_clear();
+    }
+    let pipeline = pipeline?;
     let scheduler_config =
         crate::config::read_json::<serde_json::Value>(&files.scheduler_config)?.0;
     let run = Run {
