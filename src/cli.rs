@@ -16,9 +16,11 @@ use crate::source::ModelSource;
 const EXAMPLES: &str = "\
 Examples:
   altdiff generate --model tests/fixtures/models/tiny-m18 --prompt \"un renard roux dans la neige\" --seed 1
-  altdiff generate --prompt \"一只在雪地里的红狐狸\" --steps 25 --output fox.png      (BAAI/AltDiffusion-m18 from the hub)
-  altdiff generate --model ./AltDiffusion-m18 --prompt \"a lighthouse\" --prompt \"ein Leuchtturm\" \\
-      --num-images 2 --scheduler ddim --output out/";
+  altdiff generate --prompt \"一只在雪地里的红狐狸\" --steps 25 --output fox.png   (BAAI/AltDiffusion-m18 from the hub)
+  altdiff generate --model BAAI/AltDiffusion-m9 --prompt \"a lighthouse\" --prompt \"ein Leuchtturm\" \\
+      --num-images 2 --scheduler ddim --output out/
+  altdiff generate --prompt-file prompts.jsonl --seed 1000 --shard 0/8 --skip-existing --json --output out/
+  altdiff generate --from-image out/00003-0-fr-1003-un-renard.png --steps 50";
 
 /// Multilingual text-to-image with BAAI's AltDiffusion (m9, m18), matching diffusers.
 #[derive(Debug, Parser)]

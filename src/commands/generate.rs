@@ -730,6 +730,7 @@ fn run_group(
                     "scheduler": record.scheduler,
                     "width": record.width,
                     "height": record.height,
+                    "size": format!("{}x{}", record.width, record.height),
                     "model": run.identity.to_string(),
                     "timings": timings,
                 });
