@@ -213,12 +213,27 @@ fn plan(
     Ok((jobs, failures))
 }
 
-/// Progress: bars on a terminal (batch position and denoising steps), log lines otherwise.
+/// Progress: bars on a terminal (batch position and denoising steps), log lines otherwise; and
+/// the stage timings of the group being generated.
 struct Bars {
     batch: Option<indicatif::ProgressBar>,
     steps: Option<indicatif::ProgressBar>,
     started: Instant,
-    marks: Vec<(String, f64)>,
+    current: Option<(String, Instant)>,
+    stages: Vec<(String, f64)>,
+    step_times: Vec<f64>,
+    last_step: Instant,
+}
+
+fn round3(x: f64) -> serde_json::Value {
+    serde_json::json!((x * 1000.0).round() / 1000.0)
+}
+
+/// (min, median) of `v`.
+fn min_median(v: &[f64]) -> Option<(f64, f64)> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some((*v.first()?, v[v.len() / 2]))
 }
 
 impl Bars {
@@ -248,7 +263,10 @@ impl Bars {
             batch,
             steps,
             started: Instant::now(),
-            marks: Vec::new(),
+            current: None,
+            stages: Vec::new(),
+            step_times: Vec::new(),
+            last_step: Instant::now(),
         }
     }
 
@@ -264,20 +282,34 @@ impl Bars {
         }
     }
 
-    /// Stage timings of the last group, in seconds.
+    /// Starts timing a new group.
+    fn reset(&mut self) {
+        self.started = Instant::now();
+        self.current = None;
+        self.stages.clear();
+        self.step_times.clear();
+    }
+
+    fn close_stage(&mut self) {
+        if let Some((name, t)) = self.current.take() {
+            self.stages.push((name, t.elapsed().as_secs_f64()));
+        }
+    }
+
+    /// The stage timings of the last group, in seconds: `encode_s`, `denoise_s`, `decode_s`,
+    /// `unet_step_min_s`, `unet_step_median_s`, `total_s`.
     fn timings(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
-        let mut prev = 0.0;
-        for (name, t) in &self.marks {
-            out.insert(
-                format!("{name}_s"),
-                serde_json::json!(((t - prev) * 1000.0).round() / 1000.0),
-            );
-            prev = *t;
+        for (name, t) in &self.stages {
+            out.insert(format!("{name}_s"), round3(*t));
+        }
+        if let Some((min, median)) = min_median(&self.step_times) {
+            out.insert("unet_step_min_s".into(), round3(min));
+            out.insert("unet_step_median_s".into(), round3(median));
         }
         out.insert(
             "total_s".into(),
-            serde_json::json!((prev * 1000.0).round() / 1000.0),
+            round3(self.started.elapsed().as_secs_f64()),
         );
         serde_json::Value::Object(out)
     }
@@ -285,24 +317,29 @@ impl Bars {
 
 impl Progress for Bars {
     fn stage(&mut self, name: &str) {
-        let now = self.started.elapsed().as_secs_f64();
-        // A stage ends when the next starts: record the end of the previous one.
-        if let Some((prev, _)) = self.marks.last().cloned() {
-            if prev != "done" {
-                self.marks.push((prev, now));
-            }
-        }
-        self.marks.retain(|(n, _)| n != name);
-        tracing::info!("{name}");
-        let _ = name;
+        self.close_stage();
+        self.current = Some((name.to_string(), Instant::now()));
+        self.last_step = Instant::now();
+        tracing::debug!("{name}");
     }
     fn step(&mut self, done: usize, total: usize) {
+        let now = Instant::now();
+        self.step_times.push((now - self.last_step).as_secs_f64());
+        self.last_step = now;
         if let Some(s) = &self.steps {
             s.set_length(total as u64);
             s.set_position(done as u64);
         }
         tracing::debug!("step {done}/{total}");
     }
+}
+
+/// Peak resident memory of this process in bytes (Linux), for the timing summary.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The images of one pipeline request.
@@ -342,6 +379,10 @@ struct Run<'a> {
     scheduler_config: serde_json::Value,
     latents_file: Option<Tensor>,
     dtype: DType,
+    /// Seconds spent loading the model.
+    load_s: f64,
+    /// The timings of the last group, for the summary.
+    summary: std::cell::RefCell<Option<serde_json::Value>>,
 }
 
 impl Run<'_> {
@@ -510,6 +551,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         sp.enable_steady_tick(std::time::Duration::from_millis(120));
         sp
     });
+    let load_started = Instant::now();
     let pipeline = Pipeline::load(&files, &device, dtype);
     if let Some(sp) = spinner {
         sp.finish_and_clear();
@@ -526,6 +568,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         scheduler_config,
         latents_file,
         dtype,
+        load_s: load_started.elapsed().as_secs_f64(),
+        summary: std::cell::RefCell::new(None),
     };
 
     let total_jobs = jobs.len();
@@ -563,6 +607,21 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         }
     }
     bars.finish();
+    if let Some(t) = run.summary.borrow().as_ref() {
+        let get = |k: &str| t.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        tracing::info!(
+            "timings (last batch): load {:.2} s, text encoding {:.2} s, UNet step min {:.2} s / median {:.2} s, \
+             denoising {:.2} s, VAE decode {:.2} s, total {:.2} s; peak RSS {}",
+            get("load_s"),
+            get("encode_s"),
+            get("unet_step_min_s"),
+            get("unet_step_median_s"),
+            get("denoise_s"),
+            get("decode_s"),
+            get("total_s") + get("load_s"),
+            peak_rss().map_or_else(|| "unknown".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
+        );
+    }
     if opts.output.grid && !written.is_empty() {
         write_grid(opts, &written)?;
     }
@@ -660,14 +719,17 @@ fn run_group(
         noise,
         keep_tensors: opts.dump_tensors.is_some(),
     };
-    bars.marks.clear();
-    bars.started = Instant::now();
+    bars.reset();
     let out = match run.pipeline.generate(&request, bars) {
         Ok(o) => o,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
-    bars.stage("done");
-    let timings = bars.timings();
+    bars.close_stage();
+    let mut timings = bars.timings();
+    if let Some(t) = timings.as_object_mut() {
+        t.insert("load_s".into(), round3(run.load_s));
+    }
+    *run.summary.borrow_mut() = Some(timings.clone());
     for (p, dropped) in &out.truncated {
         tracing::warn!(
             "{} is longer than {} tokens; dropped: \"{dropped}\"",
