@@ -105,18 +105,48 @@ a red fox in the snow\n\
         let p = r["path"].as_str().unwrap();
         assert!(Path::new(p).is_file(), "{p}");
         let t = &r["timings"];
-        for k in ["load_s", "encode_s", "denoise_s", "decode_s", "unet_step_min_s", "unet_step_median_s", "total_s"] {
-            assert!(t[k].as_f64().is_some_and(|v| v >= 0.0), "timing {k} missing: {t}");
+        for k in [
+            "load_s",
+            "encode_s",
+            "denoise_s",
+            "decode_s",
+            "unet_step_min_s",
+            "unet_step_median_s",
+            "total_s",
+        ] {
+            assert!(
+                t[k].as_f64().is_some_and(|v| v >= 0.0),
+                "timing {k} missing: {t}"
+            );
         }
-        assert!(t["denoise_s"].as_f64() >= t["unet_step_min_s"].as_f64(), "{t}");
+        assert!(
+            t["denoise_s"].as_f64() >= t["unet_step_min_s"].as_f64(),
+            "{t}"
+        );
         assert!(t["total_s"].as_f64() >= t["denoise_s"].as_f64(), "{t}");
     }
     // The same file read from disk gives the same images (names and bytes).
     let dir2 = scratch("formats-file");
     let path = write(&dir2, "prompts.txt", file);
-    let verbose = gen_json(&["--prompt", "a fox", "-v", "--seed", "1", "--output", dir2.join("v").to_str().unwrap()], None);
+    let verbose = gen_json(
+        &[
+            "--prompt",
+            "a fox",
+            "-v",
+            "--seed",
+            "1",
+            "--output",
+            dir2.join("v").to_str().unwrap(),
+        ],
+        None,
+    );
     let err = stderr(&verbose);
-    assert!(err.contains("timings (last batch): load") && err.contains("UNet step min") && err.contains("peak RSS"), "{err}");
+    assert!(
+        err.contains("timings (last batch): load")
+            && err.contains("UNet step min")
+            && err.contains("peak RSS"),
+        "{err}"
+    );
     let out2 = gen_json(
         &[
             "--prompt-file",
