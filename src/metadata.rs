@@ -126,10 +126,8 @@ impl ImageRecord {
             self.model.source.replace(',', " ")
         ));
         if let Some(commit) = &self.model.commit {
-            s.push_str(&format!(
-                ", Model hash: {}",
-                &commit[..commit.len().min(10)]
-            ));
+            let short: String = commit.chars().take(10).collect();
+            s.push_str(&format!(", Model hash: {short}"));
         }
         if let NoiseRecord::Seed { batch, index, .. } = self.noise {
             if batch > 1 {

@@ -471,6 +471,11 @@ impl Run<'_> {
         if let Some(rec) = &self.opts.from_image {
             if let (NoiseRecord::Seed { seed, batch, index }, None) = (&rec.noise, self.opts.seed) {
                 // The image's own slice of the randn call it came from.
+                if index >= batch || *batch > 4096 {
+                    return Err(Error::usage(format!(
+                        "--from-image: the image's noise record (image {index} of a batch of {batch}) is not valid"
+                    )));
+                }
                 let all = TorchGenerator::new(*seed).randn(batch * per_image);
                 let mine = all[index * per_image..(index + 1) * per_image].to_vec();
                 let t = Tensor::from_vec(mine, shape, &Device::Cpu)
