@@ -223,3 +223,85 @@ fn tokenize_prints_ids_pieces_and_truncation() {
         "{plain}"
     );
 }
+
+/// `--variant fp16` picks `*.fp16.safetensors` beside the full-precision files, as diffusers'
+/// `variant=` does; without it the plain files are used.
+#[test]
+fn variant_selects_fp16_weights() {
+    let dir = scratch("variant");
+    let src = fixture("models/tiny-m18");
+    let half = dir.join("half");
+    ok(&altdiff(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        half.to_str().unwrap(),
+        "--dtype",
+        "f16",
+    ]));
+    // A model folder holding both precisions.
+    let both = dir.join("both");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    };
+    for f in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
+        copy(&src.join(f), &both.join(f));
+    }
+    for (f, v) in [
+        (
+            "text_encoder/model.safetensors",
+            "text_encoder/model.fp16.safetensors",
+        ),
+        (
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ),
+        (
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ),
+    ] {
+        copy(&half.join(f), &both.join(v));
+    }
+    let plain = run_m18_pndm(&both, &dir);
+    let reference = load(&fixture("reference/m18-pndm.safetensors"));
+    assert_close("variant none", "image", &plain, &reference);
+    let args = m18_pndm_args(
+        both.to_str().unwrap(),
+        dir.join("fp16.safetensors").to_str().unwrap(),
+        dir.join("img16").to_str().unwrap(),
+    );
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--variant", "fp16"]);
+    ok(&altdiff(&args));
+    let fp16 = load(&dir.join("fp16.safetensors"));
+    let d = max_abs_diff(&fp16["image"], &plain["image"]);
+    assert!(
+        d > 0.0 && d < 0.05,
+        "fp16 weights give a close but different image ({d})"
+    );
+    let out = altdiff(&[
+        "generate",
+        "--model",
+        src.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--variant",
+        "fp16",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no `fp16` variant weights"));
+}
