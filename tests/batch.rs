@@ -689,3 +689,37 @@ fn detection_through_the_binary_covers_all_18_languages() {
         .collect();
     assert_eq!(got, expected);
 }
+
+/// `--skip-existing` with `--prompt` batches (one shared randn): the noise needs the whole batch, so it
+/// is regenerated, but only the missing image is written; with everything present nothing runs.
+#[test]
+fn skip_existing_with_a_shared_seed_batch() {
+    let dir = scratch("skip-shared");
+    let args = [
+        "--prompt",
+        "one fox",
+        "--prompt",
+        "two foxes",
+        "--seed",
+        "9",
+        "--output",
+        dir.to_str().unwrap(),
+    ];
+    let first = records(&gen_json(&args, None));
+    let gone = first[1]["path"].as_str().unwrap();
+    let bytes = std::fs::read(gone).unwrap();
+    std::fs::remove_file(gone).unwrap();
+    let mut with_skip = args.to_vec();
+    with_skip.push("--skip-existing");
+    let again = records(&gen_json(&with_skip, None));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["path"], first[1]["path"]);
+    assert_eq!(
+        std::fs::read(gone).unwrap(),
+        bytes,
+        "the same image as in the whole batch"
+    );
+    let out = gen_json(&with_skip, None);
+    assert!(records(&out).is_empty());
+    assert!(stderr(&out).contains("skipped 2"));
+}

@@ -585,15 +585,24 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         ));
     }
     let mut bars = Bars::new(total_jobs, progress);
-    let mut written: Vec<(PathBuf, RgbImage)> = Vec::new();
+    let mut written = 0usize;
+    // Images are kept in memory only for a contact sheet.
+    let mut grid = opts.output.grid.then(Vec::new);
     let mut skipped = 0usize;
     for group in groups {
-        match run_group(&run, group, &mut bars, &mut written, &mut skipped) {
+        match run_group(
+            &run,
+            group,
+            &mut bars,
+            &mut written,
+            &mut grid,
+            &mut skipped,
+        ) {
             Ok(()) => {}
             Err(failed) => {
                 let (jobs, e) = *failed;
                 // A usage or configuration problem applies to the whole run: stop as before any work.
-                if written.is_empty()
+                if written == 0
                     && failures.is_empty()
                     && e.exit_code() == 2
                     && opts.prompt_file.is_none()
@@ -627,8 +636,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             peak_rss().map_or_else(|| "unknown".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
         );
     }
-    if opts.output.grid && !written.is_empty() {
-        write_grid(opts, &written)?;
+    if let Some(images) = grid.filter(|g| !g.is_empty()) {
+        write_grid(opts, &images)?;
     }
     if skipped > 0 {
         eprintln!("skipped {skipped} prompt(s) whose images exist");
@@ -656,7 +665,8 @@ fn run_group(
     run: &Run,
     group: Group,
     bars: &mut Bars,
-    written: &mut Vec<(PathBuf, RgbImage)>,
+    written: &mut usize,
+    grid: &mut Option<Vec<RgbImage>>,
     skipped: &mut usize,
 ) -> GroupResult {
     let opts = run.opts;
@@ -674,6 +684,9 @@ fn run_group(
     // Languages (for names, metadata and warnings) and the files each job would write.
     let mut langs = Vec::new();
     let mut keep = Vec::new();
+    // With a shared seed the prompts' noise depends on the whole batch: existing images are not
+    // skipped from it (only from writing) unless every one of them exists.
+    let mut exists = Vec::new();
     for job in group.jobs {
         let decision = lang::check(job.lang, &job.prompt, run.model_langs);
         for w in &decision.warnings {
@@ -695,10 +708,16 @@ fn run_group(
             bars.job_done(1);
             continue;
         }
+        exists.push(opts.output.skip_existing && all_exist);
         langs.push(code);
         keep.push(job);
     }
     if keep.is_empty() {
+        return Ok(());
+    }
+    if exists.iter().all(|e| *e) {
+        *skipped += keep.len();
+        bars.job_done(keep.len() as u64);
         return Ok(());
     }
     let group = Group {
@@ -743,7 +762,13 @@ fn run_group(
         );
     }
     let mut k = 0;
-    for (job, code) in group.jobs.iter().zip(&langs) {
+    for ((job, code), exists) in group.jobs.iter().zip(&langs).zip(&exists) {
+        if *exists {
+            k += job.sampling.num_images;
+            *skipped += 1;
+            bars.job_done(1);
+            continue;
+        }
         for i in 0..job.sampling.num_images {
             let img = &out.images[k];
             let record = run.record(
@@ -805,7 +830,10 @@ fn run_group(
             } else {
                 println!("{}", path.display());
             }
-            written.push((path, img.clone()));
+            *written += 1;
+            if let Some(grid) = grid.as_mut() {
+                grid.push(img.clone());
+            }
         }
         bars.job_done(1);
     }
@@ -839,15 +867,15 @@ fn dump_tensors(dump: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
 }
 
 /// A contact sheet of every image written, in a square-ish grid, as `grid.png` beside them.
-fn write_grid(opts: &GenerateOptions, images: &[(PathBuf, RgbImage)]) -> Result<()> {
+fn write_grid(opts: &GenerateOptions, images: &[RgbImage]) -> Result<()> {
     let n = images.len();
     let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
-    let cw = images.iter().map(|(_, i)| i.width).max().unwrap_or(0);
-    let ch = images.iter().map(|(_, i)| i.height).max().unwrap_or(0);
+    let cw = images.iter().map(|i| i.width).max().unwrap_or(0);
+    let ch = images.iter().map(|i| i.height).max().unwrap_or(0);
     let (w, h) = (cols * cw, rows * ch);
     let mut pixels = vec![0u8; w * h * 3];
-    for (k, (_, img)) in images.iter().enumerate() {
+    for (k, img) in images.iter().enumerate() {
         let (x0, y0) = ((k % cols) * cw, (k / cols) * ch);
         for y in 0..img.height {
             let src = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
@@ -864,11 +892,7 @@ fn write_grid(opts: &GenerateOptions, images: &[(PathBuf, RgbImage)]) -> Result<
         OutputTarget::Dir(d) => d.clone(),
         OutputTarget::File(f) => f.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
-    let paths: Vec<String> = images
-        .iter()
-        .map(|(p, _)| p.display().to_string())
-        .collect();
-    let bytes = crate::output::encode_png(&grid, &[("altdiff-grid", &paths.join("\n"))])?;
+    let bytes = crate::output::encode_png(&grid, &[])?;
     let target = dir.join("grid.png");
     let path = if opts.output.overwrite {
         crate::output::write_replacing(&target, &bytes)?
