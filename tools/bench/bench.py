@@ -422,7 +422,7 @@ def parse_timings_line(lines: list[str]) -> dict:
     """A `timings:` summary line on stderr, if the binary prints one: `key 1.23 s` / `key=1.23` pairs."""
     out = {}
     for line in lines:
-        m = re.search(r"timings?:\s*(.*)$", line, re.I)
+        m = re.search(r"timings?(?: \([^)]*\))?:\s*(.*)$", line, re.I)
         if not m:
             continue
         for k, v in re.findall(r"([A-Za-z_][\w ]*?)\s*[=:]?\s*([\d.]+)\s*s\b", m.group(1)):
@@ -479,6 +479,8 @@ def altdiff_stages(json_t: dict, stderr: list[tuple[float, str]], wall: float, e
     pick("load", "load_s", "load")
     pick("encode", "encode_s", "encode", "text_encoding_s")
     pick("unet_steps", "unet_steps_s", "unet_steps", "steps_s")
+    pick("json_unet_min", "unet_step_min_s")
+    pick("json_unet_median", "unet_step_median_s")
     pick("unet_total", "denoise_s", "denoise", "unet_s")
     pick("decode", "decode_s", "decode", "vae_decode_s")
     pick("total", "total_s", "total")
@@ -528,7 +530,7 @@ def run_altdiff(args, binary: Path, model_dir: Path, prompt: str, workdir: Path,
     written = Path(record["path"]) if record and record.get("path") else image
     return {"stages": stages, "source": src, "json": record, "json_supported": json_ok, "time": r["time"],
             "machine": r["machine"], "image": written, "command": cmd, "env": extra_env,
-            "timings_lines": [line for _, line in r["stderr"] if re.search(r"timings?:", line, re.I)]}
+            "timings_lines": [line for _, line in r["stderr"] if re.search(r"timings?(?: \([^)]*\))?:", line, re.I)]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -564,12 +566,17 @@ def combine(runs: list[dict]) -> dict:
             continue
         if k == "unet_steps":
             out[k] = [x for v in vals for x in v]
-        elif k == "peak_rss":
+        elif k in ("peak_rss", ) :
             out[k] = max(vals)
+        elif k == "json_unet_min":
+            out[k] = min(vals)
         else:
             out[k] = statistics.median(vals)
     steps = out.get("unet_steps")
-    if steps:
+    if "json_unet_min" in out and "json_unet_median" in out and all("json_unet_min" in r["stages"] for r in runs):
+        # The program's own per-step figures (median of the runs' medians when there are several).
+        out["unet_min"], out["unet_median"] = out["json_unet_min"], out["json_unet_median"]
+    elif steps:
         out["unet_min"] = min(steps)
         out["unet_median"] = statistics.median(steps)
     elif "unet_steps_mean_only" in out:
