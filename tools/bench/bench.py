@@ -477,20 +477,21 @@ def altdiff_stages(json_t: dict, stderr: list[tuple[float, str]], wall: float, e
             src[stage] = "stderr time stamps"
 
     pick("load", "load_s", "load")
-    pick("encode", "encode_s", "encode", "text_encoding_s")
+    pick("encode", "encode_s", "encode", "text_encoding_s", "text_encoding")
     pick("unet_steps", "unet_steps_s", "unet_steps", "steps_s")
     pick("json_unet_min", "unet_step_min_s")
     pick("json_unet_median", "unet_step_median_s")
-    pick("unet_total", "denoise_s", "denoise", "unet_s")
-    pick("decode", "decode_s", "decode", "vae_decode_s")
+    pick("unet_total", "denoise_s", "denoise", "unet_s", "denoising")
+    pick("decode", "decode_s", "decode", "vae_decode_s", "VAE_decode")
     pick("total", "total_s", "total")
     # Generation total = encode + denoise + decode (diffusers: the pipeline call). Should a `total_s`
     # include the load, take it out.
-    if src.get("total", "").startswith("--json") and src.get("load", "").startswith("--json"):
+    if "total" in src and "load" in src and src["total"].split(" `")[0] == src["load"].split(" `")[0] \
+            and src["total"] != "stderr time stamps":
         parts = [stages.get(k) for k in ("load", "encode", "unet_total", "decode")]
         if None not in parts and stages["total"] >= sum(parts) - 0.05:
             stages["total"] -= stages["load"]
-            src["total"] += " minus `load_s`"
+            src["total"] += " minus the load"
     if "unet_steps" not in stages and "unet_total" in stages and evals:
         stages["unet_steps_mean_only"] = stages["unet_total"] / evals
         src["unet_steps"] = "mean of denoise time (per-step times not reported)"
@@ -788,7 +789,7 @@ def main() -> None:
     if d_runs:
         md.append("- diffusers per UNet evaluation: " + ", ".join(f"{x:.2f}" for x in d_runs[0]["stages"]["unet_steps"]) + " s")
     if a_runs and a_runs[0]["stages"].get("unet_steps"):
-        md.append("- altdiff per UNet evaluation: " + ", ".join(f"{x:.2f}" for x in a_runs[0]["stages"]["unet_steps"]) + " s")
+        md.append("- altdiff per UNet evaluation (" + a_runs[0]["source"].get("unet_steps", "?") + "): " + ", ".join(f"{x:.2f}" for x in a_runs[0]["stages"]["unet_steps"]) + " s")
     if d_runs and a_runs:
         md.append(f"- Images (same latents, random weights): {image_diff(d_runs[0]['image'], a_runs[0]['image'])}")
     md.append("- Machine state per run:")
