@@ -421,6 +421,11 @@ fn hub_error(err: ApiError, repo: &str, revision: &str, what: &str, endpoint: &s
         ),
         other => format!("{what}: {other}"),
     };
+    // The error already names the repository: drop the prefix when `what` is the repository itself.
+    let message = match message.strip_prefix(&format!("{repo}: ")) {
+        Some(rest) => rest.to_string(),
+        None => message,
+    };
     Error::Hub {
         repo: repo.to_string(),
         message,

@@ -524,12 +524,9 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         (Some(s), _, _) => s,
         (None, Some(rec), _) => rec.seed().unwrap_or(0),
         (None, None, Some(_)) => 0,
-        (None, None, None) => {
-            let s = random_seed();
-            eprintln!("seed: {s}");
-            s
-        }
+        (None, None, None) => random_seed(),
     };
+    let report_seed = opts.seed.is_none() && opts.from_image.is_none() && opts.latents.is_none();
     let (jobs, mut failures) = plan(opts, base_seed, default_lang)?;
     let shared_seed = opts.prompt_file.is_none() && opts.shard.is_none();
     let mut jobs = jobs;
@@ -562,6 +559,9 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         sp.finish_and_clear();
     }
     let pipeline = pipeline?;
+    if report_seed {
+        eprintln!("seed: {base_seed}");
+    }
     let scheduler_config =
         crate::config::read_json::<serde_json::Value>(&files.scheduler_config)?.0;
     let run = Run {
