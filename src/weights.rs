@@ -141,6 +141,163 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Memory-mapped safetensors files whose pages are handed back to the OS as each tensor is copied
+/// into its own buffer. candle's mmap loader keeps every touched page mapped until the whole
+/// component is built, so a model's file pages and its tensors were resident together (the peak
+/// memory of a run was set while loading); here the pages of a tensor are released once copied.
+struct MappedSafetensors {
+    files: Vec<MappedFile>,
+    index: HashMap<String, (usize, TensorEntry)>,
+}
+
+struct MappedFile {
+    map: memmap2::Mmap,
+    data_start: usize,
+}
+
+#[derive(Clone)]
+struct TensorEntry {
+    dtype: DType,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+fn safetensors_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl MappedSafetensors {
+    fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let io = |source| Error::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::File::open(path).map_err(io)?;
+            // SAFETY: mapped read-only; like every mmap-based loader we assume the file is not
+            // truncated or rewritten while altdiff runs.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            let bad = |m: &str| Error::Model {
+                path: path.clone(),
+                message: format!("not a valid safetensors file ({m})"),
+            };
+            let len_bytes: [u8; 8] = map
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad("too short"))?;
+            let header_len =
+                usize::try_from(u64::from_le_bytes(len_bytes)).map_err(|_| bad("header size"))?;
+            let header = map
+                .get(8..8usize.saturating_add(header_len))
+                .ok_or_else(|| bad("the header runs past the end of the file"))?;
+            let header: HashMap<String, serde_json::Value> =
+                serde_json::from_slice(header).map_err(|e| bad(&format!("header: {e}")))?;
+            let data_start = 8 + header_len;
+            let data_len = map.len() - data_start;
+            for (name, v) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let e: HeaderEntry =
+                    serde_json::from_value(v).map_err(|e| bad(&format!("tensor {name}: {e}")))?;
+                let dtype = safetensors_dtype(&e.dtype).ok_or_else(|| {
+                    bad(&format!("tensor {name}: dtype {} not supported", e.dtype))
+                })?;
+                let (start, end) = e.data_offsets;
+                let expected = e.shape.iter().product::<usize>() * dtype.size_in_bytes();
+                if start > end || end > data_len || end - start != expected {
+                    return Err(bad(&format!(
+                        "tensor {name} lies outside the file or has the wrong size (truncated?)"
+                    )));
+                }
+                index.insert(
+                    name,
+                    (
+                        i,
+                        TensorEntry {
+                            dtype,
+                            shape: e.shape,
+                            start,
+                            end,
+                        },
+                    ),
+                );
+            }
+            files.push(MappedFile { map, data_start });
+        }
+        Ok(Self { files, index })
+    }
+
+    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        let (i, e) = self
+            .index
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let f = &self.files[*i];
+        let (a, b) = (f.data_start + e.start, f.data_start + e.end);
+        let t = Tensor::from_raw_buffer(&f.map[a..b], e.dtype, &e.shape, &Device::Cpu)?;
+        #[cfg(unix)]
+        // SAFETY: the map is private and read-only; dropped pages are read again from the file if
+        // ever touched, so no data the program can observe changes.
+        unsafe {
+            let _ = f
+                .map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
+        }
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for MappedSafetensors {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name)?.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}
+
 /// Several PyTorch pickles seen as one set of tensors (sharded `.bin` checkpoints).
 struct PickleShards {
     shards: Vec<PthTensors>,
@@ -205,11 +362,13 @@ pub fn var_builder(
         format!("cannot read weights {}", names.join(", "))
     };
     match weights.format {
-        // SAFETY: the files are mapped read-only; like every mmap-based loader we assume they are not
-        // truncated or rewritten while altdiff runs.
         WeightFormat::Safetensors => {
-            unsafe { VarBuilder::from_mmaped_safetensors(&weights.files, dtype, device) }
-                .context(names)
+            let mapped = MappedSafetensors::open(&weights.files)?;
+            Ok(VarBuilder::from_backend(
+                Box::new(mapped),
+                dtype,
+                device.clone(),
+            ))
         }
         WeightFormat::Pickle => {
             let shards = weights

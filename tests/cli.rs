@@ -394,6 +394,14 @@ fn model_problems_name_the_file_and_field() {
     std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     assert_fails(&gen(&m), "no weights (*.safetensors or *.bin) found");
 
+    let m = copy_model(M9, "truncated");
+    let w = m.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&gen(&m), "has the wrong size (truncated?)");
+    std::fs::write(&w, &bytes[..4]).unwrap();
+    assert_fails(&gen(&m), "not a valid safetensors file (too short)");
+
     let m = copy_model(M9, "notokenizer");
     std::fs::remove_dir_all(m.join("tokenizer")).unwrap();
     assert_fails(&gen(&m), "the model has no `tokenizer` folder");
