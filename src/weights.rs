@@ -278,15 +278,7 @@ impl SimpleBackend for MappedSafetensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        with_shape(self.get_unchecked(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -296,6 +288,18 @@ impl SimpleBackend for MappedSafetensors {
     fn contains_tensor(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+}
+
+/// `t` if it has `shape`, else candle's shape-mismatch error naming the tensor.
+fn with_shape(t: Tensor, shape: Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != &shape {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: shape,
+            got: t.shape().clone(),
+        });
+    }
+    Ok(t)
 }
 
 /// Several PyTorch pickles seen as one set of tensors (sharded `.bin` checkpoints).
@@ -325,15 +329,7 @@ impl SimpleBackend for PickleShards {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        with_shape(self.get_unchecked(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
