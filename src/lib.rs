@@ -7,12 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod lang;
 pub mod metadata;
 pub mod model;

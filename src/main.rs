@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: altdiff::alloc::Allocator = altdiff::alloc::Allocator;
+
 fn main() -> ExitCode {
     let cli = altdiff::cli::Cli::parse();
     let level = match (cli.quiet, cli.verbose) {

@@ -6,9 +6,9 @@
 //! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{
-    group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+
+use crate::kernels::{Conv2d, GroupNorm};
 
 /// Multi-head attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`, `to_out.0`).
 pub struct Attention {
@@ -68,12 +68,12 @@ impl Attention {
 /// The largest score matrix materialised at once (f32 elements: 128 MiB). Self-attention at 512 px
 /// has 4096 x 4096 scores per head (671 MB with guidance for m18's first blocks), at 1024 px sixteen
 /// times that, so queries are processed in blocks of rows that fit.
-const MAX_SCORE_ELEMENTS: usize = 32 << 20;
+pub(crate) const MAX_SCORE_ELEMENTS: usize = 32 << 20;
 
 /// softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D], in blocks of query rows so that
 /// at most `max_elements` scores exist at a time. Each row's softmax only involves its own scores, so
 /// blocking changes nothing but the memory used.
-fn attend(
+pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -199,7 +199,7 @@ impl BasicTransformerBlock {
 }
 
 enum Projection {
-    Conv(candle_nn::Conv2d),
+    Conv(Conv2d),
     Linear(Linear),
 }
 
@@ -236,7 +236,7 @@ impl SpatialTransformer {
             Ok(if cfg.use_linear_projection {
                 Projection::Linear(linear(c, c, vb.pp(name))?)
             } else {
-                Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
+                Projection::Conv(Conv2d::load(c, c, 1, Default::default(), vb.pp(name))?)
             })
         };
         let blocks = (0..cfg.depth)
@@ -250,7 +250,7 @@ impl SpatialTransformer {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::load(cfg.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks,
             proj_out: proj("proj_out")?,
@@ -274,10 +274,9 @@ impl SpatialTransformer {
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let out = match &self.proj_out {
-            Projection::Conv(p) => p.forward(&to_map(&tokens)?)?,
-            Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
-        };
-        out + xs
+        match &self.proj_out {
+            Projection::Conv(p) => p.forward_add(&to_map(&tokens)?, xs),
+            Projection::Linear(p) => to_map(&p.forward(&tokens)?)? + xs,
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! a config struct and tensors.
 
 pub mod attention;
+pub mod resnet;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;

@@ -4,16 +4,17 @@
 //! the exact-erf GEGLU (see [`super::attention`]), the sinusoidal timestep embedding computed in f32
 //! whatever the model dtype, the configured GroupNorm group count in every ResNet (candle's
 //! `DownBlock2D` always uses 32), and diffusers' `upsample_size` path for latents whose sides are not
-//! multiples of 2^(blocks-1). The ResNet and time-embedding MLP are candle-transformers' own, which
-//! match diffusers.
+//! multiples of 2^(blocks-1). The ResNets are [`super::resnet`]'s (fused CPU kernels); the
+//! time-embedding MLP is candle-transformers' own, which matches diffusers.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::TimestepEmbedding;
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use super::attention::{SpatialTransformer, TransformerConfig};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::config::{UNetBlock, UNetConfig};
+use crate::kernels::{Conv2d, GroupNorm};
 
 /// diffusers' `get_timestep_embedding`, always in f32, then cast to `dtype`.
 fn timestep_embedding(
@@ -58,7 +59,7 @@ fn conv3(
         stride,
         ..Default::default()
     };
-    conv2d(cin, cout, 3, cfg, vb)
+    Conv2d::load(cin, cout, 3, cfg, vb)
 }
 
 struct Downsample {
@@ -80,14 +81,12 @@ impl Downsample {
     }
 }
 
-fn resnet_config(cfg: &UNetConfig, out: usize, temb: usize, scale: f64) -> ResnetBlock2DConfig {
-    ResnetBlock2DConfig {
-        out_channels: Some(out),
+fn resnet_config(cfg: &UNetConfig, out: usize, temb: usize, scale: f64) -> ResnetConfig {
+    ResnetConfig {
+        out_channels: out,
         temb_channels: Some(temb),
         groups: cfg.norm_num_groups,
-        groups_out: None,
         eps: cfg.norm_eps,
-        use_in_shortcut: None,
         output_scale_factor: scale,
     }
 }
@@ -282,7 +281,7 @@ impl UNet {
             down,
             mid,
             up,
-            norm_out: group_norm(
+            norm_out: GroupNorm::load(
                 cfg.norm_num_groups,
                 ch[0],
                 cfg.norm_eps,
@@ -358,8 +357,7 @@ impl UNet {
                 xs = conv.forward(&xs.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 

@@ -1,0 +1,577 @@
+//! 2-D convolution (diffusers' `nn.Conv2d`, groups = 1) with an im2col + gemm CPU kernel.
+//!
+//! candle 0.11's CPU conv2d copies the whole input to NHWC on one thread, then gathers each
+//! 512-pixel im2col tile element by element and scatters the gemm result back the same way; that
+//! data movement took more time than the multiplications themselves in a 512x512 generation.
+//! Here the input stays NCHW: a tile of output rows is unfolded with contiguous row copies (one
+//! task per input channel), and one gemm `W[co, ci*kh*kw] x col[ci*kh*kw, pixels]` writes straight
+//! into the NCHW output, starting from the bias (and, for [`Conv2d::forward_add`], from the
+//! residual as well). 1x1 stride-1 convolutions multiply the input in place, without a copy.
+//!
+//! Other devices, dtypes and grouped convolutions use candle's own op, which the tests also use as
+//! the reference.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use rayon::prelude::*;
+
+/// Floats in one im2col tile (8 MiB): stays in the last-level cache between the unfold and the gemm.
+const TILE_ELEMS: usize = 1 << 21;
+
+/// A convolution layer with diffusers' weight names (`weight` [co, ci, kh, kw], `bias` [co]).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// Wraps loaded tensors.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
+        Self {
+            weight,
+            bias,
+            config,
+        }
+    }
+
+    /// Loads `weight` and `bias` of a square-kernel convolution.
+    pub fn load(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: Conv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let groups = config.groups.max(1);
+        let weight = vb.get(
+            (out_channels, in_channels / groups, kernel, kernel),
+            "weight",
+        )?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self::new(weight, Some(bias), config))
+    }
+
+    /// The convolution plus `residual` (same shape as the output), added as the gemm's starting
+    /// value on the CPU fast path: diffusers' `input_tensor + conv2(hidden_states)`.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.fast(xs) && residual.dtype() == DType::F32 {
+            return self.run(xs, Some(residual));
+        }
+        self.forward(xs)? + residual
+    }
+
+    fn fast(&self, xs: &Tensor) -> bool {
+        xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.config.groups == 1
+            && xs.rank() == 4
+    }
+
+    fn run(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let op = Conv2dOp {
+            padding: self.config.padding,
+            stride: self.config.stride,
+            dilation: self.config.dilation,
+            bias: match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            },
+        };
+        // The third operand is the residual, or an empty placeholder.
+        let start = match residual {
+            Some(r) => r.contiguous()?,
+            None => Tensor::zeros(0, DType::F32, xs.device())?,
+        };
+        xs.contiguous()?
+            .apply_op3_no_bwd(&self.weight.contiguous()?, &start, &op)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fast(xs) {
+            return self.run(xs, None);
+        }
+        let c = &self.config;
+        let ys = xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        match &self.bias {
+            None => Ok(ys),
+            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        }
+    }
+}
+
+struct Conv2dOp {
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    bias: Option<Vec<f32>>,
+}
+
+/// Shapes and hyper-parameters of one convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub b: usize,
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+    pub stride: usize,
+    pub dilation: usize,
+}
+
+impl Geometry {
+    fn out_len(
+        n: usize,
+        k: usize,
+        padding: usize,
+        stride: usize,
+        dilation: usize,
+    ) -> Option<usize> {
+        let span = dilation * (k - 1) + 1;
+        (n + 2 * padding)
+            .checked_sub(span)
+            .map(|d| d / stride.max(1) + 1)
+    }
+
+    /// Output height and width, `None` when the kernel is larger than the padded input.
+    pub fn out_hw(&self) -> Option<(usize, usize)> {
+        let oh = Self::out_len(self.h, self.kh, self.padding, self.stride, self.dilation)?;
+        let ow = Self::out_len(self.w, self.kw, self.padding, self.stride, self.dilation)?;
+        Some((oh, ow))
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("conv2d: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "altdiff-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let start = f32_slice(s3, l3, "residual")?;
+        let (b, ci, h, wd) = l1.shape().dims4()?;
+        let (co, wci, kh, kw) = l2.shape().dims4()?;
+        if wci != ci {
+            candle_core::bail!("conv2d: input has {ci} channels, the weight expects {wci}");
+        }
+        let g = Geometry {
+            b,
+            ci,
+            h,
+            w: wd,
+            co,
+            kh,
+            kw,
+            padding: self.padding,
+            stride: self.stride,
+            dilation: self.dilation,
+        };
+        let Some((oh, ow)) = g.out_hw() else {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded {h}x{wd} input");
+        };
+        let residual = if start.is_empty() {
+            None
+        } else if l3.shape().dims() == [b, co, oh, ow] {
+            Some(start)
+        } else {
+            candle_core::bail!(
+                "conv2d: residual {:?} does not match the output {:?}",
+                l3.shape(),
+                (b, co, oh, ow)
+            );
+        };
+        let out = conv2d_f32(x, w, self.bias.as_deref(), residual, &g, TILE_ELEMS);
+        Ok((CpuStorage::F32(out), Shape::from((b, co, oh, ow))))
+    }
+}
+
+/// `out = residual + bias + conv(x, w)` for NCHW `x` and [co, ci, kh, kw] `w`, both contiguous.
+/// `tile_elems` bounds the im2col buffer (tests make it small to cover the tiling).
+pub(crate) fn conv2d_f32(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    g: &Geometry,
+    tile_elems: usize,
+) -> Vec<f32> {
+    let Some((oh, ow)) = g.out_hw() else {
+        return Vec::new();
+    };
+    let opx = oh * ow;
+    let kk = g.ci * g.kh * g.kw;
+    let mut out = match residual {
+        Some(r) => r.to_vec(),
+        None => vec![0f32; g.b * g.co * opx],
+    };
+    if let Some(bias) = bias {
+        out.par_chunks_mut(opx.max(1))
+            .enumerate()
+            .for_each(|(i, ch)| {
+                let v = bias[i % g.co];
+                ch.iter_mut().for_each(|o| *o += v);
+            });
+    }
+    let read_dst = bias.is_some() || residual.is_some();
+    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let rows = if pointwise {
+        oh.div_ceil(threads).max(1)
+    } else {
+        (tile_elems / (kk * ow).max(1)).clamp(1, oh.max(1))
+    };
+    // (image, first output row, rows) of every tile.
+    let tiles: Vec<(usize, usize, usize)> = (0..g.b)
+        .flat_map(|bi| {
+            (0..oh)
+                .step_by(rows)
+                .map(move |y0| (bi, y0, rows.min(oh - y0)))
+        })
+        .collect();
+    let in_len = g.ci * g.h * g.w;
+    let dst = SendPtr(out.as_mut_ptr());
+    // One tile: unfold (unless pointwise) and multiply into the output.
+    let run = |(bi, y0, r): (usize, usize, usize), col: &mut Vec<f32>, par: gemm::Parallelism| {
+        let xb = &x[bi * in_len..(bi + 1) * in_len];
+        let n = r * ow;
+        let (rhs, rhs_rs) = if pointwise {
+            (xb[y0 * ow..].as_ptr(), g.h * g.w)
+        } else {
+            col.resize(kk * n, 0.0);
+            im2col(
+                xb,
+                &mut col[..kk * n],
+                g,
+                y0,
+                r,
+                ow,
+                !matches!(par, gemm::Parallelism::None),
+            );
+            (col.as_ptr(), n)
+        };
+        // SAFETY: dst covers rows [0, co) x columns [y0*ow, y0*ow + n) of image `bi` of `out`
+        // (row stride opx), inside `out` and disjoint from every other tile's; lhs is co x kk with
+        // row stride kk inside `w`; rhs is kk x n with row stride rhs_rs inside `col` (n) or `xb`
+        // (h*w; pointwise, so n <= h*w - y0*ow).
+        unsafe {
+            gemm::gemm(
+                g.co,
+                n,
+                kk,
+                dst.get().add(bi * g.co * opx + y0 * ow),
+                1,
+                opx as isize,
+                read_dst,
+                w.as_ptr(),
+                1,
+                kk as isize,
+                rhs,
+                1,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    };
+    if threads > 1 && tiles.len() >= 2 * threads {
+        // Enough tiles: one tile per thread at a time, each gemm on one thread (a small output
+        // channel count does not split well across threads inside one gemm).
+        tiles
+            .into_par_iter()
+            .for_each_init(Vec::new, |col, t| run(t, col, gemm::Parallelism::None));
+    } else {
+        let mut col = Vec::new();
+        for t in tiles {
+            run(t, &mut col, super::parallelism());
+        }
+    }
+    out
+}
+
+/// The output pointer, shared by tiles that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for tiles whose output regions do not overlap (see `conv2d_f32`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Unfolds output rows `y0 .. y0 + rows` of one image into `col` [ci*kh*kw, rows*ow].
+fn im2col(
+    xb: &[f32],
+    col: &mut [f32],
+    g: &Geometry,
+    y0: usize,
+    rows: usize,
+    ow: usize,
+    parallel: bool,
+) {
+    let n = rows * ow;
+    let plane = g.h * g.w;
+    let channel = |(c, chunk): (usize, &mut [f32])| {
+        let xc = &xb[c * plane..(c + 1) * plane];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = &mut chunk[(i * g.kw + j) * n..(i * g.kw + j + 1) * n];
+                let off = (j * g.dilation) as isize - g.padding as isize;
+                for t in 0..rows {
+                    let dst = &mut row[t * ow..(t + 1) * ow];
+                    let iy = ((y0 + t) * g.stride + i * g.dilation) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &xc[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    if g.stride == 1 {
+                        let lo = ((-off).max(0) as usize).min(ow);
+                        let hi = ((g.w as isize - off).max(0) as usize).clamp(lo, ow);
+                        dst[..lo].fill(0.0);
+                        dst[lo..hi].copy_from_slice(
+                            &src[(lo as isize + off) as usize..(hi as isize + off) as usize],
+                        );
+                        dst[hi..].fill(0.0);
+                    } else {
+                        for (x, v) in dst.iter_mut().enumerate() {
+                            let ix = (x * g.stride) as isize + off;
+                            *v = if ix >= 0 && ix < g.w as isize {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        col.par_chunks_mut(g.kh * g.kw * n)
+            .enumerate()
+            .for_each(channel);
+    } else {
+        col.chunks_mut(g.kh * g.kw * n)
+            .enumerate()
+            .for_each(channel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, phase: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + phase).sin() * 1.7) + 0.1)
+            .collect()
+    }
+
+    /// Candle's conv2d + bias (+ residual): the reference.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        g: &Geometry,
+        residual: Option<&Tensor>,
+    ) -> Tensor {
+        let y = x
+            .conv2d(w, g.padding, g.stride, g.dilation, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, g.co, 1, 1)).unwrap())
+            .unwrap();
+        match residual {
+            Some(r) => (y + r).unwrap(),
+            None => y,
+        }
+    }
+
+    fn check(g: Geometry, tile: usize, with_residual: bool) {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(
+            values(g.b * g.ci * g.h * g.w, 0.3),
+            (g.b, g.ci, g.h, g.w),
+            &dev,
+        )
+        .unwrap();
+        let w = Tensor::from_vec(
+            values(g.co * g.ci * g.kh * g.kw, 1.1),
+            (g.co, g.ci, g.kh, g.kw),
+            &dev,
+        )
+        .unwrap();
+        let bias = Tensor::from_vec(values(g.co, 2.0), g.co, &dev).unwrap();
+        let (oh, ow) = g.out_hw().unwrap();
+        let res =
+            Tensor::from_vec(values(g.b * g.co * oh * ow, 0.7), (g.b, g.co, oh, ow), &dev).unwrap();
+        let residual = with_residual.then_some(&res);
+        let want = reference(&x, &w, &bias, &g, residual);
+        let got = conv2d_f32(
+            &x.flatten_all().unwrap().to_vec1().unwrap(),
+            &w.flatten_all().unwrap().to_vec1().unwrap(),
+            Some(&bias.to_vec1::<f32>().unwrap()),
+            residual
+                .map(|r| r.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .as_deref(),
+            &g,
+            tile,
+        );
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len(), "{g:?}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 + 1e-5 * b.abs(),
+                "{g:?} tile {tile} at {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    fn geom(b: usize, ci: usize, h: usize, w: usize, co: usize, k: usize) -> Geometry {
+        Geometry {
+            b,
+            ci,
+            h,
+            w,
+            co,
+            kh: k,
+            kw: k,
+            padding: k / 2,
+            stride: 1,
+            dilation: 1,
+        }
+    }
+
+    #[test]
+    fn matches_candle_conv2d() {
+        for tile in [TILE_ELEMS, 1, 50] {
+            for residual in [false, true] {
+                // UNet / VAE 3x3 same-padding convolutions, odd sizes, batch 2.
+                check(geom(2, 3, 7, 5, 4, 3), tile, residual);
+                check(geom(1, 8, 9, 12, 6, 3), tile, residual);
+                // 1x1 (shortcut and post_quant_conv), with a non-square image.
+                check(geom(2, 5, 6, 3, 7, 1), tile, residual);
+                // Downsampler: 3x3, stride 2, padding 1, odd and even sizes.
+                for (h, w) in [(8, 8), (7, 9)] {
+                    check(
+                        Geometry {
+                            stride: 2,
+                            ..geom(2, 4, h, w, 3, 3)
+                        },
+                        tile,
+                        residual,
+                    );
+                }
+                // No padding, dilation 2, a 1x1 kernel with padding.
+                check(
+                    Geometry {
+                        padding: 0,
+                        ..geom(1, 2, 6, 7, 3, 3)
+                    },
+                    tile,
+                    residual,
+                );
+                check(
+                    Geometry {
+                        dilation: 2,
+                        padding: 2,
+                        ..geom(1, 3, 8, 6, 2, 3)
+                    },
+                    tile,
+                    residual,
+                );
+                check(
+                    Geometry {
+                        padding: 1,
+                        ..geom(1, 3, 4, 5, 2, 1)
+                    },
+                    tile,
+                    residual,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn module_matches_candle_and_falls_back_for_groups() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(values(2 * 4 * 5 * 6, 0.0), (2, 4, 5, 6), &dev).unwrap();
+        let w = Tensor::from_vec(values(6 * 4 * 9, 0.5), (6, 4, 3, 3), &dev).unwrap();
+        let b = Tensor::from_vec(values(6, 0.9), 6, &dev).unwrap();
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = Conv2d::new(w.clone(), Some(b.clone()), cfg);
+        let want = candle_nn::Conv2d::new(w.clone(), Some(b.clone()), cfg)
+            .forward(&x)
+            .unwrap();
+        let got = conv.forward(&x).unwrap();
+        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        // A non-contiguous input (transposed twice back to NCHW order) and forward_add.
+        let xt = x
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let got = conv.forward_add(&xt, &want).unwrap();
+        let d = (got - (&want * 2.0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        // Grouped convolutions go to candle.
+        let wg = Tensor::from_vec(values(6 * 2 * 9, 0.5), (6, 2, 3, 3), &dev).unwrap();
+        let gcfg = Conv2dConfig { groups: 2, ..cfg };
+        let got = Conv2d::new(wg.clone(), None, gcfg).forward(&x).unwrap();
+        let want = candle_nn::Conv2d::new(wg, None, gcfg).forward(&x).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn kernel_larger_than_input_is_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 2, 2), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap();
+        let conv = Conv2d::new(w, None, Conv2dConfig::default());
+        assert!(conv.forward(&x).is_err());
+    }
+}
