@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::options::{
-    DeviceChoice, GenerateOptions, ModelChoice, OutputOptions, OutputTarget, Precision, Sampling,
-    Shard,
+    DeviceChoice, GenerateOptions, LoadPolicy, ModelChoice, OutputOptions, OutputTarget, Precision,
+    Sampling, Shard,
 };
 use crate::schedulers::SchedulerKind;
 use crate::source::ModelSource;
@@ -242,6 +242,9 @@ pub struct GenerateArgs {
     /// Precision; default f32 on CPU, f16 on GPUs.
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
+    /// When to load and free the text encoder, UNet and VAE: per-stage (least memory), keep (no reloading between batches), auto (per-stage for one batch).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub load_policy: LoadPolicy,
 }
 
 fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
@@ -326,6 +329,7 @@ impl GenerateArgs {
             dtype: self
                 .dtype
                 .or_else(|| rec.and_then(|r| Precision::from_name(&r.dtype))),
+            load_policy: self.load_policy,
         };
         opts.validate()?;
         if opts.seed.is_some() && opts.latents.is_some() {

@@ -38,6 +38,19 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// When the model's components are loaded and freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadPolicy {
+    /// `per-stage` for a run of one batch, `keep` for several.
+    #[default]
+    Auto,
+    /// Load all three at start-up and keep them (no reloading between batches; most memory).
+    Keep,
+    /// Load each component when its stage starts and free it after (text encoder freed before the
+    /// UNet runs, UNet before the VAE decodes): least memory; each batch reloads them.
+    PerStage,
+}
+
 /// Floating-point precision of the weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
@@ -211,6 +224,8 @@ pub struct GenerateOptions {
     pub device: DeviceChoice,
     /// Precision; f32 on CPU and f16 on GPUs when `None`.
     pub dtype: Option<Precision>,
+    /// When components are loaded and freed.
+    pub load_policy: LoadPolicy,
 }
 
 /// The largest step count accepted (diffusers' schedulers train on 1000 timesteps).

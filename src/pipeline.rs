@@ -4,12 +4,15 @@
 //! No files, no prints: the pipeline takes loaded components and a request, reports progress through
 //! [`Progress`], and returns images and (on request) the intermediate tensors.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, TensorContext};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::models::{TextEncoder, UNet, VaeDecoder};
-use crate::options::Sampling;
+use crate::options::{LoadPolicy, Sampling};
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
@@ -87,54 +90,124 @@ pub struct Resolved {
     pub max_length: usize,
 }
 
-/// Loaded components.
+/// The model: configuration and tokenizer, and the three networks, loaded at start-up or stage
+/// by stage ([`LoadPolicy`]).
 pub struct Pipeline {
     config: ModelConfig,
     files: ModelFiles,
     tokenizer: PromptTokenizer,
-    text_encoder: TextEncoder,
-    unet: UNet,
-    vae: VaeDecoder,
+    text_encoder: RefCell<Option<TextEncoder>>,
+    unet: RefCell<Option<UNet>>,
+    vae: RefCell<Option<VaeDecoder>>,
+    per_stage: bool,
     device: Device,
     dtype: DType,
 }
 
+/// A network that cannot be built from its weights (a missing tensor, a wrong shape) is a model
+/// error naming the file: exit 2, found before any work.
+fn model_error<T>(
+    built: candle_core::Result<T>,
+    what: &str,
+    w: &crate::weights::Weights,
+) -> Result<T> {
+    built.map_err(|e| Error::Model {
+        path: w.files[0].clone(),
+        message: format!("cannot load the {what} from it: {e}"),
+    })
+}
+
+/// Loads `slot` if it is empty, timed as a `load` stage before `resume` goes on.
+fn load_component<T>(
+    slot: &RefCell<Option<T>>,
+    progress: &mut dyn Progress,
+    resume: &str,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<()> {
+    if slot.borrow().is_none() {
+        progress.stage("load");
+        let c = load()?;
+        *slot.borrow_mut() = Some(c);
+        progress.stage(resume);
+    }
+    Ok(())
+}
+
 impl Pipeline {
-    /// Loads every component of `files` onto `device` in `dtype`.
-    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+    /// Opens `files` for `device` in `dtype`. With [`LoadPolicy::Keep`] the three networks are
+    /// loaded now; with [`LoadPolicy::PerStage`] each is built once from the checkpoint's names and
+    /// shapes only (so a broken checkpoint fails here, before any work) and loaded when its stage
+    /// starts. ([`LoadPolicy::Auto`] is resolved by the caller; here it means `Keep`.)
+    pub fn load(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        policy: LoadPolicy,
+    ) -> Result<Self> {
         let config = ModelConfig::load(files)?;
         let tokenizer = PromptTokenizer::load(&files.tokenizer_dir)?;
-        let vb = crate::weights::var_builder(&files.text_encoder_weights, dtype, device)?;
-        let text_encoder = TextEncoder::new(vb, &config.text_encoder).context(|| {
-            format!(
-                "loading the text encoder from {}",
-                files.text_encoder_weights.files[0].display()
-            )
-        })?;
-        let vb = crate::weights::var_builder(&files.unet_weights, dtype, device)?;
-        let unet = UNet::new(vb, &config.unet).context(|| {
-            format!(
-                "loading the UNet from {}",
-                files.unet_weights.files[0].display()
-            )
-        })?;
-        let vb = crate::weights::var_builder(&files.vae_weights, dtype, device)?;
-        let vae = VaeDecoder::new(vb, &config.vae).context(|| {
-            format!(
-                "loading the VAE from {}",
-                files.vae_weights.files[0].display()
-            )
-        })?;
-        Ok(Self {
+        let per_stage = policy == LoadPolicy::PerStage;
+        let p = Self {
             config,
             files: files.clone(),
             tokenizer,
-            text_encoder,
-            unet,
-            vae,
+            text_encoder: RefCell::new(None),
+            unet: RefCell::new(None),
+            vae: RefCell::new(None),
+            per_stage,
             device: device.clone(),
             dtype,
-        })
+        };
+        if per_stage {
+            let check =
+                |w: &crate::weights::Weights| crate::weights::shape_checker(w, dtype, device);
+            drop(p.build_text_encoder(check(&files.text_encoder_weights)?)?);
+            drop(p.build_unet(check(&files.unet_weights)?)?);
+            drop(p.build_vae(check(&files.vae_weights)?)?);
+        } else {
+            *p.text_encoder.borrow_mut() = Some(p.load_text_encoder()?);
+            *p.unet.borrow_mut() = Some(p.load_unet()?);
+            *p.vae.borrow_mut() = Some(p.load_vae()?);
+        }
+        Ok(p)
+    }
+
+    fn build_text_encoder(&self, vb: VarBuilder) -> Result<TextEncoder> {
+        let built = TextEncoder::new(vb, &self.config.text_encoder);
+        model_error(built, "text encoder", &self.files.text_encoder_weights)
+    }
+
+    fn build_unet(&self, vb: VarBuilder) -> Result<UNet> {
+        let built = UNet::new(vb, &self.config.unet);
+        model_error(built, "UNet", &self.files.unet_weights)
+    }
+
+    fn build_vae(&self, vb: VarBuilder) -> Result<VaeDecoder> {
+        let built = VaeDecoder::new(vb, &self.config.vae);
+        model_error(built, "VAE", &self.files.vae_weights)
+    }
+
+    fn weights(&self, w: &crate::weights::Weights) -> Result<VarBuilder<'static>> {
+        crate::weights::var_builder(w, self.dtype, &self.device)
+    }
+
+    fn load_text_encoder(&self) -> Result<TextEncoder> {
+        self.build_text_encoder(self.weights(&self.files.text_encoder_weights)?)
+    }
+
+    fn load_unet(&self) -> Result<UNet> {
+        self.build_unet(self.weights(&self.files.unet_weights)?)
+    }
+
+    fn load_vae(&self) -> Result<VaeDecoder> {
+        self.build_vae(self.weights(&self.files.vae_weights)?)
+    }
+
+    /// Frees `slot` after its stage when loading per stage.
+    fn release<T>(&self, slot: &RefCell<Option<T>>) {
+        if self.per_stage {
+            *slot.borrow_mut() = None;
+        }
     }
 
     /// The model's configuration.
@@ -180,7 +253,9 @@ impl Pipeline {
                 ))
             }
         };
-        let limit = self.text_encoder.max_tokens();
+        let te = &self.config.text_encoder;
+        let limit =
+            crate::models::text_encoder::max_tokens(te.max_position_embeddings, te.pad_token_id);
         let max_length = match sampling.max_length {
             Some(m) => m,
             None => DEFAULT_MAX_LENGTH.min(
@@ -217,7 +292,10 @@ impl Pipeline {
         let what = || "encoding the prompts".to_string();
         let ids = crate::models::text_encoder::ids_tensor(&ids, &self.device).context(what)?;
         let masks = crate::models::text_encoder::ids_tensor(&masks, &self.device).context(what)?;
-        let embeds = self.text_encoder.forward(&ids, &masks).context(what)?;
+        let embeds = match self.text_encoder.borrow().as_ref() {
+            Some(te) => te.forward(&ids, &masks).context(what)?,
+            None => return Err(Error::Numerics("the text encoder is not loaded".into())),
+        };
         Ok((ids, embeds, tokens.into_iter().map(|t| t.dropped).collect()))
     }
 
@@ -318,8 +396,11 @@ impl Pipeline {
             .scale_model_input(input, t)?
             .to_dtype(self.dtype)
             .context(what)?;
-        let out = self
-            .unet
+        let unet = self.unet.borrow();
+        let Some(unet) = unet.as_ref() else {
+            return Err(Error::Numerics("the UNet is not loaded".into()));
+        };
+        let out = unet
             .forward(&input, t, context)
             .and_then(|o| o.to_dtype(DType::F32))
             .context(what)?;
@@ -342,13 +423,17 @@ impl Pipeline {
         let scale = 1.0 / self.config.vae.scaling_factor;
         let mut images = Vec::with_capacity(b);
         let mut kept = Vec::new();
+        let vae = self.vae.borrow();
+        let Some(vae) = vae.as_ref() else {
+            return Err(Error::Numerics("the VAE is not loaded".into()));
+        };
         for i in 0..b {
             let what = || format!("decoding image {}", i + 1);
             let x = latents
                 .i(i..i + 1)
                 .and_then(|z| z * scale)
                 .and_then(|z| z.to_dtype(self.dtype))
-                .and_then(|z| self.vae.decode(&z))
+                .and_then(|z| vae.decode(&z))
                 .and_then(|x| x.to_dtype(DType::F32))
                 .and_then(|x| (x / 2.0)? + 0.5)
                 .and_then(|x| x.clamp(0f32, 1f32))
@@ -373,7 +458,12 @@ impl Pipeline {
         let keep = req.keep_tensors;
 
         progress.stage("encode");
-        let (context, truncated) = self.text_features(req, &r, &mut tensors)?;
+        load_component(&self.text_encoder, progress, "encode", || {
+            self.load_text_encoder()
+        })?;
+        let features = self.text_features(req, &r, &mut tensors);
+        self.release(&self.text_encoder);
+        let (context, truncated) = features?;
 
         let mut scheduler = schedulers::build(
             r.scheduler,
@@ -395,18 +485,27 @@ impl Pipeline {
         }
 
         progress.stage("denoise");
+        load_component(&self.unet, progress, "denoise", || self.load_unet())?;
         let guidance = (req.sampling.guidance > 1.0).then_some(req.sampling.guidance);
-        for (i, &t) in timesteps.iter().enumerate() {
-            latents = self.denoise_step(&latents, t, &context, guidance, scheduler.as_mut())?;
-            check_finite(&latents, i + 1, timesteps.len())?;
-            progress.step(i + 1, timesteps.len());
-        }
+        let denoised = (|| {
+            for (i, &t) in timesteps.iter().enumerate() {
+                latents = self.denoise_step(&latents, t, &context, guidance, scheduler.as_mut())?;
+                check_finite(&latents, i + 1, timesteps.len())?;
+                progress.step(i + 1, timesteps.len());
+            }
+            Ok::<(), Error>(())
+        })();
+        self.release(&self.unet);
+        denoised?;
         if keep {
             tensors.push(("latents_final".into(), latents.clone()));
         }
 
         progress.stage("decode");
-        let (images, image) = self.decode(&latents, keep)?;
+        load_component(&self.vae, progress, "decode", || self.load_vae())?;
+        let decoded = self.decode(&latents, keep);
+        self.release(&self.vae);
+        let (images, image) = decoded?;
         if let Some(image) = image {
             tensors.push(("image".into(), image));
         }

@@ -382,6 +382,82 @@ pub fn var_builder(
     }
 }
 
+/// Shapes by tensor name, without reading any tensor data.
+struct ShapeOnly {
+    shapes: HashMap<String, Vec<usize>>,
+}
+
+impl ShapeOnly {
+    /// A zero-strided zero of `shape`: one element of memory whatever the shape.
+    fn placeholder(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn find(&self, name: &str) -> candle_core::Result<&[usize]> {
+        self.shapes.get(name).map(Vec::as_slice).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+        })
+    }
+}
+
+impl SimpleBackend for ShapeOnly {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = Self::placeholder(self.find(name)?, dtype, dev)?;
+        with_shape(t, s, name)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Self::placeholder(self.find(name)?, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+}
+
+/// A `VarBuilder` over the names and shapes of `weights` that reads no tensor data: a model built
+/// from it holds zero-strided placeholders. Building each component from it at start-up finds a
+/// missing tensor or a wrong shape before any work, when the real weights are only loaded later,
+/// stage by stage.
+pub fn shape_checker(
+    weights: &Weights,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let shapes = match weights.format {
+        WeightFormat::Safetensors => MappedSafetensors::open(&weights.files)?
+            .index
+            .into_iter()
+            .map(|(name, (_, e))| (name, e.shape))
+            .collect(),
+        WeightFormat::Pickle => {
+            let mut shapes = HashMap::new();
+            for f in &weights.files {
+                let pth = PthTensors::new(f, None)
+                    .context(|| format!("cannot read weights {}", f.display()))?;
+                for (name, info) in pth.tensor_infos() {
+                    shapes.insert(name.clone(), info.layout.shape().dims().to_vec());
+                }
+            }
+            shapes
+        }
+    };
+    Ok(VarBuilder::from_backend(
+        Box::new(ShapeOnly { shapes }),
+        dtype,
+        device.clone(),
+    ))
+}
+
 /// Every tensor of `weights`, by name (for `altdiff convert`).
 pub fn load_all(weights: &Weights, device: &Device) -> Result<HashMap<String, Tensor>> {
     let what = || format!("reading {}", weights.files[0].display());

@@ -450,3 +450,100 @@ fn f16_stays_close_to_f32() {
         "f16 really ran in f16"
     );
 }
+
+/// `--load-policy keep` (all networks loaded at start-up), `per-stage` (each loaded for its stage
+/// and freed after, reloaded for every batch) and `auto` give the same bytes, over a two-batch file.
+#[test]
+fn load_policies_give_identical_images() {
+    let dir = scratch("load-policy");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "un renard roux dans la neige\n一只红狐狸\n").unwrap();
+    let run = |policy: &str| -> Vec<Vec<u8>> {
+        let out = dir.join(policy);
+        ok(&gen(
+            &model(M18),
+            &[
+                "--prompt-file",
+                prompts.to_str().unwrap(),
+                "--seed",
+                "7",
+                "--steps",
+                "2",
+                "--load-policy",
+                policy,
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        ));
+        let mut files: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 2, "{files:?}");
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    };
+    let keep = run("keep");
+    assert_eq!(run("per-stage"), keep);
+    assert_eq!(run("auto"), keep);
+}
+
+/// A tensor missing from (or misshapen in) the VAE, the last network to run, is found at start-up
+/// under every load policy: exit 2 naming the tensor, before any denoising, no image written.
+#[test]
+fn broken_vae_tensors_fail_before_any_work() {
+    use candle_core::Tensor;
+    let cases: [(&str, fn(&mut std::collections::HashMap<String, Tensor>)); 2] = [
+        ("missing", |t| {
+            t.remove("decoder.conv_out.weight");
+        }),
+        ("misshapen", |t| {
+            let w = t["decoder.conv_in.bias"].narrow(0, 0, 3).unwrap();
+            t.insert("decoder.conv_in.bias".into(), w);
+        }),
+    ];
+    for (name, edit) in cases {
+        let m = copy_model(M9, &format!("vae-{name}"));
+        let w = m.join("vae/diffusion_pytorch_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
+        edit(&mut tensors);
+        candle_core::safetensors::save(&tensors, &w).unwrap();
+        for policy in ["auto", "per-stage", "keep"] {
+            let out_dir = m.join(format!("out-{policy}"));
+            let out = altdiff(&[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "a",
+                "--seed",
+                "1",
+                "--steps",
+                "1",
+                "--load-policy",
+                policy,
+                "--output",
+                out_dir.to_str().unwrap(),
+                "-vv",
+            ]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{name} {policy}: {err}");
+            assert!(
+                err.contains("cannot load the VAE"),
+                "{name} {policy}: {err}"
+            );
+            let tensor = if name == "missing" {
+                "decoder.conv_out.weight"
+            } else {
+                "decoder.conv_in.bias"
+            };
+            assert!(err.contains(tensor), "{name} {policy}: {err}");
+            assert!(
+                !err.contains("step 1/1"),
+                "{name} {policy}: work started: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(!out_dir.exists() || std::fs::read_dir(&out_dir).unwrap().count() == 0);
+        }
+    }
+}

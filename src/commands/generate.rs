@@ -22,7 +22,7 @@ use crate::error::{Error, Result, TensorContext};
 use crate::lang::{self, ModelLanguages};
 use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
-use crate::options::{GenerateOptions, OutputTarget, Sampling};
+use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling};
 use crate::output::{NameFields, NameTemplate};
 use crate::pipeline::{Noise, Pipeline, Progress, Request, RgbImage};
 use crate::rng::TorchGenerator;
@@ -300,8 +300,15 @@ impl Bars {
     /// `unet_step_min_s`, `unet_step_median_s`, `total_s`.
     fn timings(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
+        let mut sums: Vec<(&str, f64)> = Vec::new();
         for (name, t) in &self.stages {
-            out.insert(format!("{name}_s"), round3(*t));
+            match sums.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += t,
+                None => sums.push((name, *t)),
+            }
+        }
+        for (name, t) in sums {
+            out.insert(format!("{name}_s"), round3(t));
         }
         if let Some((min, median)) = min_median(&self.step_times) {
             out.insert("unet_step_min_s".into(), round3(min));
@@ -553,8 +560,15 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         sp.enable_steady_tick(std::time::Duration::from_millis(120));
         sp
     });
+    let total_jobs = jobs.len();
+    let groups = group(jobs, opts.batch_size, shared_seed);
+    let policy = match opts.load_policy {
+        LoadPolicy::Auto if groups.len() <= 1 => LoadPolicy::PerStage,
+        LoadPolicy::Auto => LoadPolicy::Keep,
+        p => p,
+    };
     let load_started = Instant::now();
-    let pipeline = Pipeline::load(&files, &device, dtype);
+    let pipeline = Pipeline::load(&files, &device, dtype, policy);
     if let Some(sp) = spinner {
         sp.finish_and_clear();
     }
@@ -577,8 +591,6 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         summary: std::cell::RefCell::new(None),
     };
 
-    let total_jobs = jobs.len();
-    let groups = group(jobs, opts.batch_size, shared_seed);
     if opts.dump_tensors.is_some() && groups.len() > 1 {
         return Err(Error::usage(
             "--dump-tensors needs a single batch (use --prompt, not --prompt-file)",
@@ -632,7 +644,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             get("unet_step_median_s"),
             get("denoise_s"),
             get("decode_s"),
-            get("total_s") + get("load_s"),
+            get("total_s") + run.load_s,
             peak_rss().map_or_else(|| "unknown".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
         );
     }
@@ -751,7 +763,9 @@ fn run_group(
     bars.close_stage();
     let mut timings = bars.timings();
     if let Some(t) = timings.as_object_mut() {
-        t.insert("load_s".into(), round3(run.load_s));
+        // Start-up loading plus this batch's own component loads (per-stage loading).
+        let staged = t.get("load_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        t.insert("load_s".into(), round3(run.load_s + staged));
     }
     *run.summary.borrow_mut() = Some(timings.clone());
     for (p, dropped) in &out.truncated {

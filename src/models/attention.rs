@@ -65,10 +65,11 @@ impl Attention {
     }
 }
 
-/// The largest score matrix materialised at once (f32 elements: 128 MiB). Self-attention at 512 px
-/// has 4096 x 4096 scores per head (671 MB with guidance for m18's first blocks), at 1024 px sixteen
-/// times that, so queries are processed in blocks of rows that fit.
-pub(crate) const MAX_SCORE_ELEMENTS: usize = 32 << 20;
+/// The largest score matrix materialised at once (f32 elements: 32 MiB, and as much again for the
+/// softmax). Self-attention at 512 px has 4096 x 4096 scores per head (671 MB with guidance for
+/// m18's first blocks), at 1024 px sixteen times that, so queries are processed in blocks of rows
+/// that fit; blocks of a few hundred rows keep the matmuls efficient.
+pub(crate) const MAX_SCORE_ELEMENTS: usize = 8 << 20;
 
 /// softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D], in blocks of query rows so that
 /// at most `max_elements` scores exist at a time. Each row's softmax only involves its own scores, so

@@ -174,7 +174,7 @@ impl TextEncoder {
 
     /// Longest sequence the position embeddings allow.
     pub fn max_tokens(&self) -> usize {
-        self.max_positions.saturating_sub(self.padding_idx + 1)
+        max_tokens(self.max_positions, self.padding_idx)
     }
 
     /// Encodes `input_ids` ([B, L], u32) with `attention_mask` (same shape, 1 for real tokens) into
@@ -214,6 +214,12 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> candle_core::Result<Ten
     let l = rows.first().map_or(0, Vec::len);
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Tensor::from_vec(flat, (rows.len(), l), device)
+}
+
+/// Longest sequence that `max_position_embeddings` positions allow: positions start after
+/// `padding_idx` (transformers' `create_position_ids_from_input_ids`).
+pub fn max_tokens(max_positions: usize, padding_idx: usize) -> usize {
+    max_positions.saturating_sub(padding_idx + 1)
 }
 
 #[cfg(test)]
