@@ -492,8 +492,8 @@ fn load_policies_give_identical_images() {
 /// under every load policy: exit 2 naming the tensor, before any denoising, no image written.
 #[test]
 fn broken_vae_tensors_fail_before_any_work() {
-    use candle_core::Tensor;
-    let cases: [(&str, fn(&mut std::collections::HashMap<String, Tensor>)); 2] = [
+    type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
+    let cases: [(&str, fn(&mut Tensors)); 2] = [
         ("missing", |t| {
             t.remove("decoder.conv_out.weight");
         }),
