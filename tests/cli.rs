@@ -493,7 +493,8 @@ fn load_policies_give_identical_images() {
 #[test]
 fn broken_vae_tensors_fail_before_any_work() {
     type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
-    let cases: [(&str, fn(&mut Tensors)); 2] = [
+    type Edit = fn(&mut Tensors);
+    let cases: [(&str, Edit); 2] = [
         ("missing", |t| {
             t.remove("decoder.conv_out.weight");
         }),
