@@ -13,6 +13,7 @@ use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result, TensorContext};
 
@@ -358,7 +359,25 @@ pub fn var_builder(
         format!("cannot read weights {}", names.join(", "))
     };
     match weights.format {
+        WeightFormat::Safetensors if device.is_cpu() => {
+            // On the CPU every tensor is copied out of the map now, in parallel: the copy (and the
+            // kernel zeroing the new pages) is the whole cost of loading, and two cores do it in
+            // about half the time. Tensors no network asks for (the VAE's encoder) are freed as
+            // soon as the network is built.
+            let mapped = MappedSafetensors::open(&weights.files)?;
+            let tensors = mapped
+                .index
+                .par_iter()
+                .map(|(name, _)| {
+                    let t = mapped.load(name)?.to_dtype(dtype)?;
+                    Ok((name.clone(), t))
+                })
+                .collect::<candle_core::Result<HashMap<_, _>>>()
+                .context(names)?;
+            Ok(VarBuilder::from_tensors(tensors, dtype, device))
+        }
         WeightFormat::Safetensors => {
+            // On GPUs each tensor is read when the network asks for it.
             let mapped = MappedSafetensors::open(&weights.files)?;
             Ok(VarBuilder::from_backend(
                 Box::new(mapped),
