@@ -31,3 +31,17 @@ pub fn tokenizer_cases() -> Vec<(String, Vec<u32>, Vec<u32>)> {
         })
         .collect()
 }
+
+/// The largest |a - b| of two tensors of the same shape, as f32.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -392,6 +392,7 @@ fn im2col(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
     use candle_core::Device;
 
     fn values(n: usize, phase: f32) -> Vec<f32> {
@@ -539,8 +540,7 @@ mod tests {
             .forward(&x)
             .unwrap();
         let got = conv.forward(&x).unwrap();
-        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs_diff(&got, &want) < 1e-4);
         // A non-contiguous input (transposed twice back to NCHW order) and forward_add.
         let xt = x
             .transpose(2, 3)
@@ -550,20 +550,13 @@ mod tests {
             .transpose(2, 3)
             .unwrap();
         let got = conv.forward_add(&xt, &want).unwrap();
-        let d = (got - (&want * 2.0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs_diff(&got, &(&want * 2.0).unwrap()) < 1e-4);
         // Grouped convolutions go to candle.
         let wg = Tensor::from_vec(values(6 * 2 * 9, 0.5), (6, 2, 3, 3), &dev).unwrap();
         let gcfg = Conv2dConfig { groups: 2, ..cfg };
         let got = Conv2d::new(wg.clone(), None, gcfg).forward(&x).unwrap();
         let want = candle_nn::Conv2d::new(wg, None, gcfg).forward(&x).unwrap();
-        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&got, &want), 0.0);
     }
 
     #[test]

@@ -172,14 +172,7 @@ mod tests {
             let x = Tensor::from_vec(v, shape.as_slice(), &dev).unwrap();
             let want = candle_nn::ops::softmax_last_dim(&(&x * scale).unwrap()).unwrap();
             let got = softmax_scaled_last_dim(x.copy().unwrap(), scale).unwrap();
-            let d = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::test_support::max_abs_diff(&got, &want);
             assert!(d < 1e-6, "{shape:?}: {d}");
         }
     }

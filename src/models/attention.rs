@@ -105,6 +105,7 @@ pub(crate) fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
     use candle_core::Device;
 
     /// The chunked feed-forward gives the one-pass numbers.
@@ -132,14 +133,7 @@ mod tests {
         let xs = Tensor::randn(0f32, 1.0, (2, 37, 4), &dev).unwrap();
         let whole = ff.forward_chunk(&xs).unwrap();
         for max in [1, 2, 10, 74, 1000] {
-            let d = (ff.forward_chunked(&xs, max).unwrap() - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&ff.forward_chunked(&xs, max).unwrap(), &whole);
             assert!(d < 1e-5, "max tokens {max}: {d}");
         }
     }
@@ -160,14 +154,7 @@ mod tests {
         };
         for max in [1, 2 * 3 * 29 * 5, 2 * 3 * 29 * 36, usize::MAX] {
             let blocked = attend(&q, &k, &v, 0.3, max).unwrap();
-            let d = (blocked - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&blocked, &plain);
             assert!(d < 1e-6, "max elements {max}: {d}");
         }
     }
