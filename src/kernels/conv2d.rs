@@ -18,7 +18,7 @@ use rayon::prelude::*;
 /// Floats in one im2col tile (8 MiB): stays in the last-level cache between the unfold and the gemm.
 const TILE_ELEMS: usize = 1 << 21;
 
-/// A convolution layer with diffusers' weight names (`weight` [co, ci, kh, kw], `bias` [co]).
+/// A convolution layer with diffusers' weight names (`weight` of shape `[co, ci, kh, kw]`, `bias` `[co]`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
