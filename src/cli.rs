@@ -53,6 +53,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List the languages AltDiffusion m9 and m18 were trained on.
     Languages(LanguagesArgs),
+    /// List the schedulers (samplers) that --scheduler accepts, one line each.
+    Schedulers(SchedulersArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -75,6 +77,14 @@ pub struct LanguagesArgs {
     /// config decides).
     #[arg(long, short = 'm', value_name = "m9|m18|DIR|REPO")]
     pub model: Option<String>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `altdiff schedulers`.
+#[derive(Debug, Args)]
+pub struct SchedulersArgs {
     /// Print a JSON array.
     #[arg(long)]
     pub json: bool,
@@ -186,7 +196,7 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale [default: 7.5]; 1 or less turns guidance off.
     #[arg(long, short = 'g', allow_negative_numbers = true)]
     pub guidance: Option<f64>,
-    /// Scheduler; default: the model's own (scheduler/scheduler_config.json).
+    /// Scheduler: pndm, ddim or euler (`altdiff schedulers` lists them); default: the model's own (scheduler/scheduler_config.json).
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub scheduler: Option<SchedulerKind>,
     /// Image height in pixels (a multiple of 8); default: the UNet's sample_size x the VAE factor.
@@ -248,8 +258,12 @@ pub struct GenerateArgs {
 }
 
 fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
-    SchedulerKind::parse(s)
-        .ok_or_else(|| format!("unknown scheduler `{s}` (expected pndm or ddim)"))
+    SchedulerKind::parse(s).ok_or_else(|| {
+        format!(
+            "unknown scheduler `{s}` (expected one of: {})",
+            SchedulerKind::names()
+        )
+    })
 }
 
 impl GenerateArgs {

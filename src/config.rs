@@ -658,6 +658,22 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<String>,
     /// Rescale betas to zero terminal SNR (unsupported when true).
     pub rescale_betas_zero_snr: Option<bool>,
+    /// Euler: how sigmas are interpolated at the timesteps (`linear`; `log_linear` unsupported).
+    pub interpolation_type: Option<String>,
+    /// Sigma-based schedulers: Karras sigmas (default false).
+    pub use_karras_sigmas: Option<bool>,
+    /// Sigma-based schedulers: exponential sigmas (unsupported when true).
+    pub use_exponential_sigmas: Option<bool>,
+    /// Sigma-based schedulers: beta sigmas (unsupported when true).
+    pub use_beta_sigmas: Option<bool>,
+    /// Sigma-based schedulers: the smallest sigma of a Karras schedule.
+    pub sigma_min: Option<f64>,
+    /// Sigma-based schedulers: the largest sigma of a Karras schedule.
+    pub sigma_max: Option<f64>,
+    /// Euler: `discrete` or `continuous` timesteps.
+    pub timestep_type: Option<String>,
+    /// Sigma-based schedulers: the last sigma, `zero` or `sigma_min`.
+    pub final_sigmas_type: Option<String>,
 }
 
 impl SchedulerConfig {

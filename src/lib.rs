@@ -91,6 +91,7 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
             };
             done(commands::languages::run(model, a.json))
         }
+        cli::Command::Schedulers(a) => done(commands::schedulers::run(a.json)),
         cli::Command::Completions(a) => {
             let mut cmd = <cli::Cli as clap::CommandFactory>::command();
             clap_complete::generate(a.shell, &mut cmd, "altdiff", &mut std::io::stdout());

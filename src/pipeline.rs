@@ -249,7 +249,10 @@ impl Pipeline {
                 return Err(Error::config(
                     &self.files.scheduler_config,
                     "_class_name",
-                    "this scheduler is not supported; pick one with --scheduler pndm|ddim",
+                    format!(
+                        "this scheduler is not supported; pick one with --scheduler ({})",
+                        schedulers::SchedulerKind::names()
+                    ),
                 ))
             }
         };

@@ -548,3 +548,54 @@ fn broken_vae_tensors_fail_before_any_work() {
         }
     }
 }
+
+/// `--scheduler euler` runs end to end, is recorded in the PNG (webui's "Euler"), and a batch line's
+/// `--sampler_name Euler` selects it; `altdiff schedulers` lists it.
+#[test]
+fn euler_scheduler_end_to_end() {
+    let dir = scratch("euler");
+    let out = dir.join("e.png");
+    ok(&gen(
+        &model(M18),
+        &[
+            "--prompt",
+            "un renard roux",
+            "--seed",
+            "3",
+            "--steps",
+            "3",
+            "--scheduler",
+            "euler",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let text = png_text(out.to_str().unwrap());
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("Sampler: Euler,"), "{params}");
+    let prompts = dir.join("p.txt");
+    std::fs::write(
+        &prompts,
+        "--prompt \"un renard roux\" --sampler_name Euler\n",
+    )
+    .unwrap();
+    let batch = dir.join("batch");
+    let stdout = ok(&gen(
+        &model(M18),
+        &[
+            "--prompt-file",
+            prompts.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--steps",
+            "3",
+            "--json",
+            "--output",
+            batch.to_str().unwrap(),
+        ],
+    ));
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(line["scheduler"], "euler");
+    let list = ok(&altdiff(&["schedulers"]));
+    assert!(list.lines().any(|l| l.starts_with("euler ")), "{list}");
+}

@@ -155,6 +155,10 @@ fn m18_long_prompt_truncated() {
 fn m18_non_square_two_images() {
     run_case("m18-nonsquare-two-images");
 }
+#[test]
+fn m18_euler() {
+    run_case("m18-euler");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

@@ -125,7 +125,10 @@ fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result
         Some(name) => {
             let n = batch::normalize_sampler(name);
             Some(SchedulerKind::parse(&n).ok_or_else(|| {
-                format!("scheduler `{name}` is not supported (expected pndm or ddim)")
+                format!(
+                    "scheduler `{name}` is not supported (expected one of: {})",
+                    SchedulerKind::names()
+                )
             })?)
         }
     };

@@ -5,6 +5,7 @@ pub mod download;
 pub mod generate;
 pub mod info;
 pub mod languages;
+pub mod schedulers;
 pub mod tokenize;
 
 use crate::error::Result;

@@ -120,7 +120,7 @@ impl Spacing {
 }
 
 /// numpy's `linspace(start, stop, num)` for float64 (endpoint included, last value set to `stop`).
-fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     if num == 1 {
         return vec![start];
     }
@@ -134,7 +134,7 @@ fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 /// numpy's `arange(start, stop, step)` for float64: length `ceil((stop - start) / step)`, then
 /// `start`, `start + step`, and `start + i * ((start + step) - start)` from the third value on.
-fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil().max(0.0) as usize;
     let second = start + step;
     let delta = second - start;

@@ -6,6 +6,7 @@
 
 mod common;
 pub mod ddim;
+pub mod euler;
 pub mod pndm;
 
 use std::path::Path;
@@ -22,6 +23,8 @@ pub enum SchedulerKind {
     Pndm,
     /// diffusers' `DDIMScheduler` with eta 0.
     Ddim,
+    /// diffusers' `EulerDiscreteScheduler` (deterministic).
+    Euler,
 }
 
 impl SchedulerKind {
@@ -30,17 +33,22 @@ impl SchedulerKind {
         match class {
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
             _ => None,
         }
     }
 
-    /// The kind for a command-line name (`pndm` or `ddim`, any case).
+    /// Every scheduler, in the order `altdiff schedulers` lists them.
+    pub const ALL: [SchedulerKind; 3] = [
+        SchedulerKind::Pndm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+    ];
+
+    /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
     pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "pndm" => Some(SchedulerKind::Pndm),
-            "ddim" => Some(SchedulerKind::Ddim),
-            _ => None,
-        }
+        let name = name.to_ascii_lowercase();
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// The command-line name.
@@ -48,7 +56,35 @@ impl SchedulerKind {
         match self {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
         }
+    }
+
+    /// The diffusers class it reproduces.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+        }
+    }
+
+    /// One line on what it does.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => {
+                "PLMS (pseudo linear multistep), AltDiffusion's own scheduler; the default"
+            }
+            SchedulerKind::Ddim => "DDIM, deterministic (eta 0)",
+            SchedulerKind::Euler => {
+                "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
+            }
+        }
+    }
+
+    /// The command-line names, comma-separated (for error messages).
+    pub fn names() -> String {
+        Self::ALL.map(|k| k.name()).join(", ")
     }
 }
 
@@ -65,6 +101,7 @@ pub fn build(
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, config_path, steps)?),
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, config_path, steps)?),
+        SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, config_path, steps)?),
     })
 }
 
@@ -99,9 +136,9 @@ mod tests {
     use crate::error::{Error, TensorContext};
 
     /// Absolute tolerance of every recorded sample.
-    const ATOL: f32 = 1e-5;
+    pub(super) const ATOL: f32 = 1e-5;
     /// Relative tolerance of every recorded sample.
-    const RTOL: f32 = 1e-4;
+    pub(super) const RTOL: f32 = 1e-4;
 
     fn fixture() -> Value {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers.json");
@@ -125,7 +162,7 @@ mod tests {
             .collect()
     }
 
-    fn floats(v: &Value) -> Vec<f32> {
+    pub(super) fn floats(v: &Value) -> Vec<f32> {
         v.as_array()
             .expect("float array")
             .iter()
@@ -133,7 +170,7 @@ mod tests {
             .collect()
     }
 
-    fn tensor(v: &Value) -> Tensor {
+    pub(super) fn tensor(v: &Value) -> Tensor {
         Tensor::from_vec(floats(v), (1, 2, 3, 3), &Device::Cpu).expect("fixture tensor")
     }
 
@@ -179,6 +216,7 @@ mod tests {
         let schedule = match kind {
             SchedulerKind::Pndm => pndm::PndmScheduler::new(&cfg, &path, 5)?.schedule,
             SchedulerKind::Ddim => ddim::DdimScheduler::new(&cfg, &path, 5)?.schedule,
+            SchedulerKind::Euler => panic!("{name}: Euler cases have their own check"),
         };
         let final_alpha = case["final_alpha_cumprod"].as_f64().expect("final alpha") as f32;
         assert_eq!(
@@ -249,7 +287,14 @@ mod tests {
             assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
         }
         assert_eq!(SchedulerKind::parse("DDIM"), Some(SchedulerKind::Ddim));
-        assert_eq!(SchedulerKind::parse("euler"), None);
+        assert_eq!(SchedulerKind::parse("Euler"), Some(SchedulerKind::Euler));
+        assert_eq!(SchedulerKind::parse("lms"), None);
+        for kind in SchedulerKind::ALL {
+            assert_eq!(
+                SchedulerKind::from_class_name(kind.class_name()),
+                Some(kind)
+            );
+        }
         assert_eq!(
             SchedulerKind::from_class_name("PNDMScheduler"),
             Some(SchedulerKind::Pndm)
@@ -264,7 +309,7 @@ mod tests {
     #[test]
     fn build_rejects_zero_steps() {
         let path = Path::new("scheduler/scheduler_config.json");
-        for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+        for kind in SchedulerKind::ALL {
             let r = build(kind, &SchedulerConfig::default(), path, 0);
             assert!(matches!(r, Err(Error::Usage(_))), "{kind:?}");
         }
@@ -277,7 +322,7 @@ mod tests {
             beta_schedule: Some("cubic".into()),
             ..Default::default()
         };
-        for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
+        for kind in SchedulerKind::ALL {
             let err = build(kind, &cfg, path, 10).err().expect("config error");
             let msg = err.to_string();
             assert!(
