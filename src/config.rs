@@ -674,6 +674,26 @@ pub struct SchedulerConfig {
     pub timestep_type: Option<String>,
     /// Sigma-based schedulers: the last sigma, `zero` or `sigma_min`.
     pub final_sigmas_type: Option<String>,
+    /// DPM-Solver: `dpmsolver++` (others unsupported).
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver: multistep order (1 or 2; default 2).
+    pub solver_order: Option<usize>,
+    /// DPM-Solver: second-order formula, `midpoint` (default) or `heun`.
+    pub solver_type: Option<String>,
+    /// DPM-Solver: first-order final steps below 15 steps (default true).
+    pub lower_order_final: Option<bool>,
+    /// DPM-Solver: a first-order (Euler) final step (default false).
+    pub euler_at_final: Option<bool>,
+    /// DPM-Solver: uniform log-SNR steps (unsupported when true).
+    pub use_lu_lambdas: Option<bool>,
+    /// Flow-matching sigmas (unsupported when true).
+    pub use_flow_sigmas: Option<bool>,
+    /// Resolution-dependent timestep shifting (unsupported when true).
+    pub use_dynamic_shifting: Option<bool>,
+    /// DPM-Solver: clipping of lambda (only the default, -inf, is supported).
+    pub lambda_min_clipped: Option<f64>,
+    /// Learned variance outputs (`learned`, `learned_range`: unsupported).
+    pub variance_type: Option<String>,
 }
 
 impl SchedulerConfig {

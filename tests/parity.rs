@@ -159,6 +159,10 @@ fn m18_non_square_two_images() {
 fn m18_euler() {
     run_case("m18-euler");
 }
+#[test]
+fn m9_dpmpp_2m() {
+    run_case("m9-dpmpp2m");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

@@ -70,7 +70,7 @@ mod tests {
             .iter()
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["pndm", "ddim", "euler"]);
+        assert_eq!(names, ["pndm", "ddim", "euler", "dpm++2m"]);
         for n in names {
             assert!(SchedulerKind::parse(n).is_some());
         }

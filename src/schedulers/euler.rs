@@ -155,11 +155,6 @@ impl EulerScheduler {
         })
     }
 
-    /// The sigmas: one per timestep, then the final one.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     fn sigma(&self, i: usize) -> Result<f32> {
         self.sigmas.get(i).copied().ok_or_else(|| {
             Error::usage(format!(
@@ -193,6 +188,10 @@ impl Scheduler for EulerScheduler {
         self.init_sigma() as f64
     }
 
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
     /// `sample / sqrt(sigma^2 + 1)` with the sigma of the coming step.
     fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
         let sigma = self.sigma(self.step_index)?;
@@ -220,72 +219,15 @@ impl Scheduler for EulerScheduler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{fixture_cases, floats, tensor, ATOL, RTOL};
+    use super::super::tests::{check_sigma_case, fixture_cases};
     use super::*;
-    use std::path::PathBuf;
 
-    /// Timesteps, sigmas, the initial noise scale and closed loops of `scale_model_input` + `step`
-    /// against diffusers' records.
     #[test]
     fn euler_matches_diffusers() -> Result<()> {
         let cases = fixture_cases("euler");
         assert!(cases.len() >= 5, "fixture has too few Euler cases");
         for case in &cases {
-            let name = case["name"].as_str().expect("name");
-            let cfg: SchedulerConfig =
-                serde_json::from_value(case["config"].clone()).expect("config");
-            let path = PathBuf::from(format!("{name}/scheduler_config.json"));
-            for (n, rec) in case["schedules"].as_object().expect("schedules") {
-                let steps: usize = n.parse().expect("step count");
-                let s = EulerScheduler::new(&cfg, &path, steps)?;
-                let want_t = floats(&rec["timesteps"]);
-                let got_t: Vec<f32> = s.timesteps().iter().map(|&t| t as f32).collect();
-                assert_eq!(got_t, want_t, "{name}: timesteps for {steps} steps");
-                // An ulp or so: torch's sqrt is MKL's vsSqrt, not correctly rounded.
-                let rtol = case["sigmas_rtol"].as_f64().expect("sigmas_rtol") as f32;
-                let want_s = floats(&rec["sigmas"]);
-                assert_eq!(s.sigmas().len(), want_s.len(), "{name}: {steps} steps");
-                let want_init = rec["init_noise_sigma"].as_f64().expect("init") as f32;
-                for (g, w) in s
-                    .sigmas()
-                    .iter()
-                    .chain([&s.init_sigma()])
-                    .zip(want_s.iter().chain([&want_init]))
-                {
-                    assert!(
-                        (g - w).abs() <= rtol * w.abs(),
-                        "{name}: sigma / init_noise_sigma for {steps} steps: {g} vs diffusers {w}"
-                    );
-                }
-            }
-            for lp in case["loops"].as_array().expect("loops") {
-                let steps = lp["steps"].as_u64().expect("steps") as usize;
-                let mut s = EulerScheduler::new(&cfg, &path, steps)?;
-                let mut sample = tensor(&lp["sample"]);
-                let outputs = lp["model_outputs"].as_array().expect("outputs");
-                let scaled = lp["scaled"].as_array().expect("scaled");
-                let prev = lp["prev_samples"].as_array().expect("prev");
-                let ts = s.timesteps().to_vec();
-                assert_eq!(ts.len(), outputs.len(), "{name}: loop length");
-                for (i, &t) in ts.iter().enumerate() {
-                    let check = |got: &Tensor, want: &serde_json::Value, what: &str| {
-                        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-                        for (g, w) in got.iter().zip(floats(want)) {
-                            assert!(
-                                (g - w).abs() <= ATOL + RTOL * w.abs(),
-                                "{name}: {steps} steps, step {i}, {what}: {g} vs diffusers {w}"
-                            );
-                        }
-                    };
-                    check(
-                        &s.scale_model_input(sample.clone(), t)?,
-                        &scaled[i],
-                        "scaled input",
-                    );
-                    sample = s.step(&tensor(&outputs[i]), t, &sample)?;
-                    check(&sample, &prev[i], "prev sample");
-                }
-            }
+            check_sigma_case(case)?;
         }
         Ok(())
     }

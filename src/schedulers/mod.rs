@@ -6,6 +6,7 @@
 
 mod common;
 pub mod ddim;
+pub mod dpm;
 pub mod euler;
 pub mod pndm;
 
@@ -25,6 +26,8 @@ pub enum SchedulerKind {
     Ddim,
     /// diffusers' `EulerDiscreteScheduler` (deterministic).
     Euler,
+    /// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, order 2): webui's DPM++ 2M.
+    DpmPp2m,
 }
 
 impl SchedulerKind {
@@ -34,15 +37,17 @@ impl SchedulerKind {
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
             "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
             _ => None,
         }
     }
 
     /// Every scheduler, in the order `altdiff schedulers` lists them.
-    pub const ALL: [SchedulerKind; 3] = [
+    pub const ALL: [SchedulerKind; 4] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
+        SchedulerKind::DpmPp2m,
     ];
 
     /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
@@ -57,6 +62,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::DpmPp2m => "dpm++2m",
         }
     }
 
@@ -66,6 +72,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
         }
     }
 
@@ -79,6 +86,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => {
                 "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
             }
+            SchedulerKind::DpmPp2m => "DPM-Solver++ multistep, second order, deterministic",
         }
     }
 
@@ -102,6 +110,9 @@ pub fn build(
         SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, config_path, steps)?),
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, config_path, steps)?),
         SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, config_path, steps)?),
+        SchedulerKind::DpmPp2m => {
+            Box::new(dpm::DpmSolverScheduler::new(config, config_path, steps)?)
+        }
     })
 }
 
@@ -117,6 +128,10 @@ pub trait Scheduler {
     /// Scales the UNet input for `timestep` (identity unless the scheduler works in sigmas).
     fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
         Ok(sample)
+    }
+    /// The sigma schedule (one per timestep, then the final one) of sigma-based schedulers.
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
     }
     /// Advances one step: the UNet's output at `timestep` for `sample` gives the next sample.
     fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor>;
@@ -216,7 +231,7 @@ mod tests {
         let schedule = match kind {
             SchedulerKind::Pndm => pndm::PndmScheduler::new(&cfg, &path, 5)?.schedule,
             SchedulerKind::Ddim => ddim::DdimScheduler::new(&cfg, &path, 5)?.schedule,
-            SchedulerKind::Euler => panic!("{name}: Euler cases have their own check"),
+            other => panic!("{name}: {other:?} cases go through check_sigma_case"),
         };
         let final_alpha = case["final_alpha_cumprod"].as_f64().expect("final alpha") as f32;
         assert_eq!(
@@ -279,6 +294,71 @@ mod tests {
         }
         eprintln!("{name}: max |deviation| / (1 + |expected|) = {max_dev:e}");
         Ok(max_dev)
+    }
+
+    /// Checks a sigma-based scheduler's fixture case (Euler, DPM-Solver): timesteps exactly, sigmas
+    /// and `init_noise_sigma` to `sigmas_rtol` (torch's sqrt is MKL's, not correctly rounded), and
+    /// closed loops of `scale_model_input` + `step` within `ATOL + RTOL * |expected|`.
+    pub(super) fn check_sigma_case(case: &Value) -> Result<()> {
+        let name = case["name"].as_str().expect("name");
+        let kind = SchedulerKind::parse(case["kind"].as_str().expect("kind")).expect("known kind");
+        let cfg: SchedulerConfig = serde_json::from_value(case["config"].clone()).expect("config");
+        let path = PathBuf::from(format!("{name}/scheduler_config.json"));
+        let rtol = case["sigmas_rtol"].as_f64().expect("sigmas_rtol") as f32;
+        for (n, rec) in case["schedules"].as_object().expect("schedules") {
+            let steps: usize = n.parse().expect("step count");
+            let s = build(kind, &cfg, &path, steps)?;
+            let got_t: Vec<f32> = s.timesteps().iter().map(|&t| t as f32).collect();
+            assert_eq!(
+                got_t,
+                floats(&rec["timesteps"]),
+                "{name}: timesteps for {steps} steps"
+            );
+            let want_s = floats(&rec["sigmas"]);
+            let got_s = s.sigmas().expect("sigma-based scheduler");
+            assert_eq!(got_s.len(), want_s.len(), "{name}: {steps} steps");
+            let want_init = rec["init_noise_sigma"].as_f64().expect("init") as f32;
+            let got_init = s.init_noise_sigma() as f32;
+            for (g, w) in got_s
+                .iter()
+                .chain([&got_init])
+                .zip(want_s.iter().chain([&want_init]))
+            {
+                assert!(
+                    (g - w).abs() <= rtol * w.abs(),
+                    "{name}: sigma / init_noise_sigma for {steps} steps: {g} vs diffusers {w}"
+                );
+            }
+        }
+        for lp in case["loops"].as_array().expect("loops") {
+            let steps = lp["steps"].as_u64().expect("steps") as usize;
+            let mut s = build(kind, &cfg, &path, steps)?;
+            let mut sample = tensor(&lp["sample"]);
+            let outputs = lp["model_outputs"].as_array().expect("outputs");
+            let scaled = lp["scaled"].as_array().expect("scaled");
+            let prev = lp["prev_samples"].as_array().expect("prev");
+            let ts = s.timesteps().to_vec();
+            assert_eq!(ts.len(), outputs.len(), "{name}: loop length");
+            for (i, &t) in ts.iter().enumerate() {
+                let check = |got: &Tensor, want: &Value, what: &str| {
+                    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                    for (g, w) in got.iter().zip(floats(want)) {
+                        assert!(
+                            (g - w).abs() <= ATOL + RTOL * w.abs(),
+                            "{name}: {steps} steps, step {i}, {what}: {g} vs diffusers {w}"
+                        );
+                    }
+                };
+                check(
+                    &s.scale_model_input(sample.clone(), t)?,
+                    &scaled[i],
+                    "scaled input",
+                );
+                sample = s.step(&tensor(&outputs[i]), t, &sample)?;
+                check(&sample, &prev[i], "prev sample");
+            }
+        }
+        Ok(())
     }
 
     #[test]

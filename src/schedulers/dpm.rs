@@ -1,0 +1,342 @@
+//! diffusers' `DPMSolverMultistepScheduler` as webui's "DPM++ 2M": `algorithm_type = dpmsolver++`,
+//! deterministic, multistep of order 1 or 2 (`solver_order`, default 2), `midpoint` or `heun`
+//! second-order formula.
+//!
+//! Owned because candle-transformers' DPM-Solver++ computes its timesteps and lambdas its own way;
+//! this follows diffusers 0.35.2 `set_timesteps`, `convert_model_output`,
+//! `dpm_solver_first_order_update`, `multistep_dpm_solver_second_order_update` and `step` operation
+//! by operation, with float32 scalars as torch uses them (the lambdas `log(alpha) - log(sigma)` of
+//! each step's sigmas, the final step to sigma 0 taken as a first-order step).
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::common::{add, div, mul, numpy_arange, numpy_linspace, sub, NoiseSchedule, Prediction};
+use super::Scheduler;
+use crate::config::SchedulerConfig;
+use crate::error::{Error, Result};
+
+/// The second-order formula (`solver_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SolverType {
+    Midpoint,
+    Heun,
+}
+
+/// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++), set up for one run.
+#[derive(Debug)]
+pub struct DpmSolverScheduler {
+    prediction: Prediction,
+    solver_order: usize,
+    solver_type: SolverType,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    final_zero: bool,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    step_index: usize,
+    /// The converted outputs (x0 predictions) of the last `solver_order` steps, newest last.
+    model_outputs: Vec<Option<Tensor>>,
+    lower_order_nums: usize,
+}
+
+/// `(alpha_t, sigma_t)` of a sigma: `1 / sqrt(sigma^2 + 1)` and `sigma * alpha_t`, in f32.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// `log(alpha) - log(sigma)` (infinite for sigma 0, as torch gives).
+fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+impl DpmSolverScheduler {
+    /// Builds the scheduler from `scheduler_config.json` (path for errors) for `steps` steps, as
+    /// `DPMSolverMultistepScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
+    pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
+        let unsupported =
+            |field: &str, what: String| -> Result<Self> { Err(Error::config(path, field, what)) };
+        let algorithm = cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+        if algorithm != "dpmsolver++" {
+            return unsupported(
+                "algorithm_type",
+                format!("`{algorithm}` is not supported by altdiff's DPM-Solver (supported: dpmsolver++)"),
+            );
+        }
+        let solver_order = cfg.solver_order.unwrap_or(2);
+        if !(1..=2).contains(&solver_order) {
+            return unsupported(
+                "solver_order",
+                format!(
+                    "{solver_order} is not supported by altdiff's DPM-Solver (supported: 1, 2)"
+                ),
+            );
+        }
+        let solver_type = match cfg.solver_type.as_deref().unwrap_or("midpoint") {
+            // diffusers maps the DEIS / UniPC names to midpoint.
+            "midpoint" | "logrho" | "bh1" | "bh2" => SolverType::Midpoint,
+            "heun" => SolverType::Heun,
+            other => {
+                return unsupported(
+                    "solver_type",
+                    format!("`{other}` is not supported (supported: midpoint, heun)"),
+                )
+            }
+        };
+        for (field, on) in [
+            ("thresholding", cfg.thresholding),
+            ("use_karras_sigmas", cfg.use_karras_sigmas),
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("use_lu_lambdas", cfg.use_lu_lambdas),
+            ("use_flow_sigmas", cfg.use_flow_sigmas),
+            ("use_dynamic_shifting", cfg.use_dynamic_shifting),
+        ] {
+            if on.unwrap_or(false) {
+                return unsupported(
+                    field,
+                    "not supported by altdiff's DPM-Solver (supported: false)".into(),
+                );
+            }
+        }
+        if let Some(v) = cfg.lambda_min_clipped {
+            if v.is_finite() {
+                return unsupported(
+                    "lambda_min_clipped",
+                    format!("{v} is not supported by altdiff's DPM-Solver (supported: -inf)"),
+                );
+            }
+        }
+        if let Some(v @ ("learned" | "learned_range")) = cfg.variance_type.as_deref() {
+            return unsupported(
+                "variance_type",
+                format!("`{v}` is not supported by altdiff's DPM-Solver (supported: none)"),
+            );
+        }
+        let prediction = Prediction::parse(
+            cfg,
+            path,
+            &[
+                Prediction::Epsilon,
+                Prediction::Velocity,
+                Prediction::Sample,
+            ],
+        )?;
+        let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
+        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
+            if let Some(last) = schedule.alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        schedule.check_steps(steps)?;
+        let train = schedule.train_steps;
+        let timesteps: Vec<i64> = match cfg.timestep_spacing.as_deref().unwrap_or("linspace") {
+            "linspace" => {
+                let mut t: Vec<i64> = numpy_linspace(0.0, (train - 1) as f64, steps + 1)
+                    .into_iter()
+                    .rev()
+                    .map(|v| v.round_ties_even() as i64)
+                    .collect();
+                t.pop();
+                t
+            }
+            "leading" => {
+                let ratio = (train / (steps + 1)) as i64;
+                let offset = cfg.steps_offset.unwrap_or(0) as i64;
+                (1..=steps as i64)
+                    .rev()
+                    .map(|i| i * ratio + offset)
+                    .collect()
+            }
+            "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
+                .into_iter()
+                .map(|v| v.round_ties_even() as i64 - 1)
+                .collect(),
+            other => {
+                return unsupported(
+                    "timestep_spacing",
+                    format!("`{other}` is not supported (supported: linspace, leading, trailing)"),
+                )
+            }
+        };
+        let ac = &schedule.alphas_cumprod;
+        let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+        // np.interp at integer timesteps is the table entry (below 0: the first one).
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| train_sigmas[t.clamp(0, train as i64 - 1) as usize])
+            .collect();
+        let final_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
+            "zero" => true,
+            "sigma_min" => false,
+            other => {
+                return unsupported(
+                    "final_sigmas_type",
+                    format!("`{other}` is not supported (supported: zero, sigma_min)"),
+                )
+            }
+        };
+        sigmas.push(if final_zero { 0.0 } else { train_sigmas[0] });
+        let step_index = usize::from(timesteps.iter().filter(|&&t| t == timesteps[0]).count() > 1);
+        Ok(Self {
+            prediction,
+            solver_order,
+            solver_type,
+            lower_order_final: cfg.lower_order_final.unwrap_or(true),
+            euler_at_final: cfg.euler_at_final.unwrap_or(false),
+            final_zero,
+            timesteps: timesteps.into_iter().map(|t| t as f64).collect(),
+            sigmas,
+            step_index,
+            model_outputs: vec![None; solver_order],
+            lower_order_nums: 0,
+        })
+    }
+
+    fn sigma(&self, i: usize) -> Result<f32> {
+        self.sigmas.get(i).copied().ok_or_else(|| {
+            Error::usage(format!(
+                "DPM-Solver: step {} of a {}-step schedule",
+                i + 1,
+                self.timesteps.len()
+            ))
+        })
+    }
+
+    /// `convert_model_output`: the x0 prediction.
+    fn convert(&self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigma(self.step_index)?);
+        match self.prediction {
+            Prediction::Epsilon => div(&sub(sample, &mul(model_output, sigma)?)?, alpha),
+            Prediction::Sample => Ok(model_output.clone()),
+            Prediction::Velocity => sub(&mul(sample, alpha)?, &mul(model_output, sigma)?),
+        }
+    }
+}
+
+impl Scheduler for DpmSolverScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
+        let i = self.step_index;
+        let n = self.timesteps.len();
+        let lower_order_final = i + 1 == n
+            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
+        let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;
+        let x0 = self.convert(model_output, sample)?;
+        self.model_outputs.rotate_left(1);
+        if let Some(last) = self.model_outputs.last_mut() {
+            *last = Some(x0.clone());
+        }
+
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigma(i + 1)?);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigma(i)?);
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let h = lambda_t - lambda_s0;
+        let first = self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
+        let prev = if first {
+            // dpm_solver_first_order_update (dpmsolver++).
+            sub(
+                &mul(sample, sigma_t / sigma_s0)?,
+                &mul(&x0, alpha_t * ((-h).exp() - 1.0))?,
+            )?
+        } else {
+            // multistep_dpm_solver_second_order_update (dpmsolver++); solver_order is 2 here, so
+            // `lower_order_second` changes nothing.
+            let _ = lower_order_second;
+            let (alpha_s1, sigma_s1) = alpha_sigma(self.sigma(i - 1)?);
+            let lambda_s1 = lambda(alpha_s1, sigma_s1);
+            let h_0 = lambda_s0 - lambda_s1;
+            let r0 = h_0 / h;
+            let m1 = self.model_outputs[self.solver_order - 2]
+                .as_ref()
+                .ok_or_else(|| Error::usage("DPM-Solver: no previous model output"))?;
+            let d1 = mul(&sub(&x0, m1)?, 1.0 / r0)?;
+            let e = (-h).exp() - 1.0;
+            let base = sub(&mul(sample, sigma_t / sigma_s0)?, &mul(&x0, alpha_t * e)?)?;
+            match self.solver_type {
+                SolverType::Midpoint => sub(&base, &mul(&d1, 0.5 * (alpha_t * e))?)?,
+                SolverType::Heun => add(&base, &mul(&d1, alpha_t * (e / h + 1.0))?)?,
+            }
+        };
+        if self.lower_order_nums < self.solver_order {
+            self.lower_order_nums += 1;
+        }
+        self.step_index += 1;
+        Ok(prev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{check_sigma_case, fixture_cases};
+    use super::*;
+
+    #[test]
+    fn dpm_matches_diffusers() -> Result<()> {
+        let cases = fixture_cases("dpm++2m");
+        assert!(cases.len() >= 5, "fixture has too few DPM-Solver cases");
+        for case in &cases {
+            check_sigma_case(case)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dpm_config_errors() {
+        let path = Path::new("scheduler/scheduler_config.json");
+        let field_of = |cfg: SchedulerConfig| match DpmSolverScheduler::new(&cfg, path, 5) {
+            Err(Error::Config { field, .. }) => Some(field),
+            _ => None,
+        };
+        let cases = [
+            (
+                SchedulerConfig {
+                    algorithm_type: Some("sde-dpmsolver++".into()),
+                    ..Default::default()
+                },
+                "algorithm_type",
+            ),
+            (
+                SchedulerConfig {
+                    solver_order: Some(3),
+                    ..Default::default()
+                },
+                "solver_order",
+            ),
+            (
+                SchedulerConfig {
+                    use_karras_sigmas: Some(true),
+                    ..Default::default()
+                },
+                "use_karras_sigmas",
+            ),
+            (
+                SchedulerConfig {
+                    lambda_min_clipped: Some(-5.1),
+                    ..Default::default()
+                },
+                "lambda_min_clipped",
+            ),
+            (
+                SchedulerConfig {
+                    solver_type: Some("rk4".into()),
+                    ..Default::default()
+                },
+                "solver_type",
+            ),
+        ];
+        for (cfg, field) in cases {
+            assert_eq!(field_of(cfg).as_deref(), Some(field));
+        }
+    }
+}
