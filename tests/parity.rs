@@ -163,6 +163,10 @@ fn m18_euler() {
 fn m9_dpmpp_2m() {
     run_case("m9-dpmpp2m");
 }
+#[test]
+fn m18_dpmpp_2m_karras() {
+    run_case("m18-dpmpp2m-karras");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

@@ -70,7 +70,10 @@ mod tests {
             .iter()
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["pndm", "ddim", "euler", "dpm++2m"]);
+        assert_eq!(
+            names,
+            ["pndm", "ddim", "euler", "dpm++2m", "dpm++2m-karras"]
+        );
         for n in names {
             assert!(SchedulerKind::parse(n).is_some());
         }

@@ -336,6 +336,35 @@ impl NoiseSchedule {
     }
 }
 
+/// Karras et al.'s sigmas (diffusers' `_convert_to_karras`, rho 7, float64): `n` values from
+/// `sigma_max` down to `sigma_min`.
+pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    const RHO: f64 = 7.0;
+    let min_inv = sigma_min.powf(1.0 / RHO);
+    let max_inv = sigma_max.powf(1.0 / RHO);
+    numpy_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(RHO))
+        .collect()
+}
+
+/// diffusers' `_sigma_to_t`: the (fractional) training timestep of `sigma`, interpolating
+/// linearly in log-sigma between the two neighbouring entries of `log_sigmas` (float32, ascending).
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // np.cumsum(dists >= 0).argmax(): the last index with log_sigmas[i] <= log_sigma (0 if none),
+    // clipped so that a higher neighbour exists.
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len().saturating_sub(2));
+    let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
+    // `low - high` is a float32 subtraction in numpy (both are float32 scalars).
+    let w = ((lo as f64 - log_sigma) / (lo - hi) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
 /// Converts a timestep handed to `step` back to the integer training timestep it names.
 pub(crate) fn train_timestep(t: f64) -> Result<i64> {
     if t.is_finite() && t.fract() == 0.0 && t.abs() < 1e15 {

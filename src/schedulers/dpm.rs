@@ -12,7 +12,10 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::common::{add, div, mul, numpy_arange, numpy_linspace, sub, NoiseSchedule, Prediction};
+use super::common::{
+    add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
+    Prediction,
+};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
@@ -87,7 +90,6 @@ impl DpmSolverScheduler {
         };
         for (field, on) in [
             ("thresholding", cfg.thresholding),
-            ("use_karras_sigmas", cfg.use_karras_sigmas),
             ("use_exponential_sigmas", cfg.use_exponential_sigmas),
             ("use_beta_sigmas", cfg.use_beta_sigmas),
             ("use_lu_lambdas", cfg.use_lu_lambdas),
@@ -163,11 +165,34 @@ impl DpmSolverScheduler {
         };
         let ac = &schedule.alphas_cumprod;
         let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-        // np.interp at integer timesteps is the table entry (below 0: the first one).
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| train_sigmas[t.clamp(0, train as i64 - 1) as usize])
-            .collect();
+        let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) =
+            if cfg.use_karras_sigmas.unwrap_or(false) {
+                // diffusers' DPM-Solver ignores sigma_min / sigma_max (not in its config): the range is
+                // the training table's.
+                let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+                let karras = karras_sigmas(
+                    train_sigmas[0] as f64,
+                    train_sigmas[train - 1] as f64,
+                    steps,
+                );
+                let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+                let t = karras
+                    .iter()
+                    .map(|&s| {
+                        let t = sigma_to_t(s, &log_sigmas);
+                        // torch's `.to(int64)` truncates what numpy's `round()` left.
+                        (if round { t.round_ties_even() } else { t }) as i64
+                    })
+                    .collect();
+                (t, karras.into_iter().map(|s| s as f32).collect())
+            } else {
+                // np.interp at integer timesteps is the table entry (below 0: the first one).
+                let s = timesteps
+                    .iter()
+                    .map(|&t| train_sigmas[t.clamp(0, train as i64 - 1) as usize])
+                    .collect();
+                (timesteps, s)
+            };
         let final_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => true,
             "sigma_min" => false,
@@ -315,10 +340,10 @@ mod tests {
             ),
             (
                 SchedulerConfig {
-                    use_karras_sigmas: Some(true),
+                    use_exponential_sigmas: Some(true),
                     ..Default::default()
                 },
-                "use_karras_sigmas",
+                "use_exponential_sigmas",
             ),
             (
                 SchedulerConfig {

@@ -11,7 +11,10 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::common::{add, div, mul, numpy_arange, numpy_linspace, sub, NoiseSchedule, Prediction};
+use super::common::{
+    add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
+    Prediction,
+};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
@@ -63,7 +66,6 @@ impl EulerScheduler {
             }
         }
         for (field, on) in [
-            ("use_karras_sigmas", cfg.use_karras_sigmas),
             ("use_exponential_sigmas", cfg.use_exponential_sigmas),
             ("use_beta_sigmas", cfg.use_beta_sigmas),
         ] {
@@ -102,7 +104,7 @@ impl EulerScheduler {
         schedule.check_steps(steps)?;
         let train = schedule.train_steps;
         let spacing = cfg.timestep_spacing.as_deref().unwrap_or("linspace");
-        let timesteps: Vec<f32> = match spacing {
+        let mut timesteps: Vec<f32> = match spacing {
             "linspace" => numpy_linspace(0.0, (train - 1) as f64, steps)
                 .into_iter()
                 .rev()
@@ -129,10 +131,26 @@ impl EulerScheduler {
         };
         let ac = &schedule.alphas_cumprod;
         let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-        let mut sigmas: Vec<f32> = timesteps
+        let interpolated: Vec<f64> = timesteps
             .iter()
-            .map(|&t| interp(t as f64, &train_sigmas) as f32)
+            .map(|&t| interp(t as f64, &train_sigmas))
             .collect();
+        let mut sigmas: Vec<f32> = if cfg.use_karras_sigmas.unwrap_or(false) {
+            let n = interpolated.len();
+            let karras = karras_sigmas(
+                cfg.sigma_min.unwrap_or(interpolated[n - 1]),
+                cfg.sigma_max.unwrap_or(interpolated[0]),
+                steps,
+            );
+            let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+            timesteps = karras
+                .iter()
+                .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+                .collect();
+            karras.into_iter().map(|s| s as f32).collect()
+        } else {
+            interpolated.into_iter().map(|s| s as f32).collect()
+        };
         let last = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
             "sigma_min" => ((1.0 - ac[0]) / ac[0]).sqrt(),
@@ -249,10 +267,10 @@ mod tests {
             ),
             (
                 SchedulerConfig {
-                    use_karras_sigmas: Some(true),
+                    use_beta_sigmas: Some(true),
                     ..Default::default()
                 },
-                "use_karras_sigmas",
+                "use_beta_sigmas",
             ),
             (
                 SchedulerConfig {

@@ -28,6 +28,8 @@ pub enum SchedulerKind {
     Euler,
     /// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, order 2): webui's DPM++ 2M.
     DpmPp2m,
+    /// The same with `use_karras_sigmas`: webui's DPM++ 2M Karras.
+    DpmPp2mKarras,
 }
 
 impl SchedulerKind {
@@ -43,11 +45,12 @@ impl SchedulerKind {
     }
 
     /// Every scheduler, in the order `altdiff schedulers` lists them.
-    pub const ALL: [SchedulerKind; 4] = [
+    pub const ALL: [SchedulerKind; 5] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
     ];
 
     /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
@@ -63,6 +66,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
             SchedulerKind::DpmPp2m => "dpm++2m",
+            SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
         }
     }
 
@@ -72,7 +76,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
-            SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
         }
     }
 
@@ -87,6 +91,7 @@ impl SchedulerKind {
                 "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
             }
             SchedulerKind::DpmPp2m => "DPM-Solver++ multistep, second order, deterministic",
+            SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
         }
     }
 
@@ -112,6 +117,13 @@ pub fn build(
         SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, config_path, steps)?),
         SchedulerKind::DpmPp2m => {
             Box::new(dpm::DpmSolverScheduler::new(config, config_path, steps)?)
+        }
+        SchedulerKind::DpmPp2mKarras => {
+            let config = SchedulerConfig {
+                use_karras_sigmas: Some(true),
+                ..config.clone()
+            };
+            Box::new(dpm::DpmSolverScheduler::new(&config, config_path, steps)?)
         }
     })
 }
@@ -309,11 +321,20 @@ mod tests {
             let steps: usize = n.parse().expect("step count");
             let s = build(kind, &cfg, &path, steps)?;
             let got_t: Vec<f32> = s.timesteps().iter().map(|&t| t as f32).collect();
+            let t_rtol = case["timesteps_rtol"].as_f64().expect("timesteps_rtol") as f32;
+            let want_t = floats(&rec["timesteps"]);
             assert_eq!(
-                got_t,
-                floats(&rec["timesteps"]),
+                got_t.len(),
+                want_t.len(),
                 "{name}: timesteps for {steps} steps"
             );
+            for (g, w) in got_t.iter().zip(&want_t) {
+                // 0 means exact.
+                assert!(
+                    (g - w).abs() <= t_rtol * w.abs(),
+                    "{name}: timesteps for {steps} steps: {got_t:?} vs diffusers {want_t:?}"
+                );
+            }
             let want_s = floats(&rec["sigmas"]);
             let got_s = s.sigmas().expect("sigma-based scheduler");
             assert_eq!(got_s.len(), want_s.len(), "{name}: {steps} steps");
@@ -370,10 +391,9 @@ mod tests {
         assert_eq!(SchedulerKind::parse("Euler"), Some(SchedulerKind::Euler));
         assert_eq!(SchedulerKind::parse("lms"), None);
         for kind in SchedulerKind::ALL {
-            assert_eq!(
-                SchedulerKind::from_class_name(kind.class_name()),
-                Some(kind)
-            );
+            assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
+            let class = SchedulerKind::from_class_name(kind.class_name()).expect("class");
+            assert_eq!(class.class_name(), kind.class_name());
         }
         assert_eq!(
             SchedulerKind::from_class_name("PNDMScheduler"),
