@@ -167,6 +167,10 @@ fn m9_dpmpp_2m() {
 fn m18_dpmpp_2m_karras() {
     run_case("m18-dpmpp2m-karras");
 }
+#[test]
+fn m9_heun() {
+    run_case("m9-heun");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

@@ -72,7 +72,7 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["pndm", "ddim", "euler", "dpm++2m", "dpm++2m-karras"]
+            ["pndm", "ddim", "euler", "dpm++2m", "dpm++2m-karras", "heun"]
         );
         for n in names {
             assert!(SchedulerKind::parse(n).is_some());

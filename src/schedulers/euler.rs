@@ -50,6 +50,82 @@ fn interp(x: f64, fp: &[f32]) -> f64 {
     slope * (x - j as f64) + fp[j] as f64
 }
 
+/// What the Euler family's `set_timesteps` computes before its own final sigma: the timesteps
+/// (float32), one sigma per timestep, and whether the spacing is `leading` (which sets
+/// `init_noise_sigma`).
+pub(super) struct DiscreteSigmas {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+    pub leading: bool,
+}
+
+/// The timesteps of `timestep_spacing` (default `linspace`) and the training sigmas interpolated at
+/// them, or with `use_karras_sigmas` Karras sigmas over `range` (`sigma_min`, `sigma_max`; each
+/// defaulting to the interpolated ends) and the timesteps `_sigma_to_t` gives for them.
+pub(super) fn discrete_sigmas(
+    cfg: &SchedulerConfig,
+    path: &Path,
+    schedule: &NoiseSchedule,
+    steps: usize,
+    range: (Option<f64>, Option<f64>),
+) -> Result<DiscreteSigmas> {
+    let train = schedule.train_steps;
+    let spacing = cfg.timestep_spacing.as_deref().unwrap_or("linspace");
+    let mut timesteps: Vec<f32> = match spacing {
+        "linspace" => numpy_linspace(0.0, (train - 1) as f64, steps)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32)
+            .collect(),
+        "leading" => {
+            let ratio = train / steps;
+            let offset = cfg.steps_offset.unwrap_or(0) as f32;
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio) as f32 + offset)
+                .collect()
+        }
+        "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
+            .into_iter()
+            .map(|t| t.round_ties_even() as f32 - 1.0)
+            .collect(),
+        other => {
+            return Err(Error::config(
+                path,
+                "timestep_spacing",
+                format!("`{other}` is not supported (supported: linspace, leading, trailing)"),
+            ))
+        }
+    };
+    let ac = &schedule.alphas_cumprod;
+    let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+    let interpolated: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| interp(t as f64, &train_sigmas))
+        .collect();
+    let sigmas: Vec<f32> = if cfg.use_karras_sigmas.unwrap_or(false) {
+        let n = interpolated.len();
+        let karras = karras_sigmas(
+            range.0.unwrap_or(interpolated[n - 1]),
+            range.1.unwrap_or(interpolated[0]),
+            steps,
+        );
+        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+        timesteps = karras
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+            .collect();
+        karras.into_iter().map(|s| s as f32).collect()
+    } else {
+        interpolated.into_iter().map(|s| s as f32).collect()
+    };
+    Ok(DiscreteSigmas {
+        timesteps,
+        sigmas,
+        leading: spacing == "leading",
+    })
+}
+
 impl EulerScheduler {
     /// Builds the scheduler from `scheduler_config.json` (path for errors) for `steps` steps, as
     /// `EulerDiscreteScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
@@ -102,55 +178,12 @@ impl EulerScheduler {
             }
         }
         schedule.check_steps(steps)?;
-        let train = schedule.train_steps;
-        let spacing = cfg.timestep_spacing.as_deref().unwrap_or("linspace");
-        let mut timesteps: Vec<f32> = match spacing {
-            "linspace" => numpy_linspace(0.0, (train - 1) as f64, steps)
-                .into_iter()
-                .rev()
-                .map(|t| t as f32)
-                .collect(),
-            "leading" => {
-                let ratio = train / steps;
-                let offset = cfg.steps_offset.unwrap_or(0) as f32;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * ratio) as f32 + offset)
-                    .collect()
-            }
-            "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() as f32 - 1.0)
-                .collect(),
-            other => {
-                return unsupported(
-                    "timestep_spacing",
-                    &format!("`{other}` is not supported (supported: linspace, leading, trailing)"),
-                )
-            }
-        };
+        let DiscreteSigmas {
+            timesteps,
+            mut sigmas,
+            leading,
+        } = discrete_sigmas(cfg, path, &schedule, steps, (cfg.sigma_min, cfg.sigma_max))?;
         let ac = &schedule.alphas_cumprod;
-        let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-        let interpolated: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp(t as f64, &train_sigmas))
-            .collect();
-        let mut sigmas: Vec<f32> = if cfg.use_karras_sigmas.unwrap_or(false) {
-            let n = interpolated.len();
-            let karras = karras_sigmas(
-                cfg.sigma_min.unwrap_or(interpolated[n - 1]),
-                cfg.sigma_max.unwrap_or(interpolated[0]),
-                steps,
-            );
-            let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-            timesteps = karras
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
-                .collect();
-            karras.into_iter().map(|s| s as f32).collect()
-        } else {
-            interpolated.into_iter().map(|s| s as f32).collect()
-        };
         let last = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
             "sigma_min" => ((1.0 - ac[0]) / ac[0]).sqrt(),
@@ -168,7 +201,7 @@ impl EulerScheduler {
             prediction,
             timesteps: timesteps.into_iter().map(f64::from).collect(),
             sigmas,
-            leading: spacing == "leading",
+            leading,
             step_index,
         })
     }

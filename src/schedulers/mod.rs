@@ -8,6 +8,7 @@ mod common;
 pub mod ddim;
 pub mod dpm;
 pub mod euler;
+pub mod heun;
 pub mod pndm;
 
 use std::path::Path;
@@ -30,6 +31,8 @@ pub enum SchedulerKind {
     DpmPp2m,
     /// The same with `use_karras_sigmas`: webui's DPM++ 2M Karras.
     DpmPp2mKarras,
+    /// diffusers' `HeunDiscreteScheduler` (two UNet evaluations per step).
+    Heun,
 }
 
 impl SchedulerKind {
@@ -40,17 +43,19 @@ impl SchedulerKind {
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
             "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
+            "HeunDiscreteScheduler" => Some(SchedulerKind::Heun),
             _ => None,
         }
     }
 
     /// Every scheduler, in the order `altdiff schedulers` lists them.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::Heun,
     ];
 
     /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
@@ -67,6 +72,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
+            SchedulerKind::Heun => "heun",
         }
     }
 
@@ -77,6 +83,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
         }
     }
 
@@ -92,6 +99,7 @@ impl SchedulerKind {
             }
             SchedulerKind::DpmPp2m => "DPM-Solver++ multistep, second order, deterministic",
             SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
+            SchedulerKind::Heun => "Heun's second-order method, two UNet evaluations per step",
         }
     }
 
@@ -125,6 +133,7 @@ pub fn build(
             };
             Box::new(dpm::DpmSolverScheduler::new(&config, config_path, steps)?)
         }
+        SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(config, config_path, steps)?),
     })
 }
 
