@@ -26,6 +26,13 @@ pub(crate) enum Prediction {
 }
 
 impl Prediction {
+    /// All three, for the classes that accept every prediction type.
+    pub(crate) const ALL: [Prediction; 3] = [
+        Prediction::Epsilon,
+        Prediction::Velocity,
+        Prediction::Sample,
+    ];
+
     /// Parses `prediction_type` (default `epsilon`); `allowed` lists what the calling class accepts.
     pub(crate) fn parse(
         cfg: &SchedulerConfig,
@@ -287,6 +294,16 @@ impl NoiseSchedule {
             alphas_cumprod,
             final_alpha_cumprod,
         })
+    }
+
+    /// diffusers' sigma-based schedulers after a zero-SNR rescale set the last `alphas_cumprod` to
+    /// 2^-24 ("close to 0 without being 0, so that the first sigma is not infinite").
+    pub(crate) fn pin_zero_snr_end(&mut self, cfg: &SchedulerConfig) {
+        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
+            if let Some(last) = self.alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
     }
 
     /// `alphas_cumprod[t]` with Python's indexing: -1 is the last entry (the extra trailing

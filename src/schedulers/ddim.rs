@@ -40,15 +40,7 @@ impl DdimScheduler {
             ));
         }
         let schedule = NoiseSchedule::from_config(cfg, path, true, true)?;
-        let prediction = Prediction::parse(
-            cfg,
-            path,
-            &[
-                Prediction::Epsilon,
-                Prediction::Velocity,
-                Prediction::Sample,
-            ],
-        )?;
+        let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         let spacing = Spacing::parse(cfg, path)?;
         let clip = if cfg.clip_sample.unwrap_or(true) {
             let range = cfg.clip_sample_range.unwrap_or(1.0);

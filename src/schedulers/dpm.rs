@@ -117,21 +117,9 @@ impl DpmSolverScheduler {
                 format!("`{v}` is not supported by altdiff's DPM-Solver (supported: none)"),
             );
         }
-        let prediction = Prediction::parse(
-            cfg,
-            path,
-            &[
-                Prediction::Epsilon,
-                Prediction::Velocity,
-                Prediction::Sample,
-            ],
-        )?;
+        let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
-        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
+        schedule.pin_zero_snr_end(cfg);
         schedule.check_steps(steps)?;
         let train = schedule.train_steps;
         let timesteps: Vec<i64> = match cfg.timestep_spacing.as_deref().unwrap_or("linspace") {
@@ -303,26 +291,12 @@ impl Scheduler for DpmSolverScheduler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{check_sigma_case, fixture_cases};
+    use super::super::tests::config_error_field;
+    use super::super::SchedulerKind;
     use super::*;
 
     #[test]
-    fn dpm_matches_diffusers() -> Result<()> {
-        let cases = fixture_cases("dpm++2m");
-        assert!(cases.len() >= 5, "fixture has too few DPM-Solver cases");
-        for case in &cases {
-            check_sigma_case(case)?;
-        }
-        Ok(())
-    }
-
-    #[test]
     fn dpm_config_errors() {
-        let path = Path::new("scheduler/scheduler_config.json");
-        let field_of = |cfg: SchedulerConfig| match DpmSolverScheduler::new(&cfg, path, 5) {
-            Err(Error::Config { field, .. }) => Some(field),
-            _ => None,
-        };
         let cases = [
             (
                 SchedulerConfig {
@@ -361,7 +335,10 @@ mod tests {
             ),
         ];
         for (cfg, field) in cases {
-            assert_eq!(field_of(cfg).as_deref(), Some(field));
+            assert_eq!(
+                config_error_field(SchedulerKind::DpmPp2m, cfg).as_deref(),
+                Some(field)
+            );
         }
     }
 }

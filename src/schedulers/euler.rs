@@ -23,14 +23,83 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct EulerScheduler {
     prediction: Prediction,
-    /// The inference timesteps (float32 values), in the order the UNet sees them.
-    timesteps: Vec<f64>,
-    /// One sigma per timestep, then the final sigma (0, or `sigma_min`).
-    sigmas: Vec<f32>,
+    steps: SigmaSteps,
+}
+
+/// What the Euler family (Euler, Heun) keeps of its schedule and where it is in it.
+#[derive(Debug)]
+pub(super) struct SigmaSteps {
+    /// The timesteps (float32 values), in the order the UNet sees them.
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep, then the final sigma.
+    pub sigmas: Vec<f32>,
     /// Leading spacing scales the initial noise by `sqrt(max_sigma^2 + 1)`, the others by `max_sigma`.
-    leading: bool,
-    /// Index of the sigma of the next step.
-    step_index: usize,
+    pub leading: bool,
+    /// Index of the sigma of the next UNet evaluation.
+    pub step_index: usize,
+}
+
+impl SigmaSteps {
+    /// Starts at the first timestep, or (diffusers' `index_for_timestep`) at its second occurrence
+    /// if it repeats.
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>, leading: bool) -> Self {
+        let first = timesteps.first().copied();
+        let step_index = usize::from(timesteps.iter().filter(|&&t| Some(t) == first).count() > 1);
+        Self {
+            timesteps,
+            sigmas,
+            leading,
+            step_index,
+        }
+    }
+
+    /// Sigma `i`, or a usage error past the end of the schedule.
+    pub fn sigma(&self, i: usize) -> Result<f32> {
+        self.sigmas.get(i).copied().ok_or_else(|| {
+            Error::usage(format!(
+                "scheduler: sigma {} of a {}-evaluation schedule",
+                i + 1,
+                self.timesteps.len()
+            ))
+        })
+    }
+
+    /// `init_noise_sigma`: the largest sigma, or `sqrt(max^2 + 1)` for leading spacing (float32).
+    pub fn init_noise_sigma(&self) -> f32 {
+        let max = self
+            .sigmas
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        if self.leading {
+            (max * max + 1.0).sqrt()
+        } else {
+            max
+        }
+    }
+
+    /// `scale_model_input`: `sample / sqrt(sigma^2 + 1)` with the sigma of the coming evaluation.
+    pub fn scale(&self, sample: &Tensor) -> Result<Tensor> {
+        let sigma = self.sigma(self.step_index)?;
+        div(sample, (sigma * sigma + 1.0).sqrt())
+    }
+}
+
+/// The Euler family's x0 prediction from the model output at `sigma`.
+pub(super) fn predict_x0(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    match prediction {
+        Prediction::Sample => Ok(model_output.clone()),
+        Prediction::Epsilon => sub(sample, &mul(model_output, sigma)?),
+        Prediction::Velocity => {
+            let s2 = sigma * sigma + 1.0;
+            add(&mul(model_output, -sigma / s2.sqrt())?, &div(sample, s2)?)
+        }
+    }
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` in float64 (numpy's formula: `slope * (x - j) + fp[j]`).
@@ -149,15 +218,7 @@ impl EulerScheduler {
                 return unsupported(field, "not supported by altdiff's Euler (supported: false)");
             }
         }
-        let prediction = Prediction::parse(
-            cfg,
-            path,
-            &[
-                Prediction::Epsilon,
-                Prediction::Velocity,
-                Prediction::Sample,
-            ],
-        )?;
+        let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         match cfg.timestep_type.as_deref().unwrap_or("discrete") {
             "discrete" => {}
             "continuous" if prediction != Prediction::Velocity => {}
@@ -171,12 +232,7 @@ impl EulerScheduler {
             }
         }
         let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
-        if cfg.rescale_betas_zero_snr.unwrap_or(false) {
-            // diffusers: close to 0 without being 0, so that the first sigma is not infinite.
-            if let Some(last) = schedule.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
+        schedule.pin_zero_snr_end(cfg);
         schedule.check_steps(steps)?;
         let DiscreteSigmas {
             timesteps,
@@ -195,101 +251,54 @@ impl EulerScheduler {
             }
         };
         sigmas.push(last);
-        // diffusers starts at the second occurrence of the first timestep if it repeats.
-        let step_index = usize::from(timesteps.iter().filter(|&&t| t == timesteps[0]).count() > 1);
         Ok(Self {
             prediction,
-            timesteps: timesteps.into_iter().map(f64::from).collect(),
-            sigmas,
-            leading,
-            step_index,
+            steps: SigmaSteps::new(
+                timesteps.into_iter().map(f64::from).collect(),
+                sigmas,
+                leading,
+            ),
         })
-    }
-
-    fn sigma(&self, i: usize) -> Result<f32> {
-        self.sigmas.get(i).copied().ok_or_else(|| {
-            Error::usage(format!(
-                "Euler: step {} of a {}-step schedule",
-                i + 1,
-                self.timesteps.len()
-            ))
-        })
-    }
-
-    fn init_sigma(&self) -> f32 {
-        let max = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        if self.leading {
-            (max * max + 1.0).sqrt()
-        } else {
-            max
-        }
     }
 }
 
 impl Scheduler for EulerScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_sigma() as f64
+        self.steps.init_noise_sigma() as f64
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+        Some(&self.steps.sigmas)
     }
 
-    /// `sample / sqrt(sigma^2 + 1)` with the sigma of the coming step.
     fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        let sigma = self.sigma(self.step_index)?;
-        div(&sample, (sigma * sigma + 1.0).sqrt())
+        self.steps.scale(&sample)
     }
 
     /// diffusers' `EulerDiscreteScheduler.step` with `s_churn = 0` (no noise).
     fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let sigma = self.sigma(self.step_index)?;
-        let next = self.sigma(self.step_index + 1)?;
-        let pred_original = match self.prediction {
-            Prediction::Sample => model_output.clone(),
-            Prediction::Epsilon => sub(sample, &mul(model_output, sigma)?)?,
-            Prediction::Velocity => {
-                let s2 = sigma * sigma + 1.0;
-                add(&mul(model_output, -sigma / s2.sqrt())?, &div(sample, s2)?)?
-            }
-        };
+        let sigma = self.steps.sigma(self.steps.step_index)?;
+        let next = self.steps.sigma(self.steps.step_index + 1)?;
+        let pred_original = predict_x0(self.prediction, model_output, sample, sigma)?;
         let derivative = div(&sub(sample, &pred_original)?, sigma)?;
         let dt = next - sigma;
-        self.step_index += 1;
+        self.steps.step_index += 1;
         add(sample, &mul(&derivative, dt)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{check_sigma_case, fixture_cases};
+    use super::super::tests::config_error_field;
+    use super::super::SchedulerKind;
     use super::*;
 
     #[test]
-    fn euler_matches_diffusers() -> Result<()> {
-        let cases = fixture_cases("euler");
-        assert!(cases.len() >= 5, "fixture has too few Euler cases");
-        for case in &cases {
-            check_sigma_case(case)?;
-        }
-        Ok(())
-    }
-
-    #[test]
     fn euler_config_errors() {
-        let path = Path::new("scheduler/scheduler_config.json");
-        let field_of = |cfg: SchedulerConfig| match EulerScheduler::new(&cfg, path, 5) {
-            Err(Error::Config { field, .. }) => Some(field),
-            _ => None,
-        };
         let cases = [
             (
                 SchedulerConfig {
@@ -322,11 +331,10 @@ mod tests {
             ),
         ];
         for (cfg, field) in cases {
-            assert_eq!(field_of(cfg).as_deref(), Some(field));
+            assert_eq!(
+                config_error_field(SchedulerKind::Euler, cfg).as_deref(),
+                Some(field)
+            );
         }
-        assert!(matches!(
-            EulerScheduler::new(&SchedulerConfig::default(), path, 0),
-            Err(Error::Usage(_))
-        ));
     }
 }

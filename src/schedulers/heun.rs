@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
-use super::euler::{discrete_sigmas, DiscreteSigmas};
+use super::euler::{discrete_sigmas, predict_x0, DiscreteSigmas, SigmaSteps};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result, TensorContext};
@@ -30,10 +30,7 @@ struct FirstOrder {
 pub struct HeunScheduler {
     prediction: Prediction,
     clip: Option<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    leading: bool,
-    step_index: usize,
+    steps: SigmaSteps,
     state: Option<FirstOrder>,
 }
 
@@ -53,15 +50,7 @@ impl HeunScheduler {
                 ));
             }
         }
-        let prediction = Prediction::parse(
-            cfg,
-            path,
-            &[
-                Prediction::Epsilon,
-                Prediction::Velocity,
-                Prediction::Sample,
-            ],
-        )?;
+        let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         // Heun's own class defaults for the betas (the other schedulers use 0.0001 .. 0.02); it has
         // no zero-SNR rescaling.
         let betas = SchedulerConfig {
@@ -92,83 +81,49 @@ impl HeunScheduler {
         for &t in &timesteps[1..] {
             all_t.extend([t as f64, t as f64]);
         }
-        let step_index = usize::from(all_t.iter().filter(|&&t| t == all_t[0]).count() > 1);
         Ok(Self {
             prediction,
             clip,
-            timesteps: all_t,
-            sigmas: all_sigmas,
-            leading,
-            step_index,
+            steps: SigmaSteps::new(all_t, all_sigmas, leading),
             state: None,
-        })
-    }
-
-    fn sigma(&self, i: usize) -> Result<f32> {
-        self.sigmas.get(i).copied().ok_or_else(|| {
-            Error::usage(format!(
-                "Heun: step {} of a {}-evaluation schedule",
-                i + 1,
-                self.timesteps.len()
-            ))
         })
     }
 }
 
 impl Scheduler for HeunScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        let max = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        (if self.leading {
-            (max * max + 1.0).sqrt()
-        } else {
-            max
-        }) as f64
+        self.steps.init_noise_sigma() as f64
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+        Some(&self.steps.sigmas)
     }
 
     fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        let sigma = self.sigma(self.step_index)?;
-        div(&sample, (sigma * sigma + 1.0).sqrt())
+        self.steps.scale(&sample)
     }
 
     fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let i = self.step_index;
+        let i = self.steps.step_index;
         let first = self.state.is_none();
         let (sigma, sigma_next) = if first {
-            (self.sigma(i)?, self.sigma(i + 1)?)
+            (self.steps.sigma(i)?, self.steps.sigma(i + 1)?)
         } else {
-            (self.sigma(i.saturating_sub(1))?, self.sigma(i)?)
+            (self.steps.sigma(i.saturating_sub(1))?, self.steps.sigma(i)?)
         };
         let sigma_input = if first { sigma } else { sigma_next };
-        let pred = match self.prediction {
-            Prediction::Epsilon => sub(sample, &mul(model_output, sigma_input)?)?,
-            Prediction::Velocity => {
-                let s2 = sigma_input * sigma_input + 1.0;
-                add(
-                    &mul(model_output, -sigma_input / s2.sqrt())?,
-                    &div(sample, s2)?,
-                )?
-            }
-            Prediction::Sample => model_output.clone(),
-        };
+        let pred = predict_x0(self.prediction, model_output, sample, sigma_input)?;
         let pred = match self.clip {
             Some(r) => pred
                 .clamp(-r, r)
                 .context(|| "scheduler: clipping the predicted sample".into())?,
             None => pred,
         };
-        self.step_index += 1;
+        self.steps.step_index += 1;
         match self.state.take() {
             None => {
                 let derivative = div(&sub(sample, &pred)?, sigma)?;
@@ -196,33 +151,19 @@ impl Scheduler for HeunScheduler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{check_sigma_case, fixture_cases};
+    use super::super::tests::config_error_field;
+    use super::super::SchedulerKind;
     use super::*;
 
     #[test]
-    fn heun_matches_diffusers() -> Result<()> {
-        let cases = fixture_cases("heun");
-        assert!(cases.len() >= 5, "fixture has too few Heun cases");
-        for case in &cases {
-            check_sigma_case(case)?;
-        }
-        Ok(())
-    }
-
-    #[test]
     fn heun_config_errors() {
-        let path = Path::new("scheduler/scheduler_config.json");
         let cfg = SchedulerConfig {
             use_beta_sigmas: Some(true),
             ..Default::default()
         };
-        assert!(matches!(
-            HeunScheduler::new(&cfg, path, 5),
-            Err(Error::Config { field, .. }) if field == "use_beta_sigmas"
-        ));
-        assert!(matches!(
-            HeunScheduler::new(&SchedulerConfig::default(), path, 0),
-            Err(Error::Usage(_))
-        ));
+        assert_eq!(
+            config_error_field(SchedulerKind::Heun, cfg).as_deref(),
+            Some("use_beta_sigmas")
+        );
     }
 }

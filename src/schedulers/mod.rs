@@ -391,6 +391,27 @@ mod tests {
         Ok(())
     }
 
+    /// The config field `kind` rejects `cfg` for (5 steps), if it does.
+    pub(super) fn config_error_field(kind: SchedulerKind, cfg: SchedulerConfig) -> Option<String> {
+        match build(kind, &cfg, Path::new("scheduler/scheduler_config.json"), 5) {
+            Err(Error::Config { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun).
+    #[test]
+    fn sigma_schedulers_match_diffusers() -> Result<()> {
+        for kind in ["euler", "dpm++2m", "heun"] {
+            let cases = fixture_cases(kind);
+            assert!(cases.len() >= 5, "fixture has too few {kind} cases");
+            for case in &cases {
+                check_sigma_case(case)?;
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn kind_names_round_trip() {
         for kind in [SchedulerKind::Pndm, SchedulerKind::Ddim] {
