@@ -196,7 +196,7 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale [default: 7.5]; 1 or less turns guidance off.
     #[arg(long, short = 'g', allow_negative_numbers = true)]
     pub guidance: Option<f64>,
-    /// Scheduler: pndm, ddim, euler, dpm++2m, dpm++2m-karras or heun (`altdiff schedulers` lists them); default: the model's own (scheduler/scheduler_config.json).
+    /// Scheduler: pndm, ddim, euler, dpm++2m, dpm++2m-karras, heun or lms (`altdiff schedulers` lists them); default: the model's own (scheduler/scheduler_config.json).
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub scheduler: Option<SchedulerKind>,
     /// Image height in pixels (a multiple of 8); default: the UNet's sample_size x the VAE factor.

@@ -171,6 +171,10 @@ fn m18_dpmpp_2m_karras() {
 fn m9_heun() {
     run_case("m9-heun");
 }
+#[test]
+fn m18_lms() {
+    run_case("m18-lms");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

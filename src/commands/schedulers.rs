@@ -72,7 +72,15 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["pndm", "ddim", "euler", "dpm++2m", "dpm++2m-karras", "heun"]
+            [
+                "pndm",
+                "ddim",
+                "euler",
+                "dpm++2m",
+                "dpm++2m-karras",
+                "heun",
+                "lms"
+            ]
         );
         for n in names {
             assert!(SchedulerKind::parse(n).is_some());

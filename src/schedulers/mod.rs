@@ -9,6 +9,7 @@ pub mod ddim;
 pub mod dpm;
 pub mod euler;
 pub mod heun;
+pub mod lms;
 pub mod pndm;
 
 use std::path::Path;
@@ -33,6 +34,8 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     /// diffusers' `HeunDiscreteScheduler` (two UNet evaluations per step).
     Heun,
+    /// diffusers' `LMSDiscreteScheduler` (linear multistep, order 4).
+    Lms,
 }
 
 impl SchedulerKind {
@@ -44,18 +47,20 @@ impl SchedulerKind {
             "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
             "HeunDiscreteScheduler" => Some(SchedulerKind::Heun),
+            "LMSDiscreteScheduler" => Some(SchedulerKind::Lms),
             _ => None,
         }
     }
 
     /// Every scheduler, in the order `altdiff schedulers` lists them.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
         SchedulerKind::Heun,
+        SchedulerKind::Lms,
     ];
 
     /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
@@ -73,6 +78,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
             SchedulerKind::Heun => "heun",
+            SchedulerKind::Lms => "lms",
         }
     }
 
@@ -84,6 +90,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
             SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
         }
     }
 
@@ -100,6 +107,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m => "DPM-Solver++ multistep, second order, deterministic",
             SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
             SchedulerKind::Heun => "Heun's second-order method, two UNet evaluations per step",
+            SchedulerKind::Lms => "linear multistep (order 4) on the Euler sigma schedule",
         }
     }
 
@@ -134,6 +142,7 @@ pub fn build(
             Box::new(dpm::DpmSolverScheduler::new(&config, config_path, steps)?)
         }
         SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(config, config_path, steps)?),
+        SchedulerKind::Lms => Box::new(lms::LmsScheduler::new(config, config_path, steps)?),
     })
 }
 
@@ -399,10 +408,10 @@ mod tests {
         }
     }
 
-    /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun).
+    /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun, LMS).
     #[test]
     fn sigma_schedulers_match_diffusers() -> Result<()> {
-        for kind in ["euler", "dpm++2m", "heun"] {
+        for kind in ["euler", "dpm++2m", "heun", "lms"] {
             let cases = fixture_cases(kind);
             assert!(cases.len() >= 5, "fixture has too few {kind} cases");
             for case in &cases {
@@ -419,7 +428,7 @@ mod tests {
         }
         assert_eq!(SchedulerKind::parse("DDIM"), Some(SchedulerKind::Ddim));
         assert_eq!(SchedulerKind::parse("Euler"), Some(SchedulerKind::Euler));
-        assert_eq!(SchedulerKind::parse("lms"), None);
+        assert_eq!(SchedulerKind::parse("unipc"), None);
         for kind in SchedulerKind::ALL {
             assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
             let class = SchedulerKind::from_class_name(kind.class_name()).expect("class");
@@ -433,7 +442,10 @@ mod tests {
             SchedulerKind::from_class_name("DDIMScheduler"),
             Some(SchedulerKind::Ddim)
         );
-        assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
+        assert_eq!(
+            SchedulerKind::from_class_name("UniPCMultistepScheduler"),
+            None
+        );
     }
 
     #[test]
