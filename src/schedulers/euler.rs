@@ -85,6 +85,33 @@ impl SigmaSteps {
     }
 }
 
+/// The `Scheduler` methods that the Euler family (Euler, Heun, LMS) delegates to its `steps`
+/// ([`SigmaSteps`]) field: timesteps, sigmas, `init_noise_sigma` and `scale_model_input`.
+macro_rules! sigma_steps_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.steps.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.steps.init_noise_sigma() as f64
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.steps.sigmas)
+        }
+
+        fn scale_model_input(
+            &self,
+            sample: candle_core::Tensor,
+            _timestep: f64,
+        ) -> crate::error::Result<candle_core::Tensor> {
+            self.steps.scale(&sample)
+        }
+    };
+}
+pub(super) use sigma_steps_methods;
+
 /// The Euler family's x0 prediction from the model output at `sigma`.
 pub(super) fn predict_x0(
     prediction: Prediction,
@@ -130,7 +157,8 @@ pub(super) struct DiscreteSigmas {
 
 /// The timesteps of `timestep_spacing` (default `linspace`) and the training sigmas interpolated at
 /// them, or with `use_karras_sigmas` Karras sigmas over `range` (`sigma_min`, `sigma_max`; each
-/// defaulting to the interpolated ends) and the timesteps `_sigma_to_t` gives for them.
+/// defaulting to the interpolated ends) and the timesteps `_sigma_to_t` gives for them. Checks the
+/// step count and rejects the sigma schedules altdiff does not implement.
 pub(super) fn discrete_sigmas(
     cfg: &SchedulerConfig,
     path: &Path,
@@ -138,6 +166,19 @@ pub(super) fn discrete_sigmas(
     steps: usize,
     range: (Option<f64>, Option<f64>),
 ) -> Result<DiscreteSigmas> {
+    for (field, on) in [
+        ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+        ("use_beta_sigmas", cfg.use_beta_sigmas),
+    ] {
+        if on.unwrap_or(false) {
+            return Err(Error::config(
+                path,
+                field,
+                "not supported by altdiff (supported: false)",
+            ));
+        }
+    }
+    schedule.check_steps(steps)?;
     let train = schedule.train_steps;
     let spacing = cfg.timestep_spacing.as_deref().unwrap_or("linspace");
     let mut timesteps: Vec<f32> = match spacing {
@@ -210,14 +251,6 @@ impl EulerScheduler {
                 )
             }
         }
-        for (field, on) in [
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-        ] {
-            if on.unwrap_or(false) {
-                return unsupported(field, "not supported by altdiff's Euler (supported: false)");
-            }
-        }
         let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         match cfg.timestep_type.as_deref().unwrap_or("discrete") {
             "discrete" => {}
@@ -233,7 +266,6 @@ impl EulerScheduler {
         }
         let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
         schedule.pin_zero_snr_end(cfg);
-        schedule.check_steps(steps)?;
         let DiscreteSigmas {
             timesteps,
             mut sigmas,
@@ -263,21 +295,7 @@ impl EulerScheduler {
 }
 
 impl Scheduler for EulerScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.steps.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.steps.init_noise_sigma() as f64
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.steps.sigmas)
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        self.steps.scale(&sample)
-    }
+    sigma_steps_methods!();
 
     /// diffusers' `EulerDiscreteScheduler.step` with `s_churn = 0` (no noise).
     fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {

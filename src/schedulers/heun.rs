@@ -12,10 +12,10 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
-use super::euler::{discrete_sigmas, predict_x0, DiscreteSigmas, SigmaSteps};
+use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, DiscreteSigmas, SigmaSteps};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
-use crate::error::{Error, Result, TensorContext};
+use crate::error::{Result, TensorContext};
 
 /// What the first half of a step leaves for the second.
 #[derive(Debug)]
@@ -38,18 +38,6 @@ impl HeunScheduler {
     /// Builds the scheduler from `scheduler_config.json` (path for errors) for `steps` steps, as
     /// `HeunDiscreteScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
     pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
-        for (field, on) in [
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-        ] {
-            if on.unwrap_or(false) {
-                return Err(Error::config(
-                    path,
-                    field,
-                    "not supported by altdiff's Heun (supported: false)",
-                ));
-            }
-        }
         let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         // Heun's own class defaults for the betas (the other schedulers use 0.0001 .. 0.02); it has
         // no zero-SNR rescaling.
@@ -59,7 +47,6 @@ impl HeunScheduler {
             ..cfg.clone()
         };
         let schedule = NoiseSchedule::from_config(&betas, path, false, false)?;
-        schedule.check_steps(steps)?;
         // Heun's config has no sigma_min / sigma_max: Karras sigmas span the interpolated range.
         let DiscreteSigmas {
             timesteps,
@@ -91,21 +78,7 @@ impl HeunScheduler {
 }
 
 impl Scheduler for HeunScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.steps.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.steps.init_noise_sigma() as f64
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.steps.sigmas)
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        self.steps.scale(&sample)
-    }
+    sigma_steps_methods!();
 
     fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
         let i = self.steps.step_index;

@@ -13,10 +13,10 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
-use super::euler::{discrete_sigmas, predict_x0, DiscreteSigmas, SigmaSteps};
+use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, DiscreteSigmas, SigmaSteps};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// diffusers' default `order` argument of `LMSDiscreteScheduler.step`.
 const ORDER: usize = 4;
@@ -34,21 +34,8 @@ impl LmsScheduler {
     /// Builds the scheduler from `scheduler_config.json` (path for errors) for `steps` steps, as
     /// `LMSDiscreteScheduler.from_config(cfg)` followed by `set_timesteps(steps)`.
     pub fn new(cfg: &SchedulerConfig, path: &Path, steps: usize) -> Result<Self> {
-        for (field, on) in [
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-        ] {
-            if on.unwrap_or(false) {
-                return Err(Error::config(
-                    path,
-                    field,
-                    "not supported by altdiff's LMS (supported: false)",
-                ));
-            }
-        }
         let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         let schedule = NoiseSchedule::from_config(cfg, path, false, false)?;
-        schedule.check_steps(steps)?;
         // LMS's Karras range is the interpolated one (it reads no sigma_min / sigma_max).
         let DiscreteSigmas {
             timesteps,
@@ -90,21 +77,7 @@ impl LmsScheduler {
 }
 
 impl Scheduler for LmsScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.steps.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.steps.init_noise_sigma() as f64
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.steps.sigmas)
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _timestep: f64) -> Result<Tensor> {
-        self.steps.scale(&sample)
-    }
+    sigma_steps_methods!();
 
     /// diffusers' `LMSDiscreteScheduler.step` with `order = 4`.
     fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
