@@ -270,7 +270,19 @@ impl MappedSafetensors {
     }
 }
 
-impl SimpleBackend for MappedSafetensors {
+/// Where a weight backend finds a tensor by name; the `SimpleBackend` glue around it (the shape
+/// check naming the tensor) is [`Backend`]'s, shared by all of them.
+trait TensorSource: Send + Sync {
+    /// The tensor `name` in `dtype` on `dev`.
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor>;
+    /// Whether the checkpoint has `name`.
+    fn has(&self, name: &str) -> bool;
+}
+
+/// A [`TensorSource`] as a candle `VarBuilder` backend.
+struct Backend<T>(T);
+
+impl<T: TensorSource> SimpleBackend for Backend<T> {
     fn get(
         &self,
         s: Shape,
@@ -279,14 +291,24 @@ impl SimpleBackend for MappedSafetensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        with_shape(self.get_unchecked(name, dtype, dev)?, s, name)
+        with_shape(self.0.fetch(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name)?.to_device(dev)?.to_dtype(dtype)
+        self.0.fetch(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        self.0.has(name)
+    }
+}
+
+impl TensorSource for MappedSafetensors {
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name)?.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 }
@@ -321,23 +343,12 @@ impl PickleShards {
     }
 }
 
-impl SimpleBackend for PickleShards {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        with_shape(self.get_unchecked(name, dtype, dev)?, s, name)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+impl TensorSource for PickleShards {
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.find(name)?.to_device(dev)?.to_dtype(dtype)
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn has(&self, name: &str) -> bool {
         self.shards
             .iter()
             .any(|s| s.tensor_infos().contains_key(name))
@@ -380,7 +391,7 @@ pub fn var_builder(
             // On GPUs each tensor is read when the network asks for it.
             let mapped = MappedSafetensors::open(&weights.files)?;
             Ok(VarBuilder::from_backend(
-                Box::new(mapped),
+                Box::new(Backend(mapped)),
                 dtype,
                 device.clone(),
             ))
@@ -393,7 +404,7 @@ pub fn var_builder(
                 .collect::<candle_core::Result<Vec<_>>>()
                 .context(names)?;
             Ok(VarBuilder::from_backend(
-                Box::new(PickleShards { shards }),
+                Box::new(Backend(PickleShards { shards })),
                 dtype,
                 device.clone(),
             ))
@@ -421,24 +432,12 @@ impl ShapeOnly {
     }
 }
 
-impl SimpleBackend for ShapeOnly {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = Self::placeholder(self.find(name)?, dtype, dev)?;
-        with_shape(t, s, name)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+impl TensorSource for ShapeOnly {
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         Self::placeholder(self.find(name)?, dtype, dev)
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn has(&self, name: &str) -> bool {
         self.shapes.contains_key(name)
     }
 }
@@ -471,7 +470,7 @@ pub fn shape_checker(
         }
     };
     Ok(VarBuilder::from_backend(
-        Box::new(ShapeOnly { shapes }),
+        Box::new(Backend(ShapeOnly { shapes })),
         dtype,
         device.clone(),
     ))
