@@ -155,6 +155,18 @@ pub(super) struct DiscreteSigmas {
     pub leading: bool,
 }
 
+impl DiscreteSigmas {
+    /// The schedule with `final_sigma` appended, one UNet evaluation per timestep.
+    pub fn into_steps(mut self, final_sigma: f32) -> SigmaSteps {
+        self.sigmas.push(final_sigma);
+        SigmaSteps::new(
+            self.timesteps.into_iter().map(f64::from).collect(),
+            self.sigmas,
+            self.leading,
+        )
+    }
+}
+
 /// The timesteps of `timestep_spacing` (default `linspace`) and the training sigmas interpolated at
 /// them, or with `use_karras_sigmas` Karras sigmas over `range` (`sigma_min`, `sigma_max`; each
 /// defaulting to the interpolated ends) and the timesteps `_sigma_to_t` gives for them. Checks the
@@ -266,11 +278,8 @@ impl EulerScheduler {
         }
         let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
         schedule.pin_zero_snr_end(cfg);
-        let DiscreteSigmas {
-            timesteps,
-            mut sigmas,
-            leading,
-        } = discrete_sigmas(cfg, path, &schedule, steps, (cfg.sigma_min, cfg.sigma_max))?;
+        let schedule_sigmas =
+            discrete_sigmas(cfg, path, &schedule, steps, (cfg.sigma_min, cfg.sigma_max))?;
         let ac = &schedule.alphas_cumprod;
         let last = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
@@ -282,14 +291,9 @@ impl EulerScheduler {
                 )
             }
         };
-        sigmas.push(last);
         Ok(Self {
             prediction,
-            steps: SigmaSteps::new(
-                timesteps.into_iter().map(f64::from).collect(),
-                sigmas,
-                leading,
-            ),
+            steps: schedule_sigmas.into_steps(last),
         })
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
-use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, DiscreteSigmas, SigmaSteps};
+use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, SigmaSteps};
 use super::Scheduler;
 use crate::config::SchedulerConfig;
 use crate::error::Result;
@@ -37,19 +37,10 @@ impl LmsScheduler {
         let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
         let schedule = NoiseSchedule::from_config(cfg, path, false, false)?;
         // LMS's Karras range is the interpolated one (it reads no sigma_min / sigma_max).
-        let DiscreteSigmas {
-            timesteps,
-            mut sigmas,
-            leading,
-        } = discrete_sigmas(cfg, path, &schedule, steps, (None, None))?;
-        sigmas.push(0.0);
+        let schedule_sigmas = discrete_sigmas(cfg, path, &schedule, steps, (None, None))?;
         Ok(Self {
             prediction,
-            steps: SigmaSteps::new(
-                timesteps.into_iter().map(f64::from).collect(),
-                sigmas,
-                leading,
-            ),
+            steps: schedule_sigmas.into_steps(0.0),
             derivatives: Vec::with_capacity(ORDER),
         })
     }
