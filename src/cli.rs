@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::options::{
     DeviceChoice, GenerateOptions, LoadPolicy, ModelChoice, OutputOptions, OutputTarget, Precision,
     Sampling, Shard,
 };
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::source::ModelSource;
 
 const EXAMPLES: &str = "\
@@ -196,19 +196,34 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale [default: 7.5]; 1 or less turns guidance off.
     #[arg(long, short = 'g', allow_negative_numbers = true)]
     pub guidance: Option<f64>,
-    /// Scheduler: pndm, ddim, euler, dpm++2m, dpm++2m-karras, heun or lms (`altdiff schedulers` lists them); default: the model's own (scheduler/scheduler_config.json).
+    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, heun, lms, ddpm or unipc (`altdiff schedulers` lists them); default: the model's own (scheduler/scheduler_config.json).
     #[arg(long, value_name = "NAME", value_parser = parse_scheduler)]
     pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta: the weight of the fresh noise added each step, 0 (deterministic, the default) to 1.
+    #[arg(long, value_name = "ETA")]
+    pub eta: Option<f64>,
+    /// Karras sigmas (diffusers' use_karras_sigmas) for the schedulers that have them.
+    #[arg(long)]
+    pub karras: bool,
+    /// Replace the scheduler config's timestep_spacing.
+    #[arg(long, value_enum, value_name = "SPACING")]
+    pub timestep_spacing: Option<TimestepSpacing>,
     /// Image height in pixels (a multiple of 8); default: the UNet's sample_size x the VAE factor.
     #[arg(long, short = 'H')]
     pub height: Option<usize>,
     /// Image width in pixels (a multiple of 8); default as height.
     #[arg(long, short = 'W')]
     pub width: Option<usize>,
-    /// Seed of the initial noise (PyTorch's CPU generator: the same seed gives diffusers' latents).
-    /// Batch-file line i without its own seed gets SEED + i. Default: random, reported on stderr.
+    /// Seed of the noise (PyTorch's CPU generator: the same seed gives diffusers' latents and, for
+    /// euler-a, ddpm and ddim --eta, its step noise). Batch-file line i without its own seed gets
+    /// SEED + i. With --latents it seeds the step noise only (default 0). Default: random, reported
+    /// on stderr.
     #[arg(long, short = 's')]
     pub seed: Option<u64>,
+    /// One generator per image, seeded SEED + i for image i (diffusers' list of generators), so any
+    /// image can be regenerated alone; default: one generator over the batch, as diffusers does.
+    #[arg(long)]
+    pub per_image_seeds: bool,
     /// Images per prompt [default: 1].
     #[arg(long)]
     pub num_images: Option<usize>,
@@ -326,8 +341,28 @@ impl GenerateArgs {
                 width: self.width.or(rec.map(|r| r.width)),
                 num_images: self.num_images.unwrap_or(defaults.num_images),
                 max_length: self.max_length.or(rec.map(|r| r.max_length)),
+                schedule: SchedulerOptions {
+                    eta: self.eta.or(rec.and_then(|r| r.eta)).unwrap_or(0.0),
+                    karras: self.karras || rec.is_some_and(|r| r.karras),
+                    timestep_spacing: match (self.timestep_spacing, rec) {
+                        (Some(s), _) => Some(s),
+                        (None, Some(r)) => r
+                            .timestep_spacing
+                            .as_deref()
+                            .map(|s| {
+                                TimestepSpacing::from_str(s, false).map_err(|_| {
+                                    Error::usage(format!(
+                                        "the image's timestep spacing `{s}` is not supported by this altdiff"
+                                    ))
+                                })
+                            })
+                            .transpose()?,
+                        (None, None) => None,
+                    },
+                },
             },
             seed: self.seed,
+            per_image_seeds: self.per_image_seeds,
             from_image: record.clone(),
             latents: self.latents,
             dump_tensors: self.dump_tensors,
@@ -346,9 +381,9 @@ impl GenerateArgs {
             load_policy: self.load_policy,
         };
         opts.validate()?;
-        if opts.seed.is_some() && opts.latents.is_some() {
+        if opts.per_image_seeds && opts.latents.is_some() {
             return Err(Error::usage(
-                "--seed and --latents both set the initial noise; give one",
+                "--per-image-seeds and --latents do not go together: --latents gives the initial noise and --seed the step noise",
             ));
         }
         Ok(opts)

@@ -676,11 +676,11 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: Option<String>,
     /// DPM-Solver: `dpmsolver++` (others unsupported).
     pub algorithm_type: Option<String>,
-    /// DPM-Solver: multistep order (1 or 2; default 2).
+    /// DPM-Solver (1 or 2) and UniPC (1 to 3): multistep order (default 2).
     pub solver_order: Option<usize>,
-    /// DPM-Solver: second-order formula, `midpoint` (default) or `heun`.
+    /// DPM-Solver: second-order formula, `midpoint` (default) or `heun`; UniPC: `bh2` (default) or `bh1`.
     pub solver_type: Option<String>,
-    /// DPM-Solver: first-order final steps below 15 steps (default true).
+    /// DPM-Solver: first-order final steps below 15 steps; UniPC: lower orders at the end (default true).
     pub lower_order_final: Option<bool>,
     /// DPM-Solver: a first-order (Euler) final step (default false).
     pub euler_at_final: Option<bool>,
@@ -694,6 +694,12 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: Option<f64>,
     /// Learned variance outputs (`learned`, `learned_range`: unsupported).
     pub variance_type: Option<String>,
+    /// UniPC: predict x0 (data prediction, default true) rather than the noise.
+    pub predict_x0: Option<bool>,
+    /// UniPC: the steps (indices) whose corrector is skipped (default none).
+    pub disable_corrector: Option<Vec<i64>>,
+    /// UniPC: another scheduler as the predictor (only none, the default, is supported).
+    pub solver_p: Option<serde_json::Value>,
 }
 
 impl SchedulerConfig {

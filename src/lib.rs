@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod lang;
 pub mod metadata;
 pub mod model;
+pub mod noise;
 pub mod models;
 pub mod options;
 pub mod output;

@@ -66,8 +66,17 @@ pub struct ImageRecord {
     pub guidance: f64,
     /// altdiff's scheduler name.
     pub scheduler: String,
-    /// The model's scheduler_config.json as used.
+    /// The model's scheduler_config.json as used (with `--karras` / `--timestep-spacing` applied).
     pub scheduler_config: serde_json::Value,
+    /// DDIM's `--eta`, when above 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
+    /// `--karras`, when given.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub karras: bool,
+    /// `--timestep-spacing`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<String>,
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
@@ -133,6 +142,15 @@ impl ImageRecord {
             if batch > 1 {
                 s.push_str(&format!(", Batch size: {batch}, Batch pos: {index}"));
             }
+        }
+        if let Some(eta) = self.eta {
+            s.push_str(&format!(", Eta: {eta}"));
+        }
+        if self.karras {
+            s.push_str(", Schedule type: Karras");
+        }
+        if let Some(spacing) = &self.timestep_spacing {
+            s.push_str(&format!(", Timestep spacing: {spacing}"));
         }
         if let Some(lang) = &self.lang {
             s.push_str(&format!(", Lang: {lang}"));

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SchedulerOptions};
 use crate::source::ModelSource;
 
 /// Which compute device to use.
@@ -123,6 +123,8 @@ pub struct Sampling {
     pub num_images: usize,
     /// Token length; 77 or the tokenizer's limit if smaller when `None`.
     pub max_length: Option<usize>,
+    /// `--eta`, `--karras`, `--timestep-spacing`.
+    pub schedule: SchedulerOptions,
 }
 
 impl Default for Sampling {
@@ -137,6 +139,7 @@ impl Default for Sampling {
             width: None,
             num_images: 1,
             max_length: None,
+            schedule: SchedulerOptions::default(),
         }
     }
 }
@@ -209,8 +212,12 @@ pub struct GenerateOptions {
     pub shard: Option<Shard>,
     /// Generation settings.
     pub sampling: Sampling,
-    /// Seed; a random one is picked and reported when `None` and no latents are given.
+    /// Seed; a random one is picked and reported when `None` and no latents are given. With
+    /// `--latents` it seeds the step noise only (0 when `None`).
     pub seed: Option<u64>,
+    /// `--per-image-seeds`: one generator per image, seeded seed + i (diffusers' list of
+    /// generators), so each image can be regenerated alone.
+    pub per_image_seeds: bool,
     /// The record of the image given with `--from-image` (its seed and noise position are reused
     /// unless `--seed` overrides them).
     pub from_image: Option<crate::metadata::ImageRecord>,
@@ -257,6 +264,9 @@ impl Sampling {
                     )));
                 }
             }
+        }
+        if let Some(kind) = self.scheduler {
+            self.schedule.check(kind)?;
         }
         if let Some(m) = self.max_length {
             if !(2..=512).contains(&m) {

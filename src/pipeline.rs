@@ -13,7 +13,7 @@ use crate::error::{Error, Result, TensorContext};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::models::{TextEncoder, UNet, VaeDecoder};
 use crate::options::{LoadPolicy, Sampling};
-use crate::rng::TorchGenerator;
+use crate::noise::NoiseStreams;
 use crate::schedulers::{self, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
@@ -32,13 +32,25 @@ pub trait Progress {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
-/// Where the initial noise comes from.
+/// Where a request's randomness comes from: the initial latents and the step noise of stochastic
+/// schedulers, as diffusers' `latents=` and `generator=`.
 #[derive(Debug, Clone)]
-pub enum Noise {
-    /// `torch.randn` from a CPU generator seeded with this value.
-    Seed(u64),
-    /// Given latents [B, C, h, w] (diffusers' `latents=`), multiplied by `init_noise_sigma`.
-    Latents(Tensor),
+pub struct Noise {
+    /// Given initial latents [B, C, h, w] (diffusers' `latents=`), multiplied by
+    /// `init_noise_sigma`; drawn from `generators` when `None`.
+    pub latents: Option<Tensor>,
+    /// The generators: first the initial latents (unless given), then each step's noise.
+    pub generators: NoiseStreams,
+}
+
+impl Noise {
+    /// Everything from one generator seeded with `seed` over `images` images.
+    pub fn seeded(seed: u64, images: usize) -> Self {
+        Self {
+            latents: None,
+            generators: NoiseStreams::shared(seed, images),
+        }
+    }
 }
 
 /// One generation: a batch of prompts with shared settings.
@@ -349,8 +361,13 @@ impl Pipeline {
         Ok((context, truncated))
     }
 
-    /// The initial noise [B, C, h, w] in f32 on the device.
-    fn initial_noise(&self, req: &Request, r: &Resolved) -> Result<Tensor> {
+    /// The initial noise [B, C, h, w] in f32 on the device, drawn from `generators` unless given.
+    fn initial_noise(
+        &self,
+        req: &Request,
+        r: &Resolved,
+        generators: &mut NoiseStreams,
+    ) -> Result<Tensor> {
         let f = self.vae_scale_factor();
         let shape = [
             req.prompts.len() * req.sampling.num_images,
@@ -358,12 +375,16 @@ impl Pipeline {
             r.height / f,
             r.width / f,
         ];
-        match &req.noise {
-            Noise::Seed(seed) => {
-                let data = TorchGenerator::new(*seed).randn(shape.iter().product());
-                Tensor::from_vec(data, &shape, &self.device).context(|| "drawing the initial noise".into())
-            }
-            Noise::Latents(t) if t.dims() != shape => Err(Error::usage(format!(
+        if generators.images() != shape[0] {
+            return Err(Error::Numerics(format!(
+                "the noise generators cover {} image(s) but this run makes {}",
+                generators.images(),
+                shape[0]
+            )));
+        }
+        match &req.noise.latents {
+            None => generators.draw_tensor(&shape, &self.device),
+            Some(t) if t.dims() != shape => Err(Error::usage(format!(
                 "--latents has shape {:?} but this run needs {shape:?} ({} prompt(s) x {} image(s), {} channels, {}x{} latents for {}x{} pixels)",
                 t.dims(),
                 req.prompts.len(),
@@ -374,7 +395,7 @@ impl Pipeline {
                 r.height,
                 r.width
             ))),
-            Noise::Latents(t) => t
+            Some(t) => t
                 .to_device(&self.device)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .context(|| "moving the latents".into()),
@@ -389,6 +410,7 @@ impl Pipeline {
         context: &Tensor,
         guidance: Option<f64>,
         scheduler: &mut dyn schedulers::Scheduler,
+        generators: &mut NoiseStreams,
     ) -> Result<Tensor> {
         let what = || format!("denoising at timestep {t}");
         let input = match guidance {
@@ -416,7 +438,7 @@ impl Pipeline {
             }
             None => out,
         };
-        scheduler.step(&noise_pred, t, latents)
+        scheduler.step(&noise_pred, t, latents, generators)
     }
 
     /// Decodes latents one image at a time: `vae.decode(latents / scaling_factor)`, then
@@ -473,11 +495,14 @@ impl Pipeline {
             &self.config.scheduler,
             &self.files.scheduler_config,
             req.sampling.steps,
+            &req.sampling.schedule,
         )?;
         let timesteps = scheduler.timesteps().to_vec();
         let what = || "initialising the latents".to_string();
-        let mut latents =
-            (self.initial_noise(req, &r)? * scheduler.init_noise_sigma()).context(what)?;
+        let mut generators = req.noise.generators.clone();
+        let mut latents = (self.initial_noise(req, &r, &mut generators)?
+            * scheduler.init_noise_sigma())
+        .context(what)?;
         if keep {
             let n = timesteps.len();
             tensors.push((
@@ -492,7 +517,14 @@ impl Pipeline {
         let guidance = (req.sampling.guidance > 1.0).then_some(req.sampling.guidance);
         let denoised = (|| {
             for (i, &t) in timesteps.iter().enumerate() {
-                latents = self.denoise_step(&latents, t, &context, guidance, scheduler.as_mut())?;
+                latents = self.denoise_step(
+                    &latents,
+                    t,
+                    &context,
+                    guidance,
+                    scheduler.as_mut(),
+                    &mut generators,
+                )?;
                 check_finite(&latents, i + 1, timesteps.len())?;
                 progress.step(i + 1, timesteps.len());
             }

@@ -264,10 +264,6 @@ fn usage_errors_exit_2_with_one_line() {
         &run(&["--num-images", "2", "--output", one.to_str().unwrap()]),
         "names one file but this run makes 2 images",
     );
-    assert_fails(
-        &run(&["--seed", "1", "--latents", "x.safetensors"]),
-        "give one",
-    );
     #[cfg(not(feature = "cuda"))]
     assert_fails(&run(&["--device", "cuda"]), "--features cuda");
     assert_fails(&gen(m.as_str(), &["--prompt", "  "]), "prompt 1 is empty");

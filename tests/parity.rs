@@ -1,5 +1,7 @@
-//! Runs the binary on every case recorded from diffusers (`tests/fixtures/reference/cases.json`) with
-//! the recorded initial latents and compares every dumped tensor within |a-b| <= 1e-4 + 1e-3|b|.
+//! Runs the binary on every case recorded from diffusers (`tests/fixtures/reference/cases.json`) and
+//! compares every dumped tensor within |a-b| <= 1e-4 + 1e-3|b|. Most cases give the recorded initial
+//! latents (`--latents`) and the generator seed of the step noise (`--seed`); `seeded` cases give only
+//! `--seed`, so the initial latents come from altdiff's PyTorch-compatible generator too.
 
 mod common;
 
@@ -47,9 +49,18 @@ fn run_case(name: &str) {
     ] {
         args.extend([flag.into(), s(&case[key])]);
     }
+    // diffusers' generator=torch.Generator().manual_seed(seed) (a list, seed + i, per image).
+    args.extend(["--seed".into(), s(&case["seed"])]);
+    if case["per_image_seeds"] == true {
+        args.push("--per-image-seeds".into());
+    }
+    if let Some(eta) = case["eta"].as_f64() {
+        args.extend(["--eta".into(), eta.to_string()]);
+    }
+    if case["seeded"] != true {
+        args.extend(["--latents".into(), reference.display().to_string()]);
+    }
     args.extend([
-        "--latents".into(),
-        reference.display().to_string(),
         "--dump-tensors".into(),
         dump.display().to_string(),
         "--output".into(),
@@ -174,6 +185,38 @@ fn m9_heun() {
 #[test]
 fn m18_lms() {
     run_case("m18-lms");
+}
+#[test]
+fn m9_euler_ancestral() {
+    run_case("m9-euler-a");
+}
+#[test]
+fn m18_ddpm() {
+    run_case("m18-ddpm");
+}
+#[test]
+fn m18_ddim_eta_1() {
+    run_case("m18-ddim-eta1");
+}
+#[test]
+fn m18_euler_ancestral_seeded() {
+    run_case("m18-euler-a-seeded");
+}
+#[test]
+fn m9_ddim_eta_half_seeded() {
+    run_case("m9-ddim-eta0.5-seeded");
+}
+#[test]
+fn m18_euler_seeded() {
+    run_case("m18-euler-seeded");
+}
+#[test]
+fn m9_euler_ancestral_batch_seeded() {
+    run_case("m9-euler-a-batch-seeded");
+}
+#[test]
+fn m18_ddpm_per_image_seeds() {
+    run_case("m18-ddpm-per-image-seeds");
 }
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives

@@ -25,7 +25,7 @@ use crate::model::ModelFiles;
 use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling};
 use crate::output::{NameFields, NameTemplate};
 use crate::pipeline::{Noise, Pipeline, Progress, Request, RgbImage};
-use crate::rng::TorchGenerator;
+use crate::noise::{NoiseStreams, Segment};
 use crate::schedulers::SchedulerKind;
 use crate::source::ModelIdentity;
 
@@ -144,6 +144,7 @@ fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result
         width: o.width.or(base.width),
         num_images: o.num_images.unwrap_or(base.num_images),
         max_length: base.max_length,
+        schedule: base.schedule,
     };
     s.validate().map_err(|e| e.to_string())?;
     Ok(s)
@@ -420,7 +421,18 @@ impl Run<'_> {
             steps: job.sampling.steps,
             guidance: job.sampling.guidance,
             scheduler: r.scheduler.name().to_string(),
-            scheduler_config: self.scheduler_config.clone(),
+            scheduler_config: {
+                let mut c = self.scheduler_config.clone();
+                job.sampling.schedule.apply_json(&mut c);
+                c
+            },
+            eta: Some(job.sampling.schedule.eta).filter(|e| *e > 0.0),
+            karras: job.sampling.schedule.karras,
+            timestep_spacing: job
+                .sampling
+                .schedule
+                .timestep_spacing
+                .map(|s| s.name().to_string()),
             width: r.width,
             height: r.height,
             max_length: r.max_length,
@@ -468,56 +480,84 @@ impl Run<'_> {
         }
     }
 
-    /// The noise of a group and each image's record of it.
+    /// The noise of a group (its generators and any given latents) and each image's record of it.
     fn noise(&self, group: &Group, shape: &[usize]) -> Result<(Noise, Vec<NoiseRecord>)> {
-        let per_image: usize = shape[1..].iter().product();
         let total_images: usize = group.jobs.iter().map(|j| j.sampling.num_images).sum();
         if let Some(t) = &self.latents_file {
-            return Ok((
-                Noise::Latents(t.clone()),
-                vec![NoiseRecord::LatentsFile; total_images],
-            ));
+            // diffusers' `latents=` with `generator=` for the step noise.
+            let seed = self.opts.seed.unwrap_or(0);
+            let noise = Noise {
+                latents: Some(t.clone()),
+                generators: NoiseStreams::shared(seed, total_images),
+            };
+            return Ok((noise, vec![NoiseRecord::LatentsFile; total_images]));
         }
         if let Some(rec) = &self.opts.from_image {
             if let (NoiseRecord::Seed { seed, batch, index }, None) = (&rec.noise, self.opts.seed) {
-                // The image's own slice of the randn call it came from.
-                if index >= batch || *batch > 4096 {
+                // The image's own share of every draw of the generator it came from.
+                if *batch > 4096 || shape[0] != 1 {
                     return Err(Error::usage(format!(
                         "--from-image: the image's noise record (image {index} of a batch of {batch}) is not valid"
                     )));
                 }
-                let all = TorchGenerator::new(*seed).randn(batch * per_image);
-                let mine = all[index * per_image..(index + 1) * per_image].to_vec();
-                let t = Tensor::from_vec(mine, shape, &Device::Cpu)
-                    .context(|| "drawing the noise".into())?;
-                return Ok((Noise::Latents(t), vec![rec.noise.clone()]));
+                let segment = Segment::slice(*seed, *batch, *index)
+                    .map_err(|e| Error::usage(format!("--from-image: {e}")))?;
+                let noise = Noise {
+                    latents: None,
+                    generators: NoiseStreams::new(vec![segment]),
+                };
+                return Ok((noise, vec![rec.noise.clone()]));
             }
         }
-        if group.shared_seed {
-            let seed = group.jobs[0].seed;
-            let records = (0..total_images)
-                .map(|index| NoiseRecord::Seed {
-                    seed,
-                    batch: total_images,
-                    index,
-                })
-                .collect();
-            return Ok((Noise::Seed(seed), records));
-        }
-        let mut data = Vec::with_capacity(total_images * per_image);
+        // (seed, images) of each generator call: the whole group with a shared seed, else each job
+        // (with --per-image-seeds each job's seed is already its first image's).
+        let calls: Vec<(u64, usize)> = if group.shared_seed && !self.opts.per_image_seeds {
+            vec![(group.jobs[0].seed, total_images)]
+        } else {
+            group
+                .jobs
+                .iter()
+                .map(|j| (j.seed, j.sampling.num_images))
+                .collect()
+        };
+        let mut segments = Vec::new();
         let mut records = Vec::new();
-        for job in &group.jobs {
-            let n = job.sampling.num_images;
-            data.extend(TorchGenerator::new(job.seed).randn(n * per_image));
-            records.extend((0..n).map(|index| NoiseRecord::Seed {
-                seed: job.seed,
-                batch: n,
-                index,
-            }));
+        for (seed, n) in calls {
+            if self.opts.per_image_seeds {
+                for i in 0..n {
+                    let s = seed.wrapping_add(i as u64);
+                    segments.push(Segment::whole(s, 1));
+                    records.push(NoiseRecord::Seed {
+                        seed: s,
+                        batch: 1,
+                        index: 0,
+                    });
+                }
+            } else {
+                segments.push(Segment::whole(seed, n));
+                records.extend((0..n).map(|index| NoiseRecord::Seed {
+                    seed,
+                    batch: n,
+                    index,
+                }));
+            }
         }
-        let t =
-            Tensor::from_vec(data, shape, &Device::Cpu).context(|| "drawing the noise".into())?;
-        Ok((Noise::Latents(t), records))
+        let noise = Noise {
+            latents: None,
+            generators: NoiseStreams::new(segments),
+        };
+        Ok((noise, records))
+    }
+
+    /// The seed in image `i` of `job`'s file name (`latents` with a latents file).
+    fn name_seed(&self, job: &Job, i: usize) -> String {
+        if self.latents_file.is_some() {
+            "latents".to_string()
+        } else if self.opts.per_image_seeds {
+            job.seed.wrapping_add(i as u64).to_string()
+        } else {
+            job.seed.to_string()
+        }
     }
 }
 
@@ -541,8 +581,14 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     let shared_seed = opts.prompt_file.is_none() && opts.shard.is_none();
     let mut jobs = jobs;
     if shared_seed {
+        // One generator over the batch; with --per-image-seeds image i of the batch gets seed + i,
+        // so a prompt's images start at seed + (images of the prompts before it).
+        let mut offset = 0u64;
         for j in &mut jobs {
-            j.seed = base_seed;
+            j.seed = base_seed.wrapping_add(offset);
+            if opts.per_image_seeds {
+                offset += j.sampling.num_images as u64;
+            }
         }
     }
 
@@ -689,7 +735,7 @@ fn run_group(
     let probe = Request {
         prompts: vec![group.jobs[0].prompt.clone()],
         sampling: sampling.clone(),
-        noise: Noise::Seed(0),
+        noise: Noise::seeded(0, 1),
         keep_tensors: false,
     };
     let resolved = match run.pipeline.resolve(&probe) {
@@ -711,13 +757,8 @@ fn run_group(
             tracing::info!("{}: detected language {}", job_name(&job), decision.code());
         }
         let code = decision.code();
-        let seed = if run.latents_file.is_some() {
-            "latents".to_string()
-        } else {
-            job.seed.to_string()
-        };
         let all_exist = (0..job.sampling.num_images)
-            .all(|i| run.path(&job, i, code, &resolved, &seed).exists());
+            .all(|i| run.path(&job, i, code, &resolved, &run.name_seed(&job, i)).exists());
         if opts.output.skip_existing && all_exist && !group.shared_seed {
             *skipped += 1;
             bars.job_done(1);

@@ -76,10 +76,13 @@ mod tests {
                 "pndm",
                 "ddim",
                 "euler",
+                "euler-a",
                 "dpm++2m",
                 "dpm++2m-karras",
                 "heun",
-                "lms"
+                "lms",
+                "unipc",
+                "ddpm"
             ]
         );
         for n in names {

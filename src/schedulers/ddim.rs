@@ -1,4 +1,6 @@
-//! diffusers' `DDIMScheduler` (deterministic, eta = 0), selectable instead of the checkpoint's PNDM.
+//! diffusers' `DDIMScheduler`, selectable instead of the checkpoint's PNDM: deterministic with
+//! eta 0 (the default), with `--eta` > 0 adding `std_dev_t * noise` each step, the noise drawn from
+//! the run's generator as diffusers' `step(..., eta=eta, generator=generator)` draws it.
 //!
 //! Owned rather than candle-transformers' DDIM because that one computes its timesteps differently
 //! from diffusers (no `timestep_spacing`, different offsets and rounding); this follows diffusers
@@ -9,7 +11,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, train_timestep, NoiseSchedule, Prediction, Spacing};
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result, TensorContext};
 
@@ -20,8 +22,7 @@ pub struct DdimScheduler {
     prediction: Prediction,
     /// `clip_sample_range` when `clip_sample` is on.
     clip: Option<f32>,
-    /// The weight of the noise added per step. Always 0 for now: eta > 0 would need the step to draw
-    /// `std_dev_t * noise` (diffusers' `variance_noise`), which is where it would be added.
+    /// The weight of the noise added per step (diffusers' `eta`).
     eta: f32,
     /// `num_train_timesteps // num_inference_steps`.
     step_ratio: i64,
@@ -67,6 +68,12 @@ impl DdimScheduler {
             timesteps: ts.into_iter().map(|t| t as f64).collect(),
         })
     }
+
+    /// Sets `eta`, the weight of the step noise (0: deterministic).
+    pub fn with_eta(mut self, eta: f32) -> Self {
+        self.eta = eta;
+        self
+    }
 }
 
 impl Scheduler for DdimScheduler {
@@ -75,7 +82,13 @@ impl Scheduler for DdimScheduler {
     }
 
     /// diffusers' `DDIMScheduler.step` with `use_clipped_model_output = False`.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let t = train_timestep(timestep)?;
         let prev_t = t - self.step_ratio;
         let alpha_t = self.schedule.alpha_at(t)?;
@@ -125,7 +138,14 @@ impl Scheduler for DdimScheduler {
             &pred_epsilon,
             (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt(),
         )?;
-        add(&mul(&pred_original, alpha_prev.sqrt())?, &direction)
+        let prev = add(&mul(&pred_original, alpha_prev.sqrt())?, &direction)?;
+        if self.eta > 0.0 {
+            // variance_noise = randn_tensor(model_output.shape, generator=generator)
+            let variance_noise = noise.randn_like(model_output)?;
+            add(&prev, &mul(&variance_noise, std_dev_t)?)
+        } else {
+            Ok(prev)
+        }
     }
 }
 
@@ -202,7 +222,7 @@ mod tests {
         let mut s = DdimScheduler::new(&SchedulerConfig::default(), Path::new("c.json"), 5)?;
         let x = Tensor::zeros((1, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
             .context(|| "zeros".into())?;
-        assert!(matches!(s.step(&x, 800.5, &x), Err(Error::Usage(_))));
+        assert!(matches!(s.step(&x, 800.5, &x, &mut super::super::NoNoise), Err(Error::Usage(_))));
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use super::common::{
     add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
     Prediction,
 };
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
 
@@ -45,14 +45,200 @@ pub struct DpmSolverScheduler {
 }
 
 /// `(alpha_t, sigma_t)` of a sigma: `1 / sqrt(sigma^2 + 1)` and `sigma * alpha_t`, in f32.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
 /// `log(alpha) - log(sigma)` (infinite for sigma 0, as torch gives).
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
+}
+
+/// `convert_model_output` of the data-prediction solvers (dpmsolver++, UniPC with `predict_x0`):
+/// the x0 prediction from the model output at `sigma`.
+pub(super) fn x0_prediction(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let (alpha, sigma) = alpha_sigma(sigma);
+    match prediction {
+        Prediction::Epsilon => div(&sub(sample, &mul(model_output, sigma)?)?, alpha),
+        Prediction::Sample => Ok(model_output.clone()),
+        Prediction::Velocity => sub(&mul(sample, alpha)?, &mul(model_output, sigma)?),
+    }
+}
+
+/// The multistep solver classes whose `set_timesteps` is the same code in diffusers
+/// (`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`), for what differs between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Multistep {
+    DpmSolver,
+    UniPc,
+}
+
+impl Multistep {
+    /// The class as error messages name it.
+    fn name(self) -> &'static str {
+        match self {
+            Multistep::DpmSolver => "DPM-Solver",
+            Multistep::UniPc => "UniPC",
+        }
+    }
+
+    /// Sigma `i` of `sigmas` (one per timestep, then the final one), or a usage error past the end.
+    pub(super) fn sigma(self, sigmas: &[f32], i: usize) -> Result<f32> {
+        sigmas.get(i).copied().ok_or_else(|| {
+            Error::usage(format!(
+                "{}: step {} of a {}-step schedule",
+                self.name(),
+                i + 1,
+                sigmas.len().saturating_sub(1)
+            ))
+        })
+    }
+
+    /// A config error naming the first of `flags` that is true (altdiff implements none of them).
+    pub(super) fn reject_enabled(self, path: &Path, flags: &[(&str, Option<bool>)]) -> Result<()> {
+        match flags.iter().find(|(_, on)| on.unwrap_or(false)) {
+            Some((field, _)) => Err(Error::config(
+                path,
+                *field,
+                format!("not supported by altdiff's {} (supported: false)", self.name()),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a multistep solver's `set_timesteps` computes: the integer timesteps, one sigma per
+/// timestep then the final sigma (float32), and whether that final sigma is zero.
+#[derive(Debug)]
+pub(super) struct MultistepSchedule {
+    pub timesteps: Vec<i64>,
+    pub sigmas: Vec<f32>,
+    pub final_zero: bool,
+}
+
+impl MultistepSchedule {
+    /// diffusers' `index_for_timestep` for the first timestep: its second occurrence if it repeats.
+    pub fn start_index(&self) -> usize {
+        let first = self.timesteps.first();
+        usize::from(self.timesteps.iter().filter(|&t| Some(t) == first).count() > 1)
+    }
+}
+
+/// The noise schedule (with the zero-SNR rescale) and `set_timesteps(steps)` of `class`, as diffusers
+/// 0.35.2 computes them: `timestep_spacing` (default `linspace`) over the training timesteps, the
+/// training sigmas at them or, with `use_karras_sigmas`, Karras sigmas over the training table's
+/// range and the timesteps `_sigma_to_t` gives for them, then the final sigma (`final_sigmas_type`).
+/// Where the classes differ: DPM-Solver leaves Karras timesteps unrounded for `squaredcos_cap_v2`
+/// and its `sigma_min` final sigma is always the training table's smallest; UniPC always rounds and
+/// ends a Karras schedule on its last Karras sigma. Checks the step count and rejects the sigma
+/// schedules altdiff does not implement.
+pub(super) fn multistep_schedule(
+    cfg: &SchedulerConfig,
+    path: &Path,
+    steps: usize,
+    class: Multistep,
+) -> Result<MultistepSchedule> {
+    class.reject_enabled(
+        path,
+        &[
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("use_flow_sigmas", cfg.use_flow_sigmas),
+            ("use_dynamic_shifting", cfg.use_dynamic_shifting),
+        ],
+    )?;
+    let unsupported = |field: &str, what: String| Err(Error::config(path, field, what));
+    let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
+    schedule.pin_zero_snr_end(cfg);
+    schedule.check_steps(steps)?;
+    let train = schedule.train_steps;
+    let timesteps: Vec<i64> = match cfg.timestep_spacing.as_deref().unwrap_or("linspace") {
+        "linspace" => {
+            let mut t: Vec<i64> = numpy_linspace(0.0, (train - 1) as f64, steps + 1)
+                .into_iter()
+                .rev()
+                .map(|v| v.round_ties_even() as i64)
+                .collect();
+            t.pop();
+            t
+        }
+        "leading" => {
+            let ratio = (train / (steps + 1)) as i64;
+            let offset = cfg.steps_offset.unwrap_or(0) as i64;
+            (1..=steps as i64)
+                .rev()
+                .map(|i| i * ratio + offset)
+                .collect()
+        }
+        "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
+            .into_iter()
+            .map(|v| v.round_ties_even() as i64 - 1)
+            .collect(),
+        other => {
+            return unsupported(
+                "timestep_spacing",
+                format!("`{other}` is not supported (supported: linspace, leading, trailing)"),
+            )
+        }
+    };
+    let final_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
+        "zero" => true,
+        "sigma_min" => false,
+        other => {
+            return unsupported(
+                "final_sigmas_type",
+                format!("`{other}` is not supported (supported: zero, sigma_min)"),
+            )
+        }
+    };
+    let ac = &schedule.alphas_cumprod;
+    let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+    let mut sigma_min = train_sigmas[0];
+    let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if cfg.use_karras_sigmas.unwrap_or(false)
+    {
+        // Neither class has sigma_min / sigma_max in its config (diffusers ignores them): the range
+        // is the training table's.
+        let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+        let karras = karras_sigmas(
+            train_sigmas[0] as f64,
+            train_sigmas[train - 1] as f64,
+            steps,
+        );
+        let round = class == Multistep::UniPc
+            || cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+        let t = karras
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, &log_sigmas);
+                // torch's `.to(int64)` truncates what numpy's `round()` left.
+                (if round { t.round_ties_even() } else { t }) as i64
+            })
+            .collect();
+        let karras: Vec<f32> = karras.into_iter().map(|s| s as f32).collect();
+        if class == Multistep::UniPc {
+            sigma_min = karras[karras.len() - 1];
+        }
+        (t, karras)
+    } else {
+        // np.interp at integer timesteps is the table entry (below 0: the first one).
+        let s = timesteps
+            .iter()
+            .map(|&t| train_sigmas[t.clamp(0, train as i64 - 1) as usize])
+            .collect();
+        (timesteps, s)
+    };
+    sigmas.push(if final_zero { 0.0 } else { sigma_min });
+    Ok(MultistepSchedule {
+        timesteps,
+        sigmas,
+        final_zero,
+    })
 }
 
 impl DpmSolverScheduler {
@@ -88,21 +274,13 @@ impl DpmSolverScheduler {
                 )
             }
         };
-        for (field, on) in [
-            ("thresholding", cfg.thresholding),
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-            ("use_lu_lambdas", cfg.use_lu_lambdas),
-            ("use_flow_sigmas", cfg.use_flow_sigmas),
-            ("use_dynamic_shifting", cfg.use_dynamic_shifting),
-        ] {
-            if on.unwrap_or(false) {
-                return unsupported(
-                    field,
-                    "not supported by altdiff's DPM-Solver (supported: false)".into(),
-                );
-            }
-        }
+        Multistep::DpmSolver.reject_enabled(
+            path,
+            &[
+                ("thresholding", cfg.thresholding),
+                ("use_lu_lambdas", cfg.use_lu_lambdas),
+            ],
+        )?;
         if let Some(v) = cfg.lambda_min_clipped {
             if v.is_finite() {
                 return unsupported(
@@ -118,90 +296,17 @@ impl DpmSolverScheduler {
             );
         }
         let prediction = Prediction::parse(cfg, path, &Prediction::ALL)?;
-        let mut schedule = NoiseSchedule::from_config(cfg, path, false, true)?;
-        schedule.pin_zero_snr_end(cfg);
-        schedule.check_steps(steps)?;
-        let train = schedule.train_steps;
-        let timesteps: Vec<i64> = match cfg.timestep_spacing.as_deref().unwrap_or("linspace") {
-            "linspace" => {
-                let mut t: Vec<i64> = numpy_linspace(0.0, (train - 1) as f64, steps + 1)
-                    .into_iter()
-                    .rev()
-                    .map(|v| v.round_ties_even() as i64)
-                    .collect();
-                t.pop();
-                t
-            }
-            "leading" => {
-                let ratio = (train / (steps + 1)) as i64;
-                let offset = cfg.steps_offset.unwrap_or(0) as i64;
-                (1..=steps as i64)
-                    .rev()
-                    .map(|i| i * ratio + offset)
-                    .collect()
-            }
-            "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
-                .into_iter()
-                .map(|v| v.round_ties_even() as i64 - 1)
-                .collect(),
-            other => {
-                return unsupported(
-                    "timestep_spacing",
-                    format!("`{other}` is not supported (supported: linspace, leading, trailing)"),
-                )
-            }
-        };
-        let ac = &schedule.alphas_cumprod;
-        let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
-        let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) =
-            if cfg.use_karras_sigmas.unwrap_or(false) {
-                // diffusers' DPM-Solver ignores sigma_min / sigma_max (not in its config): the range is
-                // the training table's.
-                let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-                let karras = karras_sigmas(
-                    train_sigmas[0] as f64,
-                    train_sigmas[train - 1] as f64,
-                    steps,
-                );
-                let round = cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
-                let t = karras
-                    .iter()
-                    .map(|&s| {
-                        let t = sigma_to_t(s, &log_sigmas);
-                        // torch's `.to(int64)` truncates what numpy's `round()` left.
-                        (if round { t.round_ties_even() } else { t }) as i64
-                    })
-                    .collect();
-                (t, karras.into_iter().map(|s| s as f32).collect())
-            } else {
-                // np.interp at integer timesteps is the table entry (below 0: the first one).
-                let s = timesteps
-                    .iter()
-                    .map(|&t| train_sigmas[t.clamp(0, train as i64 - 1) as usize])
-                    .collect();
-                (timesteps, s)
-            };
-        let final_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
-            "zero" => true,
-            "sigma_min" => false,
-            other => {
-                return unsupported(
-                    "final_sigmas_type",
-                    format!("`{other}` is not supported (supported: zero, sigma_min)"),
-                )
-            }
-        };
-        sigmas.push(if final_zero { 0.0 } else { train_sigmas[0] });
-        let step_index = usize::from(timesteps.iter().filter(|&&t| t == timesteps[0]).count() > 1);
+        let schedule = multistep_schedule(cfg, path, steps, Multistep::DpmSolver)?;
+        let step_index = schedule.start_index();
         Ok(Self {
             prediction,
             solver_order,
             solver_type,
             lower_order_final: cfg.lower_order_final.unwrap_or(true),
             euler_at_final: cfg.euler_at_final.unwrap_or(false),
-            final_zero,
-            timesteps: timesteps.into_iter().map(|t| t as f64).collect(),
-            sigmas,
+            final_zero: schedule.final_zero,
+            timesteps: schedule.timesteps.into_iter().map(|t| t as f64).collect(),
+            sigmas: schedule.sigmas,
             step_index,
             model_outputs: vec![None; solver_order],
             lower_order_nums: 0,
@@ -209,23 +314,13 @@ impl DpmSolverScheduler {
     }
 
     fn sigma(&self, i: usize) -> Result<f32> {
-        self.sigmas.get(i).copied().ok_or_else(|| {
-            Error::usage(format!(
-                "DPM-Solver: step {} of a {}-step schedule",
-                i + 1,
-                self.timesteps.len()
-            ))
-        })
+        Multistep::DpmSolver.sigma(&self.sigmas, i)
     }
 
     /// `convert_model_output`: the x0 prediction.
     fn convert(&self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = alpha_sigma(self.sigma(self.step_index)?);
-        match self.prediction {
-            Prediction::Epsilon => div(&sub(sample, &mul(model_output, sigma)?)?, alpha),
-            Prediction::Sample => Ok(model_output.clone()),
-            Prediction::Velocity => sub(&mul(sample, alpha)?, &mul(model_output, sigma)?),
-        }
+        let sigma = self.sigma(self.step_index)?;
+        x0_prediction(self.prediction, model_output, sample, sigma)
     }
 }
 
@@ -238,7 +333,13 @@ impl Scheduler for DpmSolverScheduler {
         Some(&self.sigmas)
     }
 
-    fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        _timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let i = self.step_index;
         let n = self.timesteps.len();
         let lower_order_final = i + 1 == n

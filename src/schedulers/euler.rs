@@ -15,7 +15,7 @@ use super::common::{
     add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
     Prediction,
 };
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
 
@@ -302,7 +302,13 @@ impl Scheduler for EulerScheduler {
     sigma_steps_methods!();
 
     /// diffusers' `EulerDiscreteScheduler.step` with `s_churn = 0` (no noise).
-    fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        _timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let sigma = self.steps.sigma(self.steps.step_index)?;
         let next = self.steps.sigma(self.steps.step_index + 1)?;
         let pred_original = predict_x0(self.prediction, model_output, sample, sigma)?;

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
 use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, DiscreteSigmas, SigmaSteps};
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Result, TensorContext};
 
@@ -80,7 +80,13 @@ impl HeunScheduler {
 impl Scheduler for HeunScheduler {
     sigma_steps_methods!();
 
-    fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        _timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let i = self.steps.step_index;
         let first = self.state.is_none();
         let (sigma, sigma_next) = if first {

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
 use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, SigmaSteps};
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 
@@ -71,7 +71,13 @@ impl Scheduler for LmsScheduler {
     sigma_steps_methods!();
 
     /// diffusers' `LMSDiscreteScheduler.step` with `order = 4`.
-    fn step(&mut self, model_output: &Tensor, _timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        _timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let i = self.steps.step_index;
         let sigma = self.steps.sigma(i)?;
         let pred = predict_x0(self.prediction, model_output, sample, sigma)?;

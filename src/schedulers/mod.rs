@@ -6,11 +6,14 @@
 
 mod common;
 pub mod ddim;
+pub mod ddpm;
 pub mod dpm;
 pub mod euler;
+pub mod euler_a;
 pub mod heun;
 pub mod lms;
 pub mod pndm;
+pub mod unipc;
 
 use std::path::Path;
 
@@ -28,6 +31,8 @@ pub enum SchedulerKind {
     Ddim,
     /// diffusers' `EulerDiscreteScheduler` (deterministic).
     Euler,
+    /// diffusers' `EulerAncestralDiscreteScheduler` (noise added every step): webui's Euler a.
+    EulerA,
     /// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, order 2): webui's DPM++ 2M.
     DpmPp2m,
     /// The same with `use_karras_sigmas`: webui's DPM++ 2M Karras.
@@ -36,6 +41,10 @@ pub enum SchedulerKind {
     Heun,
     /// diffusers' `LMSDiscreteScheduler` (linear multistep, order 4).
     Lms,
+    /// diffusers' `UniPCMultistepScheduler` (predictor-corrector, bh2, order 2): webui's UniPC.
+    UniPc,
+    /// diffusers' `DDPMScheduler` (ancestral sampling of the original DDPM, noise every step).
+    Ddpm,
 }
 
 impl SchedulerKind {
@@ -45,22 +54,28 @@ impl SchedulerKind {
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
             "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerA),
+            "DDPMScheduler" => Some(SchedulerKind::Ddpm),
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
             "HeunDiscreteScheduler" => Some(SchedulerKind::Heun),
             "LMSDiscreteScheduler" => Some(SchedulerKind::Lms),
+            "UniPCMultistepScheduler" => Some(SchedulerKind::UniPc),
             _ => None,
         }
     }
 
     /// Every scheduler, in the order `altdiff schedulers` lists them.
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 10] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
+        SchedulerKind::EulerA,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
         SchedulerKind::Heun,
         SchedulerKind::Lms,
+        SchedulerKind::UniPc,
+        SchedulerKind::Ddpm,
     ];
 
     /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
@@ -75,10 +90,13 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerA => "euler-a",
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
             SchedulerKind::Heun => "heun",
             SchedulerKind::Lms => "lms",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Ddpm => "ddpm",
         }
     }
 
@@ -88,9 +106,12 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerA => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
         }
     }
 
@@ -100,7 +121,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => {
                 "PLMS (pseudo linear multistep), AltDiffusion's own scheduler; the default"
             }
-            SchedulerKind::Ddim => "DDIM, deterministic (eta 0)",
+            SchedulerKind::Ddim => "DDIM; deterministic unless --eta > 0 (step noise from the seed)",
             SchedulerKind::Euler => {
                 "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
             }
@@ -108,6 +129,11 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
             SchedulerKind::Heun => "Heun's second-order method, two UNet evaluations per step",
             SchedulerKind::Lms => "linear multistep (order 4) on the Euler sigma schedule",
+            SchedulerKind::UniPc => "UniPC predictor-corrector multistep (bh2, order 2), deterministic",
+            SchedulerKind::EulerA => {
+                "Euler ancestral: Euler steps plus fresh noise each step (webui's Euler a)"
+            }
+            SchedulerKind::Ddpm => "the original DDPM sampler, fresh noise each step (slow)",
         }
     }
 
@@ -117,19 +143,146 @@ impl SchedulerKind {
     }
 }
 
-/// Builds the scheduler `kind` from the checkpoint's scheduler config for `steps` inference steps,
-/// as diffusers' `XScheduler.from_config(config)` then `set_timesteps(steps)`. Unsupported or
-/// inconsistent values are [`crate::Error::Config`] errors naming `config_path` and the field; a step count
-/// of zero (or above `num_train_timesteps`) is an [`crate::Error::Usage`].
+impl SchedulerKind {
+    /// Whether the diffusers class has `use_karras_sigmas` (what `--karras` sets).
+    pub fn supports_karras(&self) -> bool {
+        match self {
+            SchedulerKind::Euler
+            | SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mKarras
+            | SchedulerKind::Heun
+            | SchedulerKind::Lms
+            | SchedulerKind::UniPc => true,
+            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::EulerA | SchedulerKind::Ddpm => {
+                false
+            }
+        }
+    }
+
+    /// Whether `step` draws noise (always, or with `eta` > 0 for DDIM).
+    pub fn is_stochastic(&self, eta: f64) -> bool {
+        match self {
+            SchedulerKind::EulerA | SchedulerKind::Ddpm => true,
+            SchedulerKind::Ddim => eta > 0.0,
+            _ => false,
+        }
+    }
+}
+
+/// `timestep_spacing`, as `--timestep-spacing` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimestepSpacing {
+    /// `arange(0, n) * (T // n) + steps_offset` (PNDM's, DDIM's and DDPM's default).
+    Leading,
+    /// `linspace(0, T - 1, n)` (the sigma-based schedulers' default).
+    Linspace,
+    /// `round(arange(T, 0, -T / n)) - 1` (ends at the last training timestep).
+    Trailing,
+}
+
+impl TimestepSpacing {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Linspace => "linspace",
+            TimestepSpacing::Trailing => "trailing",
+        }
+    }
+}
+
+/// Command-line settings that change how a scheduler is built, on top of its config file.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerOptions {
+    /// DDIM's eta (diffusers' `eta=`): 0 is deterministic, 1 is DDPM-like.
+    pub eta: f64,
+    /// `--karras`: `use_karras_sigmas` for the classes that have it.
+    pub karras: bool,
+    /// `--timestep-spacing`: replaces the config's `timestep_spacing`.
+    pub timestep_spacing: Option<TimestepSpacing>,
+}
+
+impl SchedulerOptions {
+    /// Checks the options against `kind`: `--karras` and `--eta` where they do not apply are usage
+    /// errors (diffusers would silently ignore them).
+    pub fn check(&self, kind: SchedulerKind) -> Result<()> {
+        if !(self.eta.is_finite() && (0.0..=1.0).contains(&self.eta)) {
+            return Err(crate::error::Error::usage(format!(
+                "--eta {} must be between 0 and 1",
+                self.eta
+            )));
+        }
+        if self.eta > 0.0 && kind != SchedulerKind::Ddim {
+            return Err(crate::error::Error::usage(format!(
+                "--eta applies to the ddim scheduler only, not {}",
+                kind.name()
+            )));
+        }
+        if self.karras && !kind.supports_karras() {
+            let names: Vec<&str> = SchedulerKind::ALL
+                .iter()
+                .filter(|k| k.supports_karras())
+                .map(|k| k.name())
+                .collect();
+            return Err(crate::error::Error::usage(format!(
+                "--karras applies to {} (diffusers' use_karras_sigmas), not {}",
+                names.join(", "),
+                kind.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `config` with the overrides applied.
+    pub fn apply(&self, config: &SchedulerConfig) -> SchedulerConfig {
+        let mut c = config.clone();
+        if self.karras {
+            c.use_karras_sigmas = Some(true);
+        }
+        if let Some(s) = self.timestep_spacing {
+            c.timestep_spacing = Some(s.name().to_string());
+        }
+        c
+    }
+
+    /// The overrides as scheduler-config JSON entries (what an image's record stores).
+    pub fn apply_json(&self, config: &mut serde_json::Value) {
+        if let Some(map) = config.as_object_mut() {
+            if self.karras {
+                map.insert("use_karras_sigmas".into(), true.into());
+            }
+            if let Some(s) = self.timestep_spacing {
+                map.insert("timestep_spacing".into(), s.name().into());
+            }
+        }
+    }
+}
+
+/// Builds the scheduler `kind` from the checkpoint's scheduler config (with `options` applied) for
+/// `steps` inference steps, as diffusers' `XScheduler.from_config(config)` then
+/// `set_timesteps(steps)`. Unsupported or inconsistent values are [`crate::Error::Config`] errors
+/// naming `config_path` and the field; a step count of zero (or above `num_train_timesteps`), and
+/// options that do not apply to `kind`, are [`crate::Error::Usage`] errors.
 pub fn build(
     kind: SchedulerKind,
     config: &SchedulerConfig,
     config_path: &Path,
     steps: usize,
+    options: &SchedulerOptions,
 ) -> Result<Box<dyn Scheduler>> {
+    options.check(kind)?;
+    let config = &options.apply(config);
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(pndm::PndmScheduler::new(config, config_path, steps)?),
-        SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, config_path, steps)?),
+        SchedulerKind::Ddim => Box::new(
+            ddim::DdimScheduler::new(config, config_path, steps)?.with_eta(options.eta as f32),
+        ),
+        SchedulerKind::EulerA => Box::new(euler_a::EulerAncestralScheduler::new(
+            config,
+            config_path,
+            steps,
+        )?),
+        SchedulerKind::Ddpm => Box::new(ddpm::DdpmScheduler::new(config, config_path, steps)?),
         SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, config_path, steps)?),
         SchedulerKind::DpmPp2m => {
             Box::new(dpm::DpmSolverScheduler::new(config, config_path, steps)?)
@@ -143,6 +296,7 @@ pub fn build(
         }
         SchedulerKind::Heun => Box::new(heun::HeunScheduler::new(config, config_path, steps)?),
         SchedulerKind::Lms => Box::new(lms::LmsScheduler::new(config, config_path, steps)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPcScheduler::new(config, config_path, steps)?),
     })
 }
 
@@ -164,7 +318,33 @@ pub trait Scheduler {
         None
     }
     /// Advances one step: the UNet's output at `timestep` for `sample` gives the next sample.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor>;
+    /// Stochastic schedulers (ancestral, DDIM with eta > 0, DDPM) draw their noise from `noise`,
+    /// as diffusers' `step(..., generator=generator)` does; the others never touch it.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn StepNoise,
+    ) -> Result<Tensor>;
+}
+
+/// Where stochastic schedulers draw their step noise (diffusers' `generator=`).
+pub trait StepNoise {
+    /// Standard normal noise shaped like `like`, on its device and in its dtype (diffusers'
+    /// `randn_tensor(like.shape, generator=generator)`).
+    fn randn_like(&mut self, like: &Tensor) -> Result<Tensor>;
+}
+
+/// A noise source for deterministic use: asking it for noise is an error.
+pub struct NoNoise;
+
+impl StepNoise for NoNoise {
+    fn randn_like(&mut self, _like: &Tensor) -> Result<Tensor> {
+        Err(crate::error::Error::Numerics(
+            "this scheduler needs step noise but was given no generator".into(),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +364,23 @@ mod tests {
     pub(super) const ATOL: f32 = 1e-5;
     /// Relative tolerance of every recorded sample.
     pub(super) const RTOL: f32 = 1e-4;
+
+    /// The command-line options a case was recorded with (DDIM's `eta`).
+    pub(super) fn case_options(case: &Value) -> SchedulerOptions {
+        SchedulerOptions {
+            eta: case.get("eta").and_then(Value::as_f64).unwrap_or(0.0),
+            ..Default::default()
+        }
+    }
+
+    /// The step-noise generator of a recorded loop (`noise_seed`: diffusers' `generator=`), or none
+    /// for deterministic schedulers (which then fail if they ask for noise).
+    pub(super) fn loop_noise(lp: &Value) -> Box<dyn StepNoise> {
+        match lp.get("noise_seed").and_then(Value::as_u64) {
+            Some(seed) => Box::new(crate::noise::NoiseStreams::shared(seed, 1)),
+            None => Box::new(NoNoise),
+        }
+    }
 
     fn fixture() -> Value {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers.json");
@@ -237,7 +434,7 @@ mod tests {
         assert!(recorded.len() >= 6, "{name}: too few step counts");
         for (n, expected) in recorded {
             let steps: usize = n.parse().expect("step count");
-            let s = build(kind, &cfg, &path, steps)?;
+            let s = build(kind, &cfg, &path, steps, &case_options(case))?;
             let expected: Vec<f64> = expected
                 .as_array()
                 .expect("timestep list")
@@ -253,7 +450,7 @@ mod tests {
         for n in case["errors"].as_array().expect("errors") {
             let steps = n.as_u64().expect("step count") as usize;
             assert!(
-                build(kind, &cfg, &path, steps).is_err(),
+                build(kind, &cfg, &path, steps, &case_options(case)).is_err(),
                 "{name}: {steps} steps should fail"
             );
         }
@@ -261,13 +458,17 @@ mod tests {
         let schedule = match kind {
             SchedulerKind::Pndm => pndm::PndmScheduler::new(&cfg, &path, 5)?.schedule,
             SchedulerKind::Ddim => ddim::DdimScheduler::new(&cfg, &path, 5)?.schedule,
+            SchedulerKind::Ddpm => ddpm::DdpmScheduler::new(&cfg, &path, 5)?.schedule,
             other => panic!("{name}: {other:?} cases go through check_sigma_case"),
         };
-        let final_alpha = case["final_alpha_cumprod"].as_f64().expect("final alpha") as f32;
-        assert_eq!(
-            schedule.final_alpha_cumprod, final_alpha,
-            "{name}: final_alpha_cumprod"
-        );
+        // DDPM has no final_alpha_cumprod (it steps to alpha 1).
+        if let Some(final_alpha) = case.get("final_alpha_cumprod") {
+            let final_alpha = final_alpha.as_f64().expect("final alpha") as f32;
+            assert_eq!(
+                schedule.final_alpha_cumprod, final_alpha,
+                "{name}: final_alpha_cumprod"
+            );
+        }
         if let Some(ac) = case.get("alphas_cumprod") {
             let ac = floats(ac);
             let rtol = case["alphas_cumprod_rtol"].as_f64().expect("alphas rtol") as f32;
@@ -294,7 +495,8 @@ mod tests {
         assert!(loops.len() >= 2, "{name}: too few loops");
         for lp in loops {
             let steps = lp["steps"].as_u64().expect("steps") as usize;
-            let mut s = build(kind, &cfg, &path, steps)?;
+            let mut s = build(kind, &cfg, &path, steps, &case_options(case))?;
+            let mut noise = loop_noise(lp);
             let outputs = lp["model_outputs"].as_array().expect("model outputs");
             let expected = lp["prev_samples"].as_array().expect("prev samples");
             let timesteps = s.timesteps().to_vec();
@@ -305,7 +507,7 @@ mod tests {
             );
             let mut sample = tensor(&lp["sample"]);
             for (i, &t) in timesteps.iter().enumerate() {
-                sample = s.step(&tensor(&outputs[i]), t, &sample)?;
+                sample = s.step(&tensor(&outputs[i]), t, &sample, noise.as_mut())?;
                 let got = sample
                     .flatten_all()
                     .and_then(|x| x.to_vec1::<f32>())
@@ -337,7 +539,7 @@ mod tests {
         let rtol = case["sigmas_rtol"].as_f64().expect("sigmas_rtol") as f32;
         for (n, rec) in case["schedules"].as_object().expect("schedules") {
             let steps: usize = n.parse().expect("step count");
-            let s = build(kind, &cfg, &path, steps)?;
+            let s = build(kind, &cfg, &path, steps, &case_options(case))?;
             let got_t: Vec<f32> = s.timesteps().iter().map(|&t| t as f32).collect();
             let t_rtol = case["timesteps_rtol"].as_f64().expect("timesteps_rtol") as f32;
             let want_t = floats(&rec["timesteps"]);
@@ -371,8 +573,9 @@ mod tests {
         }
         for lp in case["loops"].as_array().expect("loops") {
             let steps = lp["steps"].as_u64().expect("steps") as usize;
-            let mut s = build(kind, &cfg, &path, steps)?;
+            let mut s = build(kind, &cfg, &path, steps, &case_options(case))?;
             let mut sample = tensor(&lp["sample"]);
+            let mut noise = loop_noise(lp);
             let outputs = lp["model_outputs"].as_array().expect("outputs");
             let scaled = lp["scaled"].as_array().expect("scaled");
             let prev = lp["prev_samples"].as_array().expect("prev");
@@ -393,7 +596,7 @@ mod tests {
                     &scaled[i],
                     "scaled input",
                 );
-                sample = s.step(&tensor(&outputs[i]), t, &sample)?;
+                sample = s.step(&tensor(&outputs[i]), t, &sample, noise.as_mut())?;
                 check(&sample, &prev[i], "prev sample");
             }
         }
@@ -402,7 +605,13 @@ mod tests {
 
     /// The config field `kind` rejects `cfg` for (5 steps), if it does.
     pub(super) fn config_error_field(kind: SchedulerKind, cfg: SchedulerConfig) -> Option<String> {
-        match build(kind, &cfg, Path::new("scheduler/scheduler_config.json"), 5) {
+        match build(
+            kind,
+            &cfg,
+            Path::new("scheduler/scheduler_config.json"),
+            5,
+            &SchedulerOptions::default(),
+        ) {
             Err(Error::Config { field, .. }) => Some(field),
             _ => None,
         }
@@ -411,7 +620,7 @@ mod tests {
     /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun, LMS).
     #[test]
     fn sigma_schedulers_match_diffusers() -> Result<()> {
-        for kind in ["euler", "dpm++2m", "heun", "lms"] {
+        for kind in ["euler", "euler-a", "dpm++2m", "heun", "lms", "unipc"] {
             let cases = fixture_cases(kind);
             assert!(cases.len() >= 5, "fixture has too few {kind} cases");
             for case in &cases {
@@ -428,7 +637,7 @@ mod tests {
         }
         assert_eq!(SchedulerKind::parse("DDIM"), Some(SchedulerKind::Ddim));
         assert_eq!(SchedulerKind::parse("Euler"), Some(SchedulerKind::Euler));
-        assert_eq!(SchedulerKind::parse("unipc"), None);
+        assert_eq!(SchedulerKind::parse("UniPC"), Some(SchedulerKind::UniPc));
         for kind in SchedulerKind::ALL {
             assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
             let class = SchedulerKind::from_class_name(kind.class_name()).expect("class");
@@ -444,7 +653,7 @@ mod tests {
         );
         assert_eq!(
             SchedulerKind::from_class_name("UniPCMultistepScheduler"),
-            None
+            Some(SchedulerKind::UniPc)
         );
     }
 
@@ -452,7 +661,13 @@ mod tests {
     fn build_rejects_zero_steps() {
         let path = Path::new("scheduler/scheduler_config.json");
         for kind in SchedulerKind::ALL {
-            let r = build(kind, &SchedulerConfig::default(), path, 0);
+            let r = build(
+                kind,
+                &SchedulerConfig::default(),
+                path,
+                0,
+                &SchedulerOptions::default(),
+            );
             assert!(matches!(r, Err(Error::Usage(_))), "{kind:?}");
         }
     }
@@ -465,7 +680,7 @@ mod tests {
             ..Default::default()
         };
         for kind in SchedulerKind::ALL {
-            let err = build(kind, &cfg, path, 10).err().expect("config error");
+            let err = build(kind, &cfg, path, 10, &SchedulerOptions::default()).err().expect("config error");
             let msg = err.to_string();
             assert!(
                 msg.contains("ckpt/scheduler/scheduler_config.json"),

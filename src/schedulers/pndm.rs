@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, train_timestep, NoiseSchedule, Prediction, Spacing};
-use super::Scheduler;
+use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
 
@@ -240,7 +240,13 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn StepNoise,
+    ) -> Result<Tensor> {
         let t = train_timestep(timestep)?;
         if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
             self.step_prk(model_output, t, sample)
