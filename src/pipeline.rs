@@ -12,8 +12,8 @@ use candle_nn::VarBuilder;
 use crate::error::{Error, Result, TensorContext};
 use crate::model::{ModelConfig, ModelFiles};
 use crate::models::{TextEncoder, UNet, VaeDecoder};
-use crate::options::{LoadPolicy, Sampling};
 use crate::noise::NoiseStreams;
+use crate::options::{LoadPolicy, Sampling};
 use crate::schedulers::{self, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 

@@ -22,10 +22,10 @@ use crate::error::{Error, Result, TensorContext};
 use crate::lang::{self, ModelLanguages};
 use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
+use crate::noise::{NoiseStreams, Segment};
 use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling};
 use crate::output::{NameFields, NameTemplate};
 use crate::pipeline::{Noise, Pipeline, Progress, Request, RgbImage};
-use crate::noise::{NoiseStreams, Segment};
 use crate::schedulers::SchedulerKind;
 use crate::source::ModelIdentity;
 
@@ -757,8 +757,10 @@ fn run_group(
             tracing::info!("{}: detected language {}", job_name(&job), decision.code());
         }
         let code = decision.code();
-        let all_exist = (0..job.sampling.num_images)
-            .all(|i| run.path(&job, i, code, &resolved, &run.name_seed(&job, i)).exists());
+        let all_exist = (0..job.sampling.num_images).all(|i| {
+            run.path(&job, i, code, &resolved, &run.name_seed(&job, i))
+                .exists()
+        });
         if opts.output.skip_existing && all_exist && !group.shared_seed {
             *skipped += 1;
             bars.job_done(1);

@@ -382,6 +382,51 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     (1.0 - w) * low as f64 + w * (low + 1) as f64
 }
 
+/// `clip_sample_range` when `clip_sample` is on (DDIM's and DDPM's defaults: on, range 1).
+pub(crate) fn clip_range(cfg: &SchedulerConfig, path: &Path) -> Result<Option<f32>> {
+    if !cfg.clip_sample.unwrap_or(true) {
+        return Ok(None);
+    }
+    let range = cfg.clip_sample_range.unwrap_or(1.0);
+    if !(range.is_finite() && range >= 0.0) {
+        return Err(Error::config(
+            path,
+            "clip_sample_range",
+            format!("{range} is not a non-negative number"),
+        ));
+    }
+    Ok(Some(range as f32))
+}
+
+/// The alpha-based schedulers' (DDIM, DDPM) predicted original sample from the model output at
+/// `alpha_t` (`alphas_cumprod[t]`), clipped to `clip` when set.
+pub(crate) fn alpha_x0(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+    clip: Option<f32>,
+) -> Result<Tensor> {
+    let beta_t = 1.0 - alpha_t;
+    let x0 = match prediction {
+        Prediction::Epsilon => div(
+            &sub(sample, &mul(model_output, beta_t.sqrt())?)?,
+            alpha_t.sqrt(),
+        )?,
+        Prediction::Sample => model_output.clone(),
+        Prediction::Velocity => sub(
+            &mul(sample, alpha_t.sqrt())?,
+            &mul(model_output, beta_t.sqrt())?,
+        )?,
+    };
+    match clip {
+        Some(r) => x0
+            .clamp(-r, r)
+            .context(|| "scheduler: clipping the predicted sample".into()),
+        None => Ok(x0),
+    }
+}
+
 /// Converts a timestep handed to `step` back to the integer training timestep it names.
 pub(crate) fn train_timestep(t: f64) -> Result<i64> {
     if t.is_finite() && t.fract() == 0.0 && t.abs() < 1e15 {

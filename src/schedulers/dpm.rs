@@ -106,7 +106,10 @@ impl Multistep {
             Some((field, _)) => Err(Error::config(
                 path,
                 *field,
-                format!("not supported by altdiff's {} (supported: false)", self.name()),
+                format!(
+                    "not supported by altdiff's {} (supported: false)",
+                    self.name()
+                ),
             )),
             None => Ok(()),
         }
@@ -200,8 +203,7 @@ pub(super) fn multistep_schedule(
     let ac = &schedule.alphas_cumprod;
     let train_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
     let mut sigma_min = train_sigmas[0];
-    let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if cfg.use_karras_sigmas.unwrap_or(false)
-    {
+    let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if cfg.use_karras_sigmas.unwrap_or(false) {
         // Neither class has sigma_min / sigma_max in its config (diffusers ignores them): the range
         // is the training table's.
         let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
@@ -210,8 +212,8 @@ pub(super) fn multistep_schedule(
             train_sigmas[train - 1] as f64,
             steps,
         );
-        let round = class == Multistep::UniPc
-            || cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
+        let round =
+            class == Multistep::UniPc || cfg.beta_schedule.as_deref() != Some("squaredcos_cap_v2");
         let t = karras
             .iter()
             .map(|&s| {

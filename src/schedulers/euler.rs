@@ -64,6 +64,14 @@ impl SigmaSteps {
         })
     }
 
+    /// The sigma of the coming evaluation and the one after it.
+    pub fn current(&self) -> Result<(f32, f32)> {
+        Ok((
+            self.sigma(self.step_index)?,
+            self.sigma(self.step_index + 1)?,
+        ))
+    }
+
     /// `init_noise_sigma`: the largest sigma, or `sqrt(max^2 + 1)` for leading spacing (float32).
     pub fn init_noise_sigma(&self) -> f32 {
         let max = self
@@ -127,6 +135,17 @@ pub(super) fn predict_x0(
             add(&mul(model_output, -sigma / s2.sqrt())?, &div(sample, s2)?)
         }
     }
+}
+
+/// An Euler step from `sigma` to `target`: `sample + (sample - x0) / sigma * (target - sigma)`.
+pub(super) fn euler_update(
+    sample: &Tensor,
+    pred_original: &Tensor,
+    sigma: f32,
+    target: f32,
+) -> Result<Tensor> {
+    let derivative = div(&sub(sample, pred_original)?, sigma)?;
+    add(sample, &mul(&derivative, target - sigma)?)
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` in float64 (numpy's formula: `slope * (x - j) + fp[j]`).
@@ -309,13 +328,10 @@ impl Scheduler for EulerScheduler {
         sample: &Tensor,
         _noise: &mut dyn StepNoise,
     ) -> Result<Tensor> {
-        let sigma = self.steps.sigma(self.steps.step_index)?;
-        let next = self.steps.sigma(self.steps.step_index + 1)?;
+        let (sigma, next) = self.steps.current()?;
         let pred_original = predict_x0(self.prediction, model_output, sample, sigma)?;
-        let derivative = div(&sub(sample, &pred_original)?, sigma)?;
-        let dt = next - sigma;
         self.steps.step_index += 1;
-        add(sample, &mul(&derivative, dt)?)
+        euler_update(sample, &pred_original, sigma, next)
     }
 }
 

@@ -11,8 +11,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::common::{add, div, mul, sub, NoiseSchedule, Prediction};
-use super::euler::{discrete_sigmas, predict_x0, sigma_steps_methods, SigmaSteps};
+use super::common::{add, mul, NoiseSchedule, Prediction};
+use super::euler::{discrete_sigmas, euler_update, predict_x0, sigma_steps_methods, SigmaSteps};
 use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
@@ -59,15 +59,12 @@ impl Scheduler for EulerAncestralScheduler {
         sample: &Tensor,
         noise: &mut dyn StepNoise,
     ) -> Result<Tensor> {
-        let sigma_from = self.steps.sigma(self.steps.step_index)?;
-        let sigma_to = self.steps.sigma(self.steps.step_index + 1)?;
+        let (sigma_from, sigma_to) = self.steps.current()?;
         let pred_original = predict_x0(self.prediction, model_output, sample, sigma_from)?;
         let (from2, to2) = (sigma_from * sigma_from, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
-        let derivative = div(&sub(sample, &pred_original)?, sigma_from)?;
-        let dt = sigma_down - sigma_from;
-        let prev = add(sample, &mul(&derivative, dt)?)?;
+        let prev = euler_update(sample, &pred_original, sigma_from, sigma_down)?;
         let fresh = noise.randn_like(model_output)?;
         self.steps.step_index += 1;
         add(&prev, &mul(&fresh, sigma_up)?)

@@ -121,7 +121,9 @@ impl SchedulerKind {
             SchedulerKind::Pndm => {
                 "PLMS (pseudo linear multistep), AltDiffusion's own scheduler; the default"
             }
-            SchedulerKind::Ddim => "DDIM; deterministic unless --eta > 0 (step noise from the seed)",
+            SchedulerKind::Ddim => {
+                "DDIM; deterministic unless --eta > 0 (step noise from the seed)"
+            }
             SchedulerKind::Euler => {
                 "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
             }
@@ -129,7 +131,9 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
             SchedulerKind::Heun => "Heun's second-order method, two UNet evaluations per step",
             SchedulerKind::Lms => "linear multistep (order 4) on the Euler sigma schedule",
-            SchedulerKind::UniPc => "UniPC predictor-corrector multistep (bh2, order 2), deterministic",
+            SchedulerKind::UniPc => {
+                "UniPC predictor-corrector multistep (bh2, order 2), deterministic"
+            }
             SchedulerKind::EulerA => {
                 "Euler ancestral: Euler steps plus fresh noise each step (webui's Euler a)"
             }
@@ -153,9 +157,10 @@ impl SchedulerKind {
             | SchedulerKind::Heun
             | SchedulerKind::Lms
             | SchedulerKind::UniPc => true,
-            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::EulerA | SchedulerKind::Ddpm => {
-                false
-            }
+            SchedulerKind::Pndm
+            | SchedulerKind::Ddim
+            | SchedulerKind::EulerA
+            | SchedulerKind::Ddpm => false,
         }
     }
 
@@ -617,6 +622,19 @@ mod tests {
         }
     }
 
+    /// Every recorded case of the alpha-based schedulers (PNDM, DDIM with and without eta, DDPM).
+    #[test]
+    fn alpha_schedulers_match_diffusers() -> Result<()> {
+        for (kind, least) in [("pndm", 10), ("ddim", 13), ("ddpm", 8)] {
+            let cases = fixture_cases(kind);
+            assert!(cases.len() >= least, "fixture has too few {kind} cases");
+            for case in &cases {
+                check_case(case)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun, LMS).
     #[test]
     fn sigma_schedulers_match_diffusers() -> Result<()> {
@@ -680,7 +698,9 @@ mod tests {
             ..Default::default()
         };
         for kind in SchedulerKind::ALL {
-            let err = build(kind, &cfg, path, 10, &SchedulerOptions::default()).err().expect("config error");
+            let err = build(kind, &cfg, path, 10, &SchedulerOptions::default())
+                .err()
+                .expect("config error");
             let msg = err.to_string();
             assert!(
                 msg.contains("ckpt/scheduler/scheduler_config.json"),

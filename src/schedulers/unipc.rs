@@ -102,7 +102,9 @@ impl Coefficients {
             })
             .collect();
         let x = solve(r.clone(), self.b[..n].to_vec());
-        if std::env::var("UNIPC_DBG").is_ok() { eprintln!("solve R {:?} b {:?} x {:?}", r, &self.b[..n], x); }
+        if std::env::var("UNIPC_DBG").is_ok() {
+            eprintln!("solve R {:?} b {:?} x {:?}", r, &self.b[..n], x);
+        }
         x
     }
 }
@@ -280,6 +282,12 @@ impl UniPcScheduler {
             // `1 / factorial_i` is a Python float, rounded to float32 by torch.
             h_phi_k = h_phi_k / hh - (1.0 / factorial_i as f64) as f32;
         }
+        if std::env::var("UNIPC_DBG").is_ok() {
+            eprintln!(
+                "COEF t={t} s0={s0} h={:e} hphi1={:e} bh={:e} rks={:?} b={:?}",
+                h, h_phi_1, b_h, rks, b
+            );
+        }
         Ok(Coefficients {
             alpha_t,
             sigma_t,
@@ -420,7 +428,9 @@ mod tests {
             ),
             (
                 SchedulerConfig {
-                    solver_p: Some(serde_json::json!({"_class_name": "DPMSolverMultistepScheduler"})),
+                    solver_p: Some(
+                        serde_json::json!({"_class_name": "DPMSolverMultistepScheduler"}),
+                    ),
                     ..Default::default()
                 },
                 "solver_p",
