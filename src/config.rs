@@ -502,7 +502,7 @@ impl UNetConfig {
 
     /// The text feature size the UNet's cross-attention expects.
     pub fn cross_attention_dim(&self) -> usize {
-        self.blocks[0].cross_attention_dim
+        self.blocks.first().map_or(0, |b| b.cross_attention_dim)
     }
 }
 
@@ -546,6 +546,10 @@ pub struct VaeConfig {
 fn three() -> usize {
     3
 }
+
+/// The most VAE blocks [`VaeConfig::load`] accepts: a scale factor of 2^15 (Stable Diffusion's VAE has
+/// 4 blocks, 2^3).
+const MAX_VAE_BLOCKS: usize = 16;
 fn default_scaling_factor() -> f64 {
     0.18215
 }
@@ -569,6 +573,16 @@ impl VaeConfig {
         let n = cfg.block_out_channels.len();
         if n == 0 {
             return Err(Error::config(path, "block_out_channels", "is empty"));
+        }
+        if n > MAX_VAE_BLOCKS {
+            return Err(Error::config(
+                path,
+                "block_out_channels",
+                format!(
+                    "has {n} entries; at most {MAX_VAE_BLOCKS} are supported (each block after the \
+                     first halves the latent size)"
+                ),
+            ));
         }
         for (field, types, expected) in [
             (
@@ -617,9 +631,12 @@ impl VaeConfig {
         Ok(cfg)
     }
 
-    /// Pixels per latent along each side: 2^(number of blocks - 1).
+    /// Pixels per latent along each side: 2^(number of blocks - 1). ([`VaeConfig::load`] bounds the
+    /// number of blocks; for a config that did not go through it, an empty list gives 1 and the
+    /// result saturates at 2^(usize::BITS - 1) instead of overflowing.)
     pub fn scale_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
+        let shift = self.block_out_channels.len().saturating_sub(1);
+        1 << shift.min(usize::BITS as usize - 1)
     }
 }
 
@@ -726,10 +743,11 @@ impl TokenizerConfig {
         Ok(read_json::<Self>(path)?.0)
     }
 
-    /// `model_max_length` as a token count, ignoring transformers' "unlimited" sentinel (1e30).
+    /// `model_max_length` as a token count, ignoring transformers' "unlimited" sentinel (1e30), and
+    /// values below one token (0, or a fraction that would truncate to 0).
     pub fn max_length(&self) -> Option<usize> {
         self.model_max_length
-            .filter(|&m| m.is_finite() && m > 0.0 && m < 1e9)
+            .filter(|&m| m.is_finite() && m >= 1.0 && m < 1e9)
             .map(|m| m as usize)
     }
 }

@@ -4,7 +4,7 @@
 //! Both go into UTF-8 iTXt chunks. `altdiff info` prints them; `altdiff generate --from-image`
 //! rebuilds a generation from the JSON record.
 
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Seek};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -173,16 +173,33 @@ impl ImageRecord {
     }
 }
 
+/// The most bytes of text that the compressed (zTXt, compressed iTXt) chunks of one PNG may inflate
+/// to, all chunks together. A deflate stream expands up to about 1000 times, so without a bound a small
+/// hostile file could make [`read_png_text`] allocate gigabytes; a compressed chunk that would go past
+/// what is left of this budget is skipped, as one that does not inflate is. (altdiff and webui write
+/// their text uncompressed, a few kilobytes.)
+pub const MAX_INFLATED_TEXT: usize = 8 << 20;
+
 /// Every text chunk (tEXt, zTXt, iTXt) of a PNG file, as (keyword, text).
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    read_png_text_from(BufReader::new(file), path)
+}
+
+/// [`read_png_text`] of a PNG read from `reader`; `path` only names it in errors. Reads only the
+/// chunks before the image data; memory use is bounded by the size of those chunks plus
+/// [`MAX_INFLATED_TEXT`].
+pub fn read_png_text_from<R: BufRead + Seek>(
+    reader: R,
+    path: &Path,
+) -> Result<Vec<(String, String)>> {
     let bad = |e: png::DecodingError| {
         Error::usage(format!("{}: not a readable PNG ({e})", path.display()))
     };
-    let mut decoder = png::Decoder::new(BufReader::new(file));
+    let mut decoder = png::Decoder::new(reader);
     decoder.set_ignore_text_chunk(false);
     // Only the chunks before the image data are read (altdiff and webui write their text there), so a
     // hostile file cannot make this allocate an image buffer.
@@ -193,14 +210,28 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
         .iter()
         .map(|c| (c.keyword.clone(), c.text.clone()))
         .collect();
+    // `get_text` inflates without a bound: inflate a copy with the budget that is left instead.
+    let mut budget = MAX_INFLATED_TEXT;
     for c in &info.compressed_latin1_text {
-        if let Ok(t) = c.get_text() {
-            out.push((c.keyword.clone(), t));
+        let mut c = c.clone();
+        if c.decompress_text_with_limit(budget).is_ok() {
+            if let Ok(t) = c.get_text() {
+                budget = budget.saturating_sub(t.len());
+                out.push((c.keyword, t));
+            }
         }
     }
     for c in &info.utf8_text {
+        let mut c = c.clone();
+        // (A no-op for uncompressed text, which the decoder's own limits already bound.)
+        if c.decompress_text_with_limit(budget).is_err() {
+            continue;
+        }
         if let Ok(t) = c.get_text() {
-            out.push((c.keyword.clone(), t));
+            if c.compressed {
+                budget = budget.saturating_sub(t.len());
+            }
+            out.push((c.keyword, t));
         }
     }
     Ok(out)
@@ -208,7 +239,15 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
 
 /// The altdiff record of a PNG written by altdiff.
 pub fn read_record(path: &Path) -> Result<ImageRecord> {
-    let chunks = read_png_text(path)?;
+    record_from_chunks(&read_png_text(path)?, path)
+}
+
+/// [`read_record`] of a PNG read from `reader`; `path` only names it in errors.
+pub fn read_record_from<R: BufRead + Seek>(reader: R, path: &Path) -> Result<ImageRecord> {
+    record_from_chunks(&read_png_text_from(reader, path)?, path)
+}
+
+fn record_from_chunks(chunks: &[(String, String)], path: &Path) -> Result<ImageRecord> {
     let json = chunks
         .iter()
         .find(|(k, _)| k == RECORD_KEY)

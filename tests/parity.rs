@@ -218,6 +218,10 @@ fn m9_euler_ancestral_batch_seeded() {
 fn m18_ddpm_per_image_seeds() {
     run_case("m18-ddpm-per-image-seeds");
 }
+#[test]
+fn m9_unipc() {
+    run_case("m9-unipc");
+}
 
 /// The model as the real hub repository ships it (.bin weights, sentencepiece-only tokenizer) gives
 /// exactly the numbers of the safetensors + tokenizer.json copy, on prompts in several scripts.

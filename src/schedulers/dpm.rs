@@ -50,9 +50,11 @@ pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
-/// `log(alpha) - log(sigma)` (infinite for sigma 0, as torch gives).
+/// `log(alpha) - log(sigma)` (infinite for sigma 0, as torch gives). torch's float32 `log` is MKL's,
+/// nearly always the correctly rounded value, which the float64 log rounded to float32 matches far
+/// more often than glibc's `logf` does.
 pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
-    alpha.ln() - sigma.ln()
+    ((alpha as f64).ln() as f32) - ((sigma as f64).ln() as f32)
 }
 
 /// `convert_model_output` of the data-prediction solvers (dpmsolver++, UniPC with `predict_x0`):
@@ -70,6 +72,21 @@ pub(super) fn x0_prediction(
         Prediction::Velocity => sub(&mul(sample, alpha)?, &mul(model_output, sigma)?),
     }
 }
+
+/// The `Scheduler` accessors of the multistep solvers (DPM-Solver, UniPC): their `timesteps` and
+/// `sigmas` fields.
+macro_rules! multistep_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.sigmas)
+        }
+    };
+}
+pub(super) use multistep_methods;
 
 /// The multistep solver classes whose `set_timesteps` is the same code in diffusers
 /// (`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`), for what differs between them.
@@ -327,13 +344,7 @@ impl DpmSolverScheduler {
 }
 
 impl Scheduler for DpmSolverScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
-    }
+    multistep_methods!();
 
     fn step(
         &mut self,

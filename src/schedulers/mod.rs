@@ -635,7 +635,8 @@ mod tests {
         Ok(())
     }
 
-    /// Every recorded case of the sigma-based schedulers (Euler, DPM-Solver++, Heun, LMS).
+    /// Every recorded case of the sigma-based schedulers (Euler, Euler ancestral, DPM-Solver++, Heun,
+    /// LMS, UniPC).
     #[test]
     fn sigma_schedulers_match_diffusers() -> Result<()> {
         for kind in ["euler", "euler-a", "dpm++2m", "heun", "lms", "unipc"] {

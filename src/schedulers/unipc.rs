@@ -1,20 +1,24 @@
 //! diffusers' `UniPCMultistepScheduler`: UniPC (Zhao et al., a unified predictor-corrector), the
 //! B(h) variants `bh2` (default) and `bh1`, data prediction (`predict_x0`, default) or noise
-//! prediction, multistep of order 1 to 3 (`solver_order`, default 2), deterministic.
+//! prediction, multistep of order 1 to 3 (`solver_order`, default 2), `disable_corrector`,
+//! deterministic.
 //!
 //! Owned because candle-transformers has no UniPC; this follows diffusers 0.35.2 `set_timesteps`
-//! (the same code as DPM-Solver's, shared in [`super::dpm::multistep_schedule`]),
+//! (the same code as DPM-Solver's, shared in `dpm::multistep_schedule`),
 //! `convert_model_output`, `multistep_uni_p_bh_update`, `multistep_uni_c_bh_update` and `step`
-//! operation by operation, with float32 scalars as torch uses them. `torch.linalg.solve` (LAPACK's
-//! LU with partial pivoting) is reproduced in float32 for the order 2 corrector and the order 3
-//! predictor and corrector.
+//! operation by operation, with float32 scalars as torch computes them: `log` and `expm1` as MKL
+//! gives them (the float64 results rounded), `torch.linalg.solve` as MKL's LAPACK solves the order
+//! conditions (see `solve`). Settings with which diffusers ends in NaN or infinity (`bh1`,
+//! `predict_x0 = false`, or `lower_order_final = false` with a final sigma of zero) are config errors.
 
 use std::path::Path;
 
 use candle_core::Tensor;
 
 use super::common::{add, div, mul, sub, Prediction};
-use super::dpm::{alpha_sigma, lambda, multistep_schedule, x0_prediction, Multistep};
+use super::dpm::{
+    alpha_sigma, lambda, multistep_methods, multistep_schedule, x0_prediction, Multistep,
+};
 use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
@@ -91,9 +95,11 @@ impl Coefficients {
         }
     }
 
-    /// `torch.linalg.solve(R, b)` on the first `n` order conditions (`R[p][k] = rks[k]^p`).
+    /// `torch.linalg.solve(R, b)` on the first `n` order conditions (`R[p][k] = rks[k]^p`): all of
+    /// them (the corrector's `R`, a contiguous tensor) or all but the last (the order 3 predictor's
+    /// `R[:-1, :-1]`, a strided view, which torch solves another way).
     fn rhos(&self, n: usize) -> Vec<f32> {
-        let r: Vec<Vec<f32>> = (0..n)
+        let r = (0..n)
             .map(|p| {
                 self.rks[..n]
                     .iter()
@@ -101,44 +107,90 @@ impl Coefficients {
                     .collect()
             })
             .collect();
-        let x = solve(r.clone(), self.b[..n].to_vec());
-        if std::env::var("UNIPC_DBG").is_ok() {
-            eprintln!("solve R {:?} b {:?} x {:?}", r, &self.b[..n], x);
-        }
-        x
+        solve(r, &self.b[..n], n == self.rks.len())
     }
 }
 
-/// `torch.linalg.solve(a, b)` for UniPC's small systems: LAPACK's `sgesv` in float32 (LU with
-/// partial pivoting, the column below each pivot scaled by its reciprocal, then the two triangular
-/// solves).
-fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
-    let n = b.len();
+/// LAPACK's `getrf` on a matrix of at most 3 rows as MKL computes it: partial pivoting (the first
+/// row of largest magnitude), the first column's multipliers scaled by the pivot's reciprocal, later
+/// ones divided by it, the trailing updates fused multiply-adds. Returns `L \ U` and the pivots.
+fn lu_factor(mut m: Vec<Vec<f32>>) -> (Vec<Vec<f32>>, Vec<usize>) {
+    let n = m.len();
+    let mut pivots = Vec::with_capacity(n);
     for k in 0..n {
-        // isamax: the first row holding the largest magnitude.
-        let p = (k..n).fold(k, |p, i| if a[i][k].abs() > a[p][k].abs() { i } else { p });
-        a.swap(k, p);
-        b.swap(k, p);
-        let r = 1.0 / a[k][k];
+        let p = (k..n).fold(k, |p, i| if m[i][k].abs() > m[p][k].abs() { i } else { p });
+        pivots.push(p);
+        m.swap(k, p);
+        let reciprocal = 1.0 / m[k][k];
         for i in k + 1..n {
-            a[i][k] *= r;
+            m[i][k] = if k == 0 {
+                m[i][k] * reciprocal
+            } else {
+                m[i][k] / m[k][k]
+            };
             for j in k + 1..n {
-                a[i][j] -= a[i][k] * a[k][j];
+                m[i][j] = (-m[i][k]).mul_add(m[k][j], m[i][j]);
             }
         }
     }
-    for k in 0..n {
-        for i in k + 1..n {
-            b[i] -= b[k] * a[i][k];
+    (m, pivots)
+}
+
+/// `torch.linalg.solve(a, b)` for UniPC's systems (at most 3 equations), bit for bit as torch 2.8
+/// with MKL computes it on x86 (checked against it on thousands of such systems). A contiguous `a`
+/// is factored transposed (`a^T = P L U`: the row-major data read column-major) and solved with
+/// `getrs('T')`: `U^T y = b`, `L^T z = y`, then the interchanges in reverse. A strided view (2
+/// equations at most) is factored as it is and solved with `getrs('N')`. MKL's triangular solves
+/// fuse a single product into the subtraction, add two products unfused (`U^T`) or fused onto the
+/// later one (`L^T`), and multiply by the diagonal's reciprocal.
+fn solve(a: Vec<Vec<f32>>, b: &[f32], contiguous: bool) -> Vec<f32> {
+    let n = b.len();
+    let mut x = b.to_vec();
+    if contiguous {
+        let transposed = (0..n).map(|i| (0..n).map(|j| a[j][i]).collect()).collect();
+        let (m, pivots) = lu_factor(transposed);
+        for i in 0..n {
+            let t = match i {
+                0 => x[0],
+                1 => (-m[0][1]).mul_add(x[0], x[1]),
+                _ => x[i] - (m[0][i] * x[0] + m[1][i] * x[1]),
+            };
+            x[i] = t * (1.0 / m[i][i]);
+        }
+        for i in (0..n.saturating_sub(1)).rev() {
+            x[i] = if i + 2 < n {
+                x[i] - m[i + 1][i].mul_add(x[i + 1], m[i + 2][i] * x[i + 2])
+            } else {
+                (-m[i + 1][i]).mul_add(x[i + 1], x[i])
+            };
+        }
+        for (k, &p) in pivots.iter().enumerate().rev() {
+            x.swap(k, p);
+        }
+    } else {
+        let (m, pivots) = lu_factor(a);
+        for (k, &p) in pivots.iter().enumerate() {
+            x.swap(k, p);
+        }
+        for i in 1..n {
+            x[i] = (-m[i][i - 1]).mul_add(x[i - 1], x[i]);
+        }
+        for i in (0..n).rev() {
+            let t = if i + 1 < n {
+                (-m[i][i + 1]).mul_add(x[i + 1], x[i])
+            } else {
+                x[i]
+            };
+            x[i] = t * (1.0 / m[i][i]);
         }
     }
-    for k in (0..n).rev() {
-        b[k] /= a[k][k];
-        for i in 0..k {
-            b[i] -= b[k] * a[i][k];
-        }
-    }
-    b
+    x
+}
+
+/// torch's float32 `expm1` (MKL's, nearly always correctly rounded; glibc's `expm1f` is off by an
+/// ulp about one time in ten).
+fn expm1(x: f32) -> f32 {
+    (x as f64).exp_m1() as f32
 }
 
 /// `einsum("k,bkc...->bc...", rhos, D1s)`: `sum_k rhos[k] * d1s[k]`.
@@ -268,10 +320,10 @@ impl UniPcScheduler {
         }
         rks.push(1.0);
         let hh = if self.predict_x0 { -h } else { h };
-        let h_phi_1 = hh.exp_m1();
+        let h_phi_1 = expm1(hh);
         let b_h = match self.bh {
             BhType::Bh1 => hh,
-            BhType::Bh2 => hh.exp_m1(),
+            BhType::Bh2 => expm1(hh),
         };
         let mut h_phi_k = h_phi_1 / hh - 1.0;
         let mut factorial_i = 1u64;
@@ -281,12 +333,6 @@ impl UniPcScheduler {
             factorial_i *= i + 1;
             // `1 / factorial_i` is a Python float, rounded to float32 by torch.
             h_phi_k = h_phi_k / hh - (1.0 / factorial_i as f64) as f32;
-        }
-        if std::env::var("UNIPC_DBG").is_ok() {
-            eprintln!(
-                "COEF t={t} s0={s0} h={:e} hphi1={:e} bh={:e} rks={:?} b={:?}",
-                h, h_phi_1, b_h, rks, b
-            );
         }
         Ok(Coefficients {
             alpha_t,
@@ -350,13 +396,7 @@ impl UniPcScheduler {
 }
 
 impl Scheduler for UniPcScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
-    }
+    multistep_methods!();
 
     fn step(
         &mut self,
@@ -391,9 +431,7 @@ impl Scheduler for UniPcScheduler {
         self.this_order = order.min(self.lower_order_nums + 1);
         let prev = self.predictor(&sample, self.this_order)?;
         self.last_sample = Some(sample);
-        if self.lower_order_nums < self.solver_order {
-            self.lower_order_nums += 1;
-        }
+        self.lower_order_nums = (self.lower_order_nums + 1).min(self.solver_order);
         self.step_index += 1;
         Ok(prev)
     }
@@ -404,147 +442,79 @@ mod tests {
     use super::super::tests::config_error_field;
     use super::super::SchedulerKind;
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn unipc_config_errors() {
-        let sigma_min = || SchedulerConfig {
-            final_sigmas_type: Some("sigma_min".into()),
-            ..Default::default()
+        let config = |v: serde_json::Value| -> SchedulerConfig {
+            serde_json::from_value(v).expect("scheduler config")
         };
-        let cases = [
+        for (cfg, field) in [
+            (json!({"solver_order": 4}), "solver_order"),
             (
-                SchedulerConfig {
-                    solver_order: Some(4),
-                    ..Default::default()
-                },
-                "solver_order",
-            ),
-            (
-                SchedulerConfig {
-                    solver_type: Some("rk4".into()),
-                    ..sigma_min()
-                },
+                json!({"solver_type": "rk4", "final_sigmas_type": "sigma_min"}),
                 "solver_type",
             ),
             (
-                SchedulerConfig {
-                    solver_p: Some(
-                        serde_json::json!({"_class_name": "DPMSolverMultistepScheduler"}),
-                    ),
-                    ..Default::default()
-                },
+                json!({"solver_p": {"_class_name": "DPMSolverMultistepScheduler"}}),
                 "solver_p",
             ),
+            (json!({"thresholding": true}), "thresholding"),
             (
-                SchedulerConfig {
-                    thresholding: Some(true),
-                    ..Default::default()
-                },
-                "thresholding",
-            ),
-            (
-                SchedulerConfig {
-                    use_exponential_sigmas: Some(true),
-                    ..Default::default()
-                },
+                json!({"use_exponential_sigmas": true}),
                 "use_exponential_sigmas",
             ),
+            (json!({"use_flow_sigmas": true}), "use_flow_sigmas"),
             (
-                SchedulerConfig {
-                    use_flow_sigmas: Some(true),
-                    ..Default::default()
-                },
-                "use_flow_sigmas",
-            ),
-            (
-                SchedulerConfig {
-                    prediction_type: Some("flow_prediction".into()),
-                    ..Default::default()
-                },
+                json!({"prediction_type": "flow_prediction"}),
                 "prediction_type",
             ),
             (
-                SchedulerConfig {
-                    final_sigmas_type: Some("sigma_max".into()),
-                    ..Default::default()
-                },
+                json!({"final_sigmas_type": "sigma_max"}),
                 "final_sigmas_type",
             ),
-            (
-                SchedulerConfig {
-                    timestep_spacing: Some("karras".into()),
-                    ..Default::default()
-                },
-                "timestep_spacing",
-            ),
-            // NaN / infinity at the last step to sigma 0 in diffusers.
-            (
-                SchedulerConfig {
-                    solver_type: Some("bh1".into()),
-                    ..Default::default()
-                },
-                "solver_type",
-            ),
-            (
-                SchedulerConfig {
-                    predict_x0: Some(false),
-                    ..Default::default()
-                },
-                "predict_x0",
-            ),
-            (
-                SchedulerConfig {
-                    lower_order_final: Some(false),
-                    ..Default::default()
-                },
-                "lower_order_final",
-            ),
-        ];
-        for (cfg, field) in cases {
+            (json!({"timestep_spacing": "karras"}), "timestep_spacing"),
+            // NaN or infinity at the last step (to sigma 0) in diffusers.
+            (json!({"solver_type": "bh1"}), "solver_type"),
+            (json!({"predict_x0": false}), "predict_x0"),
+            (json!({"lower_order_final": false}), "lower_order_final"),
+        ] {
             assert_eq!(
-                config_error_field(SchedulerKind::UniPc, cfg).as_deref(),
+                config_error_field(SchedulerKind::UniPc, config(cfg)).as_deref(),
                 Some(field)
             );
         }
         // The same settings are fine when the schedule ends at sigma_min, as is order 1 without
-        // lower_order_final.
+        // lower_order_final; solver_p null is the default, and the DPM-Solver names mean bh2.
         for cfg in [
-            SchedulerConfig {
-                solver_type: Some("bh1".into()),
-                predict_x0: Some(false),
-                lower_order_final: Some(false),
-                ..sigma_min()
-            },
-            SchedulerConfig {
-                solver_order: Some(1),
-                lower_order_final: Some(false),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                solver_type: Some("midpoint".into()),
-                disable_corrector: Some(vec![0, 3]),
-                ..Default::default()
-            },
+            json!({"solver_type": "bh1", "predict_x0": false, "lower_order_final": false,
+                   "final_sigmas_type": "sigma_min"}),
+            json!({"solver_order": 1, "lower_order_final": false}),
+            json!({"solver_type": "midpoint", "disable_corrector": [0, 3], "solver_p": null}),
         ] {
-            assert_eq!(config_error_field(SchedulerKind::UniPc, cfg), None);
+            assert_eq!(config_error_field(SchedulerKind::UniPc, config(cfg)), None);
         }
     }
 
     #[test]
-    fn solve_matches_lapack_pivoting() {
-        // Row 2 pivots first: [[1, 1], [-2, 1]] x = [3, 0] has x = [1, 2].
-        let x = solve(vec![vec![1.0, 1.0], vec![-2.0, 1.0]], vec![3.0, 0.0]);
-        assert_eq!(x, vec![1.0, 2.0]);
+    fn solve_matches_torch() {
+        // torch.linalg.solve on these (float32) systems, and on the strided view R[:-1, :-1].
+        let r =
+            |a: &[f32], b: &[f32]| -> Vec<Vec<f32>> { vec![vec![1.0; 3], a.to_vec(), b.to_vec()] };
         let x = solve(
-            vec![
-                vec![1.0, 1.0, 1.0],
-                vec![-1.0, -2.0, 1.0],
-                vec![1.0, 4.0, 1.0],
-            ],
-            vec![6.0, -2.0, 12.0],
+            r(&[-1.0091947, -2.0216591, 1.0], &[1.018474, 4.0871058, 1.0]),
+            &[0.51364625, 0.34705484, 0.26238173],
+            true,
         );
-        for (g, w) in x.iter().zip([1.0f32, 2.0, 3.0]) {
-            assert!((g - w).abs() < 1e-6, "{x:?}");
-        }
+        assert_eq!(x, [0.20718527, -0.08263147, 0.38909245]);
+        let x = solve(
+            vec![vec![1.0, 1.0], vec![-0.991861, -1.9928418]],
+            &[0.5137583, 0.34716588],
+            false,
+        );
+        assert_eq!(x, [1.3696615, -0.85590315]);
+        // Row 2 pivots first: [[1, 1], [-2, 1]] x = [3, 0] has x = [1, 2].
+        let x = solve(vec![vec![1.0, 1.0], vec![-2.0, 1.0]], &[3.0, 0.0], true);
+        assert_eq!(x, [1.0, 2.0]);
     }
 }
