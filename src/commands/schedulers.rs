@@ -37,10 +37,14 @@ pub fn write(out: &mut impl Write, json: bool) -> io::Result<()> {
             .collect();
         return writeln!(out, "{}", serde_json::Value::Array(rows));
     }
+    let width = |f: fn(&SchedulerKind) -> &str| SchedulerKind::ALL.iter().map(|k| f(k).len()).max();
+    let name_w = width(|k| k.name()).unwrap_or(0);
+    let class_w = width(|k| k.class_name()).unwrap_or(0);
+    let webui_w = width(|k| webui_sampler(k.name())).unwrap_or(0);
     for k in SchedulerKind::ALL {
         writeln!(
             out,
-            "{:<8} {:<24} {:<8} {}",
+            "{:<name_w$}  {:<class_w$}  {:<webui_w$}  {}",
             k.name(),
             k.class_name(),
             webui_sampler(k.name()),

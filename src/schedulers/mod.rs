@@ -125,7 +125,7 @@ impl SchedulerKind {
                 "DDIM; deterministic unless --eta > 0 (step noise from the seed)"
             }
             SchedulerKind::Euler => {
-                "Euler on the Karras sigma schedule, deterministic (webui's Euler)"
+                "Euler's method on the sigma schedule, deterministic (webui's Euler)"
             }
             SchedulerKind::DpmPp2m => "DPM-Solver++ multistep, second order, deterministic",
             SchedulerKind::DpmPp2mKarras => "dpm++2m on Karras sigmas (use_karras_sigmas)",
@@ -137,7 +137,9 @@ impl SchedulerKind {
             SchedulerKind::EulerA => {
                 "Euler ancestral: Euler steps plus fresh noise each step (webui's Euler a)"
             }
-            SchedulerKind::Ddpm => "the original DDPM sampler, fresh noise each step (slow)",
+            SchedulerKind::Ddpm => {
+                "the original DDPM sampler, fresh noise each step (needs many steps)"
+            }
         }
     }
 
