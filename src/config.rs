@@ -719,10 +719,22 @@ pub struct SchedulerConfig {
     pub solver_p: Option<serde_json::Value>,
 }
 
+/// The most training timesteps [`SchedulerConfig::load`] accepts (Stable Diffusion has 1000): the
+/// schedulers build tables of this size and search them at every step.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl SchedulerConfig {
-    /// Reads `scheduler/scheduler_config.json`.
+    /// Reads `scheduler/scheduler_config.json`. A `num_train_timesteps` above
+    /// [`MAX_TRAIN_TIMESTEPS`] is an error here (the class-specific checks are the schedulers').
     pub fn load(path: &Path) -> Result<(Self, PathBuf)> {
         let (cfg, _raw): (Self, Value) = read_json(path)?;
+        if let Some(n) = cfg.num_train_timesteps.filter(|&n| n > MAX_TRAIN_TIMESTEPS) {
+            return Err(Error::config(
+                path,
+                "num_train_timesteps",
+                format!("{n} is more than altdiff supports ({MAX_TRAIN_TIMESTEPS})"),
+            ));
+        }
         Ok((cfg, path.to_path_buf()))
     }
 }

@@ -16,7 +16,7 @@ pub enum Error {
     Usage(String),
 
     /// A file or directory could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}{}", path.display(), io_hint(source))]
     Io {
         /// The path involved.
         path: PathBuf,
@@ -67,7 +67,7 @@ pub enum Error {
     Tokenizer(String),
 
     /// A tensor operation failed; `context` says which step of the work it was.
-    #[error("{context}: {source}")]
+    #[error("{context}: {source}{}", oom_hint(&source.to_string()))]
     Tensor {
         /// What altdiff was doing.
         context: String,
@@ -78,6 +78,36 @@ pub enum Error {
     /// The sampler produced non-finite values.
     #[error("{0}")]
     Numerics(String),
+
+    /// Ctrl-C (SIGINT) or SIGTERM asked the run to stop.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// What to do about a full disk.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (free some space, then rerun with --skip-existing to finish the batch)"
+        }
+        _ => "",
+    }
+}
+
+/// The advice given with an allocation failure.
+pub const OOM_ADVICE: &str =
+    "try a smaller --height / --width, fewer images at once (--num-images, \
+     --batch-size 1), --load-policy per-stage, or --device cpu if a GPU ran out";
+
+/// What to do when a device runs out of memory (CUDA's and Metal's errors come back as tensor
+/// errors; the CPU's allocation failures are reported by the binary's allocator).
+fn oom_hint(message: &str) -> String {
+    let m = message.to_ascii_lowercase();
+    if m.contains("out of memory") || m.contains("out_of_memory") || m.contains("outofmemory") {
+        format!(" (out of memory: {OOM_ADVICE})")
+    } else {
+        String::new()
+    }
 }
 
 impl Error {
@@ -100,7 +130,7 @@ impl Error {
     }
 
     /// The process exit code this error maps to: 2 for problems found before any work (usage,
-    /// configuration, model files), 1 for failures while working.
+    /// configuration, model files), 1 for failures while working, 130 for an interruption.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_)
@@ -110,6 +140,7 @@ impl Error {
             | Error::Hub { .. }
             | Error::Tokenizer(_) => 2,
             Error::Io { .. } | Error::Tensor { .. } | Error::Numerics(_) => 1,
+            Error::Interrupted => 130,
         }
     }
 }

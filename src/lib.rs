@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod sentencepiece;
+pub mod signals;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
@@ -42,6 +43,8 @@ pub enum Outcome {
     Success,
     /// Part of the work failed (some prompts of a batch); the rest was done. Exit code 1.
     PartialFailure,
+    /// Ctrl-C stopped the work; what was finished is kept. Exit code 130.
+    Interrupted,
 }
 
 /// Runs a parsed command line.
@@ -54,6 +57,7 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
             Ok(match commands::generate::run(&opts, progress)? {
                 commands::generate::Outcome::AllWritten => Outcome::Success,
                 commands::generate::Outcome::SomeFailed => Outcome::PartialFailure,
+                commands::generate::Outcome::Interrupted => Outcome::Interrupted,
             })
         }
         cli::Command::Download(a) => done(commands::download::run(

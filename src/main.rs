@@ -25,9 +25,11 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let verbose = cli.verbose > 0;
+    altdiff::signals::install();
     match altdiff::run(cli) {
         Ok(altdiff::Outcome::Success) => ExitCode::SUCCESS,
         Ok(altdiff::Outcome::PartialFailure) => ExitCode::from(1),
+        Ok(altdiff::Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             let err = anyhow::Error::new(e);
             if verbose {

@@ -235,6 +235,26 @@ pub struct GenerateOptions {
     pub load_policy: LoadPolicy,
 }
 
+/// Checks a prompt's text: not empty or blank, and no control characters other than tab and line
+/// breaks (a stray escape or bell, or a binary file read as prompts). The message says what and where.
+pub fn check_prompt(text: &str) -> std::result::Result<(), String> {
+    if text.trim().is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    match text
+        .chars()
+        .enumerate()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Some((i, c)) => Err(format!(
+            "the prompt contains the control character U+{:04X} at character {}; remove it",
+            c as u32,
+            i + 1
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The largest step count accepted (diffusers' schedulers train on 1000 timesteps).
 pub const MAX_STEPS: usize = 1000;
 
@@ -287,8 +307,25 @@ impl GenerateOptions {
                 "give at least one --prompt or a --prompt-file",
             ));
         }
-        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
-            return Err(Error::usage(format!("prompt {} is empty", i + 1)));
+        for (i, p) in self.prompts.iter().enumerate() {
+            check_prompt(p).map_err(|m| {
+                Error::usage(format!(
+                    "prompt {}{}",
+                    i + 1,
+                    m.trim_start_matches("the prompt")
+                ))
+            })?;
+        }
+        // An empty negative prompt is the default; control characters are not.
+        if let Some(neg) = self.sampling.negative_prompt.as_deref() {
+            if !neg.trim().is_empty() {
+                check_prompt(neg).map_err(|m| {
+                    Error::usage(format!(
+                        "--negative-prompt{}",
+                        m.trim_start_matches("the prompt")
+                    ))
+                })?;
+            }
         }
         self.sampling.validate()?;
         if self.batch_size == 0 {

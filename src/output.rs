@@ -217,32 +217,47 @@ pub fn slug(prompt: &str, max_chars: usize) -> String {
     }
 }
 
-/// Writes `bytes` to `target` through a temporary file and a rename, replacing what was there.
-pub fn write_replacing(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let dir = match target.parent() {
+/// The directory `target` goes in (`.` for a bare file name).
+fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let tmp = dir.join(format!(".altdiff-{}-replace.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, target).map_err(io_err(target))?;
-        Ok(target.to_path_buf())
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    }
 }
 
-/// Writes `bytes` to `dir/name`, or to `dir/stem-N.ext` for the first free N when the name is taken.
-/// Returns the path written.
-pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+/// Creates `dir` if needed and checks that a file can be written in it (a probe file, removed at
+/// once), so an output problem is found before any work.
+pub fn check_writable_dir(dir: &Path) -> Result<()> {
+    let bad = |e: std::io::Error| {
+        Error::usage(format!(
+            "--output {}: cannot write there: {e}",
+            dir.display()
+        ))
     };
+    std::fs::create_dir_all(dir).map_err(bad)?;
+    let probe = dir.join(format!(".altdiff-{}-probe.tmp", std::process::id()));
+    let written = std::fs::File::create(&probe).map_err(bad);
+    let _ = std::fs::remove_file(&probe);
+    written.map(drop)
+}
+
+/// Checks the output target: its directory (or the file's) can be created and written.
+pub fn check_target(target: &crate::options::OutputTarget) -> Result<()> {
+    match target {
+        crate::options::OutputTarget::Dir(d) => check_writable_dir(d),
+        crate::options::OutputTarget::File(f) => check_writable_dir(&parent_dir(f)),
+    }
+}
+
+/// Writes `bytes` to a temporary file next to `target` (synced to disk), hands its path to `place`,
+/// and removes the temporary file whatever happened, so a failed or interrupted write (a full
+/// disk) never leaves a partial file. I/O errors name `target`.
+fn via_temp(
+    target: &Path,
+    bytes: &[u8],
+    place: impl FnOnce(&Path, &Path) -> Result<PathBuf>,
+) -> Result<PathBuf> {
+    let dir = parent_dir(target);
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let tmp = dir.join(format!(
         ".altdiff-{}-{}.tmp",
@@ -253,10 +268,28 @@ pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
             .unwrap_or("image")
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(target))?;
+        f.write_all(bytes).map_err(io_err(target))?;
+        f.sync_all().map_err(io_err(target))?;
         drop(f);
+        place(&tmp, &dir)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Writes `bytes` to `target` through a temporary file and a rename, replacing what was there.
+pub fn write_replacing(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    via_temp(target, bytes, |tmp, _| {
+        std::fs::rename(tmp, target).map_err(io_err(target))?;
+        Ok(target.to_path_buf())
+    })
+}
+
+/// Writes `bytes` to `dir/name`, or to `dir/stem-N.ext` for the first free N when the name is taken.
+/// Returns the path written.
+pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    via_temp(target, bytes, |tmp, dir| {
         let stem = target
             .file_stem()
             .and_then(|s| s.to_str())
@@ -269,12 +302,12 @@ pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
                 dir.join(format!("{stem}-{n}.{ext}"))
             };
             // A hard link fails if the name exists: no check-then-write race.
-            match std::fs::hard_link(&tmp, &candidate) {
+            match std::fs::hard_link(tmp, &candidate) {
                 Ok(()) => return Ok(candidate),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(_) if !candidate.exists() => {
                     // File systems without hard links: rename, having just checked the name is free.
-                    std::fs::rename(&tmp, &candidate).map_err(io_err(&candidate))?;
+                    std::fs::rename(tmp, &candidate).map_err(io_err(&candidate))?;
                     return Ok(candidate);
                 }
                 Err(_) => continue,
@@ -284,9 +317,7 @@ pub fn write_new_file(target: &Path, bytes: &[u8]) -> Result<PathBuf> {
             path: target.to_path_buf(),
             source: std::io::Error::other("no free file name"),
         })
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    })
 }
 
 #[cfg(test)]

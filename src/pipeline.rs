@@ -26,6 +26,20 @@ pub trait Progress {
     fn stage(&mut self, _name: &str) {}
     /// Denoising step `done` of `total` finished.
     fn step(&mut self, _done: usize, _total: usize) {}
+    /// Whether the run should stop (Ctrl-C): polled before each denoising step and before
+    /// decoding, so an abandoned image never reaches the disk.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// [`Error::Interrupted`] if `progress` asks to stop.
+fn check_cancelled(progress: &dyn Progress) -> Result<()> {
+    if progress.cancelled() {
+        Err(Error::Interrupted)
+    } else {
+        Ok(())
+    }
 }
 
 /// A [`Progress`] that ignores everything.
@@ -517,6 +531,7 @@ impl Pipeline {
         let guidance = (req.sampling.guidance > 1.0).then_some(req.sampling.guidance);
         let denoised = (|| {
             for (i, &t) in timesteps.iter().enumerate() {
+                check_cancelled(progress)?;
                 latents = self.denoise_step(
                     &latents,
                     t,
@@ -536,6 +551,7 @@ impl Pipeline {
             tensors.push(("latents_final".into(), latents.clone()));
         }
 
+        check_cancelled(progress)?;
         progress.stage("decode");
         load_component(&self.vae, progress, "decode", || self.load_vae())?;
         let decoded = self.decode(&latents, keep);

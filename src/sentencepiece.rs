@@ -510,6 +510,46 @@ impl CharsMap {
         best
     }
 
+    /// Checks that the `tokenizers` crate's `Precompiled` normaliser (spm_precompiled) can use this
+    /// map on any text without panicking: unlike [`CharsMap::longest_prefix`] it indexes the array
+    /// and slices the replacement strings unchecked. Every state reachable from the root needs its
+    /// children for the bytes 1 to 255 inside the array, and every reachable leaf a replacement
+    /// offset at a character boundary of the strings. Each state is visited once: time linear in the
+    /// array's size (times 255). A real darts-clone trie always passes; a corrupt one may not.
+    fn check_unchecked_walks(&self) -> std::result::Result<(), String> {
+        let units = &self.units;
+        let outside = |at: usize| format!("the trie leads outside its array (unit {at})");
+        let root = *units.first().ok_or("the trie is empty")?;
+        let mut seen = vec![false; units.len()];
+        let mut stack = vec![unit_offset(root)];
+        *seen.get_mut(stack[0]).ok_or_else(|| outside(stack[0]))? = true;
+        while let Some(node) = stack.pop() {
+            for c in 1..=255 {
+                let child = node ^ c;
+                let unit = *units.get(child).ok_or_else(|| outside(child))?;
+                if unit_label(unit) as usize != c {
+                    continue;
+                }
+                let next = child ^ unit_offset(unit);
+                if unit_has_leaf(unit) {
+                    let offset = unit_value(*units.get(next).ok_or_else(|| outside(next))?);
+                    if !self.normalized.is_char_boundary(offset as usize) {
+                        return Err(format!(
+                            "replacement offset {offset} is not a character boundary of the \
+                             replacement strings"
+                        ));
+                    }
+                }
+                let visited = seen.get_mut(next).ok_or_else(|| outside(next))?;
+                if !*visited {
+                    *visited = true;
+                    stack.push(next);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The NUL-terminated replacement string at `offset`.
     fn replacement(&self, offset: usize) -> Result<&str> {
         let bad = || {
@@ -1001,7 +1041,18 @@ impl XlmRobertaSentencePiece {
 
         let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
         let charsmap = &proto.normalizer_spec.precompiled_charsmap;
-        if !charsmap.is_empty() {
+        if let Some(map) = &self.sp.charsmap {
+            // `Precompiled` panics on text that walks a corrupt trie off its array or into the middle
+            // of a character, and reads the strings from the trie size rounded down to 4 bytes:
+            // refuse such a charsmap here rather than build a tokenizer that panics on some prompt.
+            if charsmap.get(..4).is_some_and(|size| size[0] % 4 != 0) {
+                return Err(err(
+                    "precompiled charsmap",
+                    &"the trie size is not a multiple of 4",
+                ));
+            }
+            map.check_unchecked_walks()
+                .map_err(|e| err("precompiled charsmap", &e))?;
             let pre = Precompiled::from(charsmap).map_err(|e| err("precompiled charsmap", &e))?;
             normalizers.push(pre.into());
         }

@@ -305,12 +305,58 @@ impl<T: TensorSource> SimpleBackend for Backend<T> {
 
 impl TensorSource for MappedSafetensors {
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name)?.to_device(dev)?.to_dtype(dtype)
+        converted(self.load(name)?, name, dtype, dev)
     }
 
     fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+}
+
+/// Tensors loaded up front (the CPU path), floating-point ones already in the run's dtype.
+impl TensorSource for HashMap<String, Tensor> {
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        converted(t.clone(), name, dtype, dev)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+}
+
+/// A weight must be stored as floating point: an integer or boolean tensor where the network wants
+/// weights is a broken checkpoint, not something to convert silently.
+fn check_float(stored: DType, name: &str) -> candle_core::Result<()> {
+    if stored.is_float() {
+        Ok(())
+    } else {
+        Err(candle_core::Error::Msg(format!(
+            "dtype mismatch for {name}: expected a floating-point tensor (f32, f16 or bf16), found {}",
+            stored.as_str()
+        )))
+    }
+}
+
+/// A stored weight checked to be floating point, then moved to `dev` and converted to `dtype`.
+fn converted(t: Tensor, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    check_float(t.dtype(), name)?;
+    t.to_device(dev)?.to_dtype(dtype)
+}
+
+/// Opens a PyTorch `.bin` checkpoint; a file that is not one (truncated, corrupted) is a model
+/// error naming it.
+fn open_pickle(file: &Path) -> Result<PthTensors> {
+    PthTensors::new(file, None).map_err(|e| Error::Model {
+        path: file.to_path_buf(),
+        message: format!(
+            "cannot read it as PyTorch weights ({e}); the file is truncated or corrupted: delete it and download it again"
+        ),
+    })
 }
 
 /// `t` if it has `shape`, else candle's shape-mismatch error naming the tensor.
@@ -345,7 +391,7 @@ impl PickleShards {
 
 impl TensorSource for PickleShards {
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.find(name)?.to_device(dev)?.to_dtype(dtype)
+        converted(self.find(name)?, name, dtype, dev)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -380,12 +426,23 @@ pub fn var_builder(
                 .index
                 .par_iter()
                 .map(|(name, _)| {
-                    let t = mapped.load(name)?.to_dtype(dtype)?;
+                    // Non-float tensors (buffers such as position ids) stay as stored: the
+                    // backend rejects them if a network asks for one as a weight.
+                    let t = mapped.load(name)?;
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(dtype)?
+                    } else {
+                        t
+                    };
                     Ok((name.clone(), t))
                 })
                 .collect::<candle_core::Result<HashMap<_, _>>>()
                 .context(names)?;
-            Ok(VarBuilder::from_tensors(tensors, dtype, device))
+            Ok(VarBuilder::from_backend(
+                Box::new(Backend(tensors)),
+                dtype,
+                device.clone(),
+            ))
         }
         WeightFormat::Safetensors => {
             // On GPUs each tensor is read when the network asks for it.
@@ -400,9 +457,8 @@ pub fn var_builder(
             let shards = weights
                 .files
                 .iter()
-                .map(|f| PthTensors::new(f, None))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .context(names)?;
+                .map(|f| open_pickle(f))
+                .collect::<Result<Vec<_>>>()?;
             Ok(VarBuilder::from_backend(
                 Box::new(Backend(PickleShards { shards })),
                 dtype,
@@ -412,9 +468,9 @@ pub fn var_builder(
     }
 }
 
-/// Shapes by tensor name, without reading any tensor data.
+/// Shapes and stored dtypes by tensor name, without reading any tensor data.
 struct ShapeOnly {
-    shapes: HashMap<String, Vec<usize>>,
+    shapes: HashMap<String, (Vec<usize>, DType)>,
 }
 
 impl ShapeOnly {
@@ -424,11 +480,14 @@ impl ShapeOnly {
     }
 
     fn find(&self, name: &str) -> candle_core::Result<&[usize]> {
-        self.shapes.get(name).map(Vec::as_slice).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            }
-        })
+        let (shape, stored) =
+            self.shapes
+                .get(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
+        check_float(*stored, name)?;
+        Ok(shape)
     }
 }
 
@@ -455,15 +514,16 @@ pub fn shape_checker(
         WeightFormat::Safetensors => MappedSafetensors::open(&weights.files)?
             .index
             .into_iter()
-            .map(|(name, (_, e))| (name, e.shape))
+            .map(|(name, (_, e))| (name, (e.shape, e.dtype)))
             .collect(),
         WeightFormat::Pickle => {
             let mut shapes = HashMap::new();
             for f in &weights.files {
-                let pth = PthTensors::new(f, None)
-                    .context(|| format!("cannot read weights {}", f.display()))?;
-                for (name, info) in pth.tensor_infos() {
-                    shapes.insert(name.clone(), info.layout.shape().dims().to_vec());
+                for (name, info) in open_pickle(f)?.tensor_infos() {
+                    shapes.insert(
+                        name.clone(),
+                        (info.layout.shape().dims().to_vec(), info.dtype),
+                    );
                 }
             }
             shapes

@@ -266,6 +266,22 @@ fn usage_errors_exit_2_with_one_line() {
     );
     #[cfg(not(feature = "cuda"))]
     assert_fails(&run(&["--device", "cuda"]), "--features cuda");
+    #[cfg(not(feature = "metal"))]
+    assert_fails(&run(&["--device", "metal"]), "--features metal");
+    assert_fails(&run(&["--steps", "1001"]), "--steps 1001 is out of range");
+    assert_fails(
+        &run(&["--width", "4104"]),
+        "--width 4104 must be a multiple of 8 between 8 and 4096",
+    );
+    assert_fails(&run(&["--lang", "klingon"]), "klingon");
+    assert_fails(
+        &run(&["--prompt", "a\u{7}b"]),
+        "prompt 2 contains the control character U+0007 at character 2",
+    );
+    assert_fails(
+        &run(&["--negative-prompt", "\u{1b}[0m"]),
+        "--negative-prompt contains the control character U+001B",
+    );
     assert_fails(&gen(m.as_str(), &["--prompt", "  "]), "prompt 1 is empty");
     assert!(
         std::fs::read_dir(&dir).unwrap().next().is_none(),
@@ -402,6 +418,28 @@ fn model_problems_name_the_file_and_field() {
     std::fs::remove_dir_all(m.join("tokenizer")).unwrap();
     assert_fails(&gen(&m), "the model has no `tokenizer` folder");
 
+    let m = copy_model(M9, "nounet");
+    std::fs::remove_dir_all(m.join("unet")).unwrap();
+    assert_fails(&gen(&m), "the model has no `unet` folder");
+
+    // The hub's .bin weights, truncated or overwritten: a model error naming the file.
+    type BinEdit = fn(&[u8]) -> Vec<u8>;
+    let edits: [(&str, BinEdit); 2] = [
+        ("bin-truncated", |b: &[u8]| b[..b.len() / 3].to_vec()),
+        ("bin-garbage", |b: &[u8]| {
+            b.iter().map(|x| x ^ 0x5a).collect()
+        }),
+    ];
+    for (name, edit) in edits {
+        let m = copy_model("models/tiny-m18-hub", name);
+        let w = m.join("unet/diffusion_pytorch_model.bin");
+        std::fs::write(&w, edit(&std::fs::read(&w).unwrap())).unwrap();
+        assert_fails(
+            &gen(&m),
+            "unet/diffusion_pytorch_model.bin: cannot read it as PyTorch weights",
+        );
+    }
+
     let m = copy_model(M9, "scheduler");
     edit_json(&m.join("scheduler/scheduler_config.json"), |v| {
         v["beta_schedule"] = "cosine-ish".into()
@@ -490,12 +528,18 @@ fn load_policies_give_identical_images() {
 fn broken_vae_tensors_fail_before_any_work() {
     type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
     type Edit = fn(&mut Tensors);
-    let cases: [(&str, Edit); 2] = [
+    let cases: [(&str, Edit); 3] = [
         ("missing", |t| {
             t.remove("decoder.conv_out.weight");
         }),
         ("misshapen", |t| {
             let w = t["decoder.conv_in.bias"].narrow(0, 0, 3).unwrap();
+            t.insert("decoder.conv_in.bias".into(), w);
+        }),
+        ("integer", |t| {
+            let w = t["decoder.conv_in.bias"]
+                .to_dtype(candle_core::DType::I64)
+                .unwrap();
             t.insert("decoder.conv_in.bias".into(), w);
         }),
     ];
@@ -535,6 +579,12 @@ fn broken_vae_tensors_fail_before_any_work() {
                 "decoder.conv_in.bias"
             };
             assert!(err.contains(tensor), "{name} {policy}: {err}");
+            if name == "integer" {
+                assert!(
+                    err.contains("expected a floating-point tensor (f32, f16 or bf16), found i64"),
+                    "{err}"
+                );
+            }
             assert!(
                 !err.contains("step 1/1"),
                 "{name} {policy}: work started: {err}"

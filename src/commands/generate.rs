@@ -36,6 +36,8 @@ pub enum Outcome {
     AllWritten,
     /// Some prompts failed; the others were written.
     SomeFailed,
+    /// Ctrl-C stopped the run between steps; the finished images were kept.
+    Interrupted,
 }
 
 /// One prompt to generate.
@@ -181,6 +183,16 @@ fn plan(
         for (k, entry) in entries.into_iter().enumerate() {
             let index = opts.prompts.len() + k;
             let job = entry.map_err(|e| (e.line, e.message)).and_then(|j| {
+                crate::options::check_prompt(&j.prompt).map_err(|m| (j.line, m))?;
+                if let Some(neg) = j
+                    .overrides
+                    .negative_prompt
+                    .as_deref()
+                    .filter(|n| !n.trim().is_empty())
+                {
+                    crate::options::check_prompt(neg)
+                        .map_err(|m| (j.line, format!("negative prompt: {m}")))?;
+                }
                 let sampling =
                     apply_overrides(&opts.sampling, &j.overrides).map_err(|m| (j.line, m))?;
                 let lang = match &j.overrides.lang {
@@ -327,6 +339,10 @@ impl Bars {
 }
 
 impl Progress for Bars {
+    fn cancelled(&self) -> bool {
+        crate::signals::requested()
+    }
+
     fn stage(&mut self, name: &str) {
         self.close_stage();
         self.current = Some((name.to_string(), Instant::now()));
@@ -592,6 +608,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         }
     }
 
+    // An output that cannot be written is found now, not after the first image's work.
+    crate::output::check_target(&opts.output.target)?;
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
     let fetched = super::fetch_model(&opts.model, crate::source::Scope::Generation, progress)?;
@@ -650,7 +668,15 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     // Images are kept in memory only for a contact sheet.
     let mut grid = opts.output.grid.then(Vec::new);
     let mut skipped = 0usize;
+    // Prompts finished (written, skipped or failed), for the summary of an interruption.
+    let mut finished = 0usize;
+    let mut interrupted = false;
     for group in groups {
+        if crate::signals::requested() {
+            interrupted = true;
+            break;
+        }
+        let jobs_in_group = group.jobs.len();
         match run_group(
             &run,
             group,
@@ -659,8 +685,13 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             &mut grid,
             &mut skipped,
         ) {
-            Ok(()) => {}
+            Ok(()) => finished += jobs_in_group,
+            Err(failed) if matches!(failed.1, Error::Interrupted) => {
+                interrupted = true;
+                break;
+            }
             Err(failed) => {
+                finished += jobs_in_group;
                 let (jobs, e) = *failed;
                 // A usage or configuration problem applies to the whole run: stop as before any work.
                 if written == 0
@@ -702,6 +733,17 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     }
     if skipped > 0 {
         eprintln!("skipped {skipped} prompt(s) whose images exist");
+    }
+    if interrupted {
+        eprintln!(
+            "interrupted: {written} image(s) written, {} of {total_jobs} prompt(s) not done; \
+             the image in progress was abandoned. Run the same command with --skip-existing to finish.",
+            total_jobs - finished
+        );
+        for f in &failures {
+            eprintln!("  failed: {}", f.describe());
+        }
+        return Ok(Outcome::Interrupted);
     }
     if failures.is_empty() {
         return Ok(Outcome::AllWritten);
