@@ -225,8 +225,9 @@ fn parent_dir(target: &Path) -> PathBuf {
     }
 }
 
-/// Creates `dir` if needed and checks that a file can be written in it (a probe file, removed at
-/// once), so an output problem is found before any work.
+/// Checks that `dir` can be made and written in, without creating it: a probe file is created
+/// (and removed at once) in `dir` or, when `dir` does not exist yet, in its nearest existing
+/// ancestor, which must be a directory. So an output problem is found before any work.
 pub fn check_writable_dir(dir: &Path) -> Result<()> {
     let bad = |e: std::io::Error| {
         Error::usage(format!(
@@ -234,8 +235,23 @@ pub fn check_writable_dir(dir: &Path) -> Result<()> {
             dir.display()
         ))
     };
-    std::fs::create_dir_all(dir).map_err(bad)?;
-    let probe = dir.join(format!(".altdiff-{}-probe.tmp", std::process::id()));
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(bad(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", existing.display()),
+        )));
+    }
+    let probe = existing.join(format!(".altdiff-{}-probe.tmp", std::process::id()));
     let written = std::fs::File::create(&probe).map_err(bad);
     let _ = std::fs::remove_file(&probe);
     written.map(drop)

@@ -258,8 +258,8 @@ fn outputs_that_cannot_be_written_fail_before_any_work() {
     std::fs::write(&file, "not a directory").unwrap();
     let through_file = file.join("out");
     let cases: Vec<(PathBuf, &str)> = vec![
-        (through_file.clone(), "Not a directory"),
-        (through_file.join("x.png"), "Not a directory"),
+        (through_file.clone(), "is not a directory"),
+        (through_file.join("x.png"), "is not a directory"),
         (PathBuf::from("/proc/altdiff-out"), "cannot write there"),
     ];
     for (target, needle) in cases {

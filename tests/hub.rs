@@ -316,6 +316,37 @@ fn unknown_repo_revision_and_gated_repo() {
 }
 
 #[test]
+fn server_errors_are_one_line_and_leave_no_partial_model() {
+    let hub = server();
+    let home = hf_home("server-error");
+    for code in [500u16, 503] {
+        hub.state.lock().unwrap().fail_with = Some(code);
+        for args in [
+            &["download", REPO][..],
+            &["generate", "--model", REPO, "--prompt", "a"][..],
+        ] {
+            let out = run(&home, Some(&hub.url), false, args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(
+                err.contains(&format!("the hub answered HTTP {code}; try again later")),
+                "{args:?}: {err}"
+            );
+            assert!(
+                err.lines().count() <= 2 && !err.contains("panicked"),
+                "{err}"
+            );
+        }
+    }
+    // Nothing half-fetched is left to be mistaken for a model; the next try works.
+    hub.state.lock().unwrap().fail_with = None;
+    let out = ok(&run(&home, Some(&hub.url), false, &["download", REPO]));
+    assert!(std::path::Path::new(out.trim())
+        .join("model_index.json")
+        .exists());
+}
+
+#[test]
 fn an_interrupted_download_is_never_used_and_resumes() {
     let hub = server();
     let home = hf_home("cut");

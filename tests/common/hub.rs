@@ -104,6 +104,8 @@ pub struct HubState {
     pub cut_once: Option<String>,
     /// Every request line seen, with its Range header.
     pub log: Vec<(String, Option<String>)>,
+    /// Answer every request with this status (a server in trouble: 500, 503).
+    pub fail_with: Option<u16>,
 }
 
 pub struct HubServer {
@@ -230,6 +232,9 @@ fn handle(
 ) -> Response {
     let mut st = state.lock().unwrap();
     st.log.push((path.to_string(), range.map(str::to_string)));
+    if let Some(code) = st.fail_with {
+        return text(code, "internal error");
+    }
     let authorised = |st: &HubState, repo: &str| match st.gated.get(repo) {
         None => true,
         Some(token) => auth == Some(&format!("Bearer {token}")),
@@ -367,6 +372,8 @@ fn serve(conn: TcpStream, state: &Mutex<HubState>, base: &str) -> std::io::Resul
         307 => "Temporary Redirect",
         401 => "Unauthorized",
         404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Other",
     };
     let mut out = conn;
