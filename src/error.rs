@@ -168,3 +168,60 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
         e => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_says_what_to_do() {
+        let e = Error::Io {
+            path: PathBuf::from("out/x.png"),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("out/x.png: No space left on device"),
+            "{msg}"
+        );
+        assert!(msg.contains("rerun with --skip-existing"), "{msg}");
+        assert_eq!(e.exit_code(), 1);
+        let other = Error::Io {
+            path: PathBuf::from("x"),
+            source: std::io::Error::from_raw_os_error(13),
+        };
+        assert!(!other.to_string().contains("--skip-existing"));
+    }
+
+    #[test]
+    fn a_device_out_of_memory_gets_the_advice() {
+        // How candle reports CUDA's and Metal's allocation failures.
+        for text in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "Metal error Failed to create metal resource: Buffer (out of memory)",
+        ] {
+            let e = Error::Tensor {
+                context: "denoising at timestep 981".into(),
+                source: candle_core::Error::Msg(text.into()),
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains("(out of memory: try a smaller --height / --width"),
+                "{msg}"
+            );
+            assert_eq!(msg.lines().count(), 1);
+        }
+        let e = Error::Tensor {
+            context: "x".into(),
+            source: candle_core::Error::Msg("shape mismatch".into()),
+        };
+        assert!(!e.to_string().contains("out of memory"));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Error::Interrupted.exit_code(), 130);
+        assert_eq!(Error::usage("x").exit_code(), 2);
+        assert_eq!(Error::Numerics("x".into()).exit_code(), 1);
+    }
+}
