@@ -724,18 +724,36 @@ pub struct SchedulerConfig {
 pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
 
 impl SchedulerConfig {
-    /// Reads `scheduler/scheduler_config.json`. A `num_train_timesteps` above
-    /// [`MAX_TRAIN_TIMESTEPS`] is an error here (the class-specific checks are the schedulers').
+    /// Reads `scheduler/scheduler_config.json`, checked with [`SchedulerConfig::check_ranges`] so a
+    /// broken file is found before any work (the class-specific checks are the schedulers').
     pub fn load(path: &Path) -> Result<(Self, PathBuf)> {
         let (cfg, _raw): (Self, Value) = read_json(path)?;
-        if let Some(n) = cfg.num_train_timesteps.filter(|&n| n > MAX_TRAIN_TIMESTEPS) {
+        cfg.check_ranges(path)?;
+        Ok((cfg, path.to_path_buf()))
+    }
+
+    /// The limits every scheduler relies on: `num_train_timesteps` from 2 (one training timestep
+    /// leaves the sigma-based schedulers nothing to interpolate between) to [`MAX_TRAIN_TIMESTEPS`],
+    /// and `steps_offset` at most [`MAX_TRAIN_TIMESTEPS`]. Errors name `path` and the field.
+    pub fn check_ranges(&self, path: &Path) -> Result<()> {
+        if let Some(n) = self
+            .num_train_timesteps
+            .filter(|n| !(2..=MAX_TRAIN_TIMESTEPS).contains(n))
+        {
             return Err(Error::config(
                 path,
                 "num_train_timesteps",
+                format!("{n} is not supported (2 to {MAX_TRAIN_TIMESTEPS})"),
+            ));
+        }
+        if let Some(n) = self.steps_offset.filter(|&n| n > MAX_TRAIN_TIMESTEPS) {
+            return Err(Error::config(
+                path,
+                "steps_offset",
                 format!("{n} is more than altdiff supports ({MAX_TRAIN_TIMESTEPS})"),
             ));
         }
-        Ok((cfg, path.to_path_buf()))
+        Ok(())
     }
 }
 
@@ -759,7 +777,7 @@ impl TokenizerConfig {
     /// values below one token (0, or a fraction that would truncate to 0).
     pub fn max_length(&self) -> Option<usize> {
         self.model_max_length
-            .filter(|&m| m.is_finite() && m >= 1.0 && m < 1e9)
+            .filter(|m| (1.0..1e9).contains(m))
             .map(|m| m as usize)
     }
 }

@@ -593,6 +593,11 @@ pub struct SentencePieceModel {
     min_score: f32,
     /// Longest piece in bytes.
     max_piece_len: usize,
+    /// The ids of `pieces`, sorted by their text's bytes: the segmentation narrows a range of it
+    /// byte by byte and stops where no piece continues the text, as sentencepiece's trie walk does
+    /// (looking every prefix up in `pieces` would hash prefixes up to the longest piece at every
+    /// position: cubic time on a model with a piece of thousands of bytes and a long text).
+    sorted: Vec<u32>,
 }
 
 impl SentencePieceModel {
@@ -692,6 +697,11 @@ impl SentencePieceModel {
             }
         }
         let unk_id = unk_id.ok_or_else(|| err("no unknown piece (`<unk>`) is defined".into()))?;
+        let mut sorted: Vec<u32> = pieces.values().copied().collect();
+        sorted.sort_unstable_by(|&a, &b| {
+            let text = |id: u32| proto.pieces[id as usize].piece.as_bytes();
+            text(a).cmp(text(b))
+        });
         let charsmap = if proto.normalizer_spec.precompiled_charsmap.is_empty() {
             None
         } else {
@@ -702,6 +712,7 @@ impl SentencePieceModel {
         Ok(Self {
             proto,
             charsmap,
+            sorted,
             pieces,
             reserved,
             unk_id,
@@ -851,12 +862,26 @@ impl SentencePieceModel {
                 .map(|(i, _)| i)
                 .chain(std::iter::once(rest.len()))
                 .take_while(|&len| len <= self.max_piece_len);
+            // `sorted[lo..hi]`: the pieces that start with `rest[..done]`, narrowed character by
+            // character; `rest[..len]` is a piece when it is the first (shortest) of its range.
+            let (mut lo, mut hi, mut done) = (0, self.sorted.len(), 0);
             for len in ends {
-                let Some(&id) = self.pieces.get(&rest[..len]) else {
-                    continue;
+                let key = &rest.as_bytes()[done..len];
+                let tail = |id: &u32| {
+                    let piece = self.proto.pieces[*id as usize].piece.as_bytes();
+                    piece.get(done..).unwrap_or_default()
                 };
+                let range = &self.sorted[lo..hi];
+                let start = range.partition_point(|id| tail(id) < key);
+                let end = range.partition_point(|id| tail(id) < key || tail(id).starts_with(key));
+                (lo, hi, done) = (lo + start, lo + end, len);
+                if lo == hi {
+                    // No piece starts with `rest[..len]`, so no longer prefix is a piece either.
+                    break;
+                }
+                let id = self.sorted[lo];
                 let piece = &self.proto.pieces[id as usize];
-                if piece.kind == PieceType::Unused {
+                if piece.piece.len() != len || piece.kind == PieceType::Unused {
                     continue;
                 }
                 let candidate = piece.score + till_here;

@@ -240,14 +240,9 @@ impl NoiseSchedule {
         set_alpha_to_one_default: bool,
         zero_snr: bool,
     ) -> Result<Self> {
+        // Also here, not only in SchedulerConfig::load: `build` is public and takes any config.
+        cfg.check_ranges(path)?;
         let train_steps = cfg.num_train_timesteps.unwrap_or(1000);
-        if train_steps == 0 {
-            return Err(Error::config(
-                path,
-                "num_train_timesteps",
-                "must be positive",
-            ));
-        }
         let mut betas = match (&cfg.trained_betas, cfg.beta_schedule.as_deref().unwrap_or("linear")) {
             (Some(b), _) if b.len() != train_steps => {
                 return Err(Error::config(
