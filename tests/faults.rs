@@ -29,6 +29,21 @@ fn spawn(args: &[&str]) -> Child {
         .expect("the altdiff binary runs")
 }
 
+/// `altdiff generate --model tiny-m18 --prompt-file prompts <extra> --output out`.
+fn batch(prompts: &Path, extra: &[&str], out: &Path) -> Child {
+    let mut args = vec!["--prompt-file", prompts.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+    spawn(&args)
+}
+
+/// Waits for `child`; its output and stderr.
+fn finish(child: Child) -> (Output, String) {
+    let out = child.wait_with_output().unwrap();
+    let err = stderr_of(&out);
+    (out, err)
+}
+
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -83,18 +98,12 @@ fn ctrl_c_abandons_the_image_in_progress_and_keeps_the_finished_ones() {
     let prompts = prompt_file(&dir, 4);
     let out_dir = dir.join("out");
     // 300 steps of the tiny model take a few seconds: the second prompt is mid-way when the signal comes.
-    let mut child = spawn(&[
-        "--prompt-file",
-        prompts.to_str().unwrap(),
-        "--steps",
-        "300",
-        "--scheduler",
-        "ddim",
-        "--seed",
-        "1",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
+    let ddim = ["--scheduler", "ddim", "--seed", "1"];
+    let mut child = batch(
+        &prompts,
+        &[&ddim[..], &["--steps", "300"]].concat(),
+        &out_dir,
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("a first image").unwrap();
     assert!(Path::new(&first).exists(), "{first}");
@@ -116,22 +125,9 @@ fn ctrl_c_abandons_the_image_in_progress_and_keeps_the_finished_ones() {
     assert_eq!(only_complete_pngs(&out_dir), 1);
 
     // --skip-existing finishes the batch: the first image is kept, the three others are made.
-    let out = spawn(&[
-        "--prompt-file",
-        prompts.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--scheduler",
-        "ddim",
-        "--seed",
-        "1",
-        "--skip-existing",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ])
-    .wait_with_output()
-    .unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    let finishing = [&ddim[..], &["--steps", "2", "--skip-existing"]].concat();
+    let (out, err) = finish(batch(&prompts, &finishing, &out_dir));
+    assert!(out.status.success(), "{err}");
     assert_eq!(only_complete_pngs(&out_dir), 4);
 }
 
@@ -140,15 +136,7 @@ fn a_reader_that_goes_away_ends_the_run_quietly() {
     let dir = scratch("sigpipe");
     let prompts = prompt_file(&dir, 3);
     let out_dir = dir.join("out");
-    let mut child = spawn(&[
-        "--prompt-file",
-        prompts.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--json",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
+    let mut child = batch(&prompts, &["--steps", "1", "--json"], &out_dir);
     // `altdiff ... --json | head -1`: read one line, then close the pipe.
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
@@ -219,17 +207,7 @@ fn a_full_disk_fails_the_images_that_do_not_fit_and_keeps_the_others() {
         panic!("cannot mount a tmpfs (this test needs root, as CI has)");
     };
     let out_dir = fs.0.join("out");
-    let out = spawn(&[
-        "--prompt-file",
-        prompts.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ])
-    .wait_with_output()
-    .unwrap();
-    let err = stderr_of(&out);
+    let (out, err) = finish(batch(&prompts, &["--steps", "1"], &out_dir));
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("No space left on device"), "{err}");
     assert!(
@@ -271,10 +249,8 @@ fn outputs_that_cannot_be_written_fail_before_any_work() {
             "--output",
             target.to_str().unwrap(),
             "-v",
-        ])
-        .wait_with_output()
-        .unwrap();
-        let err = stderr_of(&out);
+        ]);
+        let (out, err) = finish(out);
         assert_eq!(out.status.code(), Some(2), "{target:?}: {err}");
         assert!(
             err.contains("cannot write there") && err.contains(needle),
@@ -299,10 +275,8 @@ fn outputs_that_cannot_be_written_fail_before_any_work() {
             "a fox",
             "--output",
             fs.0.join("out").to_str().unwrap(),
-        ])
-        .wait_with_output()
-        .unwrap();
-        let err = stderr_of(&out);
+        ]);
+        let (out, err) = finish(out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains("Read-only file system"), "{err}");
     }
@@ -402,17 +376,7 @@ fn bad_prompt_lines_fail_alone_with_their_line_numbers() {
     bytes.extend_from_slice(b"a lighthouse\n");
     std::fs::write(&prompts, bytes).unwrap();
     let out_dir = dir.join("out");
-    let out = spawn(&[
-        "--prompt-file",
-        prompts.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ])
-    .wait_with_output()
-    .unwrap();
-    let err = stderr_of(&out);
+    let (out, err) = finish(batch(&prompts, &["--steps", "1"], &out_dir));
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("4 of 6 prompt(s) failed"), "{err}");
     for needle in [
