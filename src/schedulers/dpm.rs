@@ -13,8 +13,8 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{
-    add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
-    Prediction,
+    add, div, karras_sigmas, mul, numpy_linspace, sigma_to_t, sub, NoiseSchedule, Prediction,
+    Spacing,
 };
 use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
@@ -196,9 +196,10 @@ pub(super) fn multistep_schedule(
                 .map(|i| i * ratio + offset)
                 .collect()
         }
-        "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
+        "trailing" => Spacing::Trailing
+            .timesteps(train, steps, 0)
             .into_iter()
-            .map(|v| v.round_ties_even() as i64 - 1)
+            .rev()
             .collect(),
         other => {
             return unsupported(

@@ -12,8 +12,8 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::common::{
-    add, div, karras_sigmas, mul, numpy_arange, numpy_linspace, sigma_to_t, sub, NoiseSchedule,
-    Prediction,
+    add, div, karras_sigmas, mul, numpy_linspace, sigma_to_t, sub, NoiseSchedule, Prediction,
+    Spacing,
 };
 use super::{Scheduler, StepNoise};
 use crate::config::SchedulerConfig;
@@ -218,18 +218,19 @@ pub(super) fn discrete_sigmas(
             .rev()
             .map(|t| t as f32)
             .collect(),
-        "leading" => {
-            let ratio = train / steps;
-            let offset = cfg.steps_offset.unwrap_or(0) as f32;
-            (0..steps)
+        "leading" | "trailing" => {
+            let spacing = if spacing == "leading" {
+                Spacing::Leading
+            } else {
+                Spacing::Trailing
+            };
+            spacing
+                .timesteps(train, steps, cfg.steps_offset.unwrap_or(0))
+                .into_iter()
                 .rev()
-                .map(|i| (i * ratio) as f32 + offset)
+                .map(|t| t as f32)
                 .collect()
         }
-        "trailing" => numpy_arange(train as f64, 0.0, -(train as f64 / steps as f64))
-            .into_iter()
-            .map(|t| t.round_ties_even() as f32 - 1.0)
-            .collect(),
         other => {
             return Err(Error::config(
                 path,
