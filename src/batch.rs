@@ -32,7 +32,7 @@
 //! | key | type |
 //! | --- | --- |
 //! | `negative_prompt`, `lang`, `output` | string |
-//! | `scheduler` (or `sampler`) | string, as written (see [`normalize_sampler`]) |
+//! | `scheduler` (or `sampler`) | string, as written (any name [`crate::schedulers::SchedulerKind::parse`] takes) |
 //! | `seed` | integer, 0 to 2^64 - 1 |
 //! | `steps`, `width`, `height`, `num_images` | integer >= 0 |
 //! | `guidance` (or `cfg_scale`) | number >= 0 |
@@ -88,7 +88,7 @@
 //! - webui takes the last value of a repeated option; here a repeated option is an error.
 //! - webui maps `--sampler_name` through its sampler table (an unknown name becomes `None` and
 //!   fails later); here the name is kept as written for the caller to check, with
-//!   [`normalize_sampler`] for webui's names.
+//!   [`crate::schedulers::SchedulerKind::parse`] for webui's names.
 //! - `--sampler_index N` is an index into webui's sampler list, whose order differs between webui
 //!   versions; rather than guess, a number is an error asking for `--sampler_name`.
 //! - `--seed -1` asks webui for a random seed; here it leaves the seed to the command line.
@@ -135,7 +135,7 @@ pub struct Overrides {
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (finite, >= 0).
     pub guidance: Option<f64>,
-    /// Scheduler or webui sampler name, as written; see [`normalize_sampler`].
+    /// Scheduler or webui sampler name, as written; see [`crate::schedulers::SchedulerKind::parse`].
     pub scheduler: Option<String>,
     /// Image width in pixels.
     pub width: Option<usize>,
@@ -746,38 +746,6 @@ fn word_f64(option: &str, value: &str) -> Result<f64, String> {
 // ---------------------------------------------------------------------------------------------
 // Samplers and helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Maps a webui sampler name (or k-diffusion alias) to altdiff's scheduler name where they
-/// correspond: `PLMS` / `PNDM` -> `pndm`, `DDIM` -> `ddim`, `Euler a` -> `euler-a`,
-/// `Euler` -> `euler`, `DPM++ 2M` -> `dpm++2m`, `DPM++ 2M Karras` -> `dpm++2m-karras`,
-/// `Heun` -> `heun`, `LMS` -> `lms`, `UniPC` -> `unipc`, `DDPM` -> `ddpm`, plus webui's aliases
-/// (`k_euler_a`, `k_dpmpp_2m_ka`, ...). Case and surrounding or repeated whitespace do not
-/// matter. Any other name is returned trimmed and lower-cased, so altdiff's own names map to
-/// themselves; the caller checks the result against the schedulers it has.
-pub fn normalize_sampler(name: &str) -> String {
-    let key = name
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase();
-    let mapped = match key.as_str() {
-        "plms" | "pndm" => "pndm",
-        "ddim" => "ddim",
-        "euler a" | "euler_a" | "euler-a" | "k_euler_a" | "k_euler_ancestral"
-        | "euler ancestral" => "euler-a",
-        "euler" | "k_euler" => "euler",
-        "dpm++ 2m" | "dpm++2m" | "k_dpmpp_2m" => "dpm++2m",
-        "dpm++ 2m karras" | "dpm++2m-karras" | "dpm++2m karras" | "k_dpmpp_2m_ka" => {
-            "dpm++2m-karras"
-        }
-        "heun" | "k_heun" => "heun",
-        "lms" | "k_lms" => "lms",
-        "unipc" => "unipc",
-        "ddpm" => "ddpm",
-        _ => return key,
-    };
-    mapped.to_string()
-}
 
 /// At most `max` characters of `s`, with `…` when cut.
 fn clip(s: &str, max: usize) -> String {

@@ -8,19 +8,23 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::error::{Error, Result};
 use crate::options::{
     DeviceChoice, GenerateOptions, LoadPolicy, ModelChoice, OutputOptions, OutputTarget, Precision,
-    Sampling, Shard,
+    Sampling, SeedChoice, Shard,
 };
 use crate::schedulers::{SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::source::ModelSource;
 
-const EXAMPLES: &str = "\
+/// Each example fits in 80 columns; a continued command ends its line with `\`.
+pub const EXAMPLES: &str = "\
 Examples:
-  altdiff generate --model tests/fixtures/models/tiny-m18 --prompt \"un renard roux dans la neige\" --seed 1
-  altdiff generate --prompt \"一只在雪地里的红狐狸\" --steps 25 --output fox.png   (BAAI/AltDiffusion-m18 from the hub)
-  altdiff generate --model BAAI/AltDiffusion-m9 --prompt \"a lighthouse\" --prompt \"ein Leuchtturm\" \\
-      --num-images 2 --scheduler ddim --output out/
-  altdiff generate --prompt-file prompts.jsonl --seed 1000 --shard 0/8 --skip-existing --json --output out/
-  altdiff generate --from-image out/00003-0-fr-1003-un-renard.png --steps 50";
+  altdiff generate -m tests/fixtures/models/tiny-m18 -p \"un renard roux\" -s 1
+  # without --model: BAAI/AltDiffusion-m18 from the hub
+  altdiff generate -p \"一只在雪地里的红狐狸\" --steps 25 -o fox.png
+  altdiff generate -m BAAI/AltDiffusion-m9 -p \"a lighthouse\" \\
+      -p \"ein Leuchtturm\" --num-images 2 --scheduler \"Euler a\" -o out/
+  altdiff generate -f prompts.jsonl --seed 1000 --shard 0/8 --skip-existing \\
+      --json -o out/
+  altdiff generate --from-image out/00003-0-fr-1003-un-renard.png --steps 50
+  altdiff info out/*.png";
 
 /// Multilingual text-to-image with BAAI's AltDiffusion (m9, m18), matching diffusers.
 #[derive(Debug, Parser)]
@@ -49,7 +53,7 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Show how a prompt is tokenised: pieces, ids, the count against the limit.
     Tokenize(TokenizeArgs),
-    /// Print the generation parameters stored in a PNG.
+    /// Print the generation parameters stored in PNGs.
     Info(InfoArgs),
     /// List the languages AltDiffusion m9 and m18 were trained on.
     Languages(LanguagesArgs),
@@ -62,10 +66,10 @@ pub enum Command {
 /// `altdiff info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// A PNG written by altdiff (or by webui).
-    #[arg(value_name = "IMAGE.png")]
-    pub image: PathBuf,
-    /// Print one JSON object.
+    /// PNGs written by altdiff (or by webui).
+    #[arg(value_name = "IMAGE.png", required = true)]
+    pub images: Vec<PathBuf>,
+    /// Print one JSON object per file, one per line.
     #[arg(long)]
     pub json: bool,
 }
@@ -191,7 +195,7 @@ pub struct GenerateArgs {
     #[arg(long, short = 'l', value_name = "LANG")]
     pub lang: Option<String>,
     /// Denoising steps [default: 50] (PNDM runs one more UNet evaluation, as diffusers does).
-    #[arg(long)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale [default: 7.5]; 1 or less turns guidance off.
     #[arg(long, short = 'g', allow_negative_numbers = true)]
@@ -208,27 +212,28 @@ pub struct GenerateArgs {
     /// Replace the scheduler config's timestep_spacing.
     #[arg(long, value_enum, value_name = "SPACING")]
     pub timestep_spacing: Option<TimestepSpacing>,
-    /// Image height in pixels (a multiple of 8); default: the UNet's sample_size x the VAE factor.
-    #[arg(long, short = 'H')]
+    /// Image height in pixels (a multiple of 8, 8 to 4096); default: the UNet's sample_size x the
+    /// VAE factor.
+    #[arg(long, short = 'H', value_name = "PX", allow_negative_numbers = true, value_parser = parse_size)]
     pub height: Option<usize>,
-    /// Image width in pixels (a multiple of 8); default as height.
-    #[arg(long, short = 'W')]
+    /// Image width in pixels (a multiple of 8, 8 to 4096); default as height.
+    #[arg(long, short = 'W', value_name = "PX", allow_negative_numbers = true, value_parser = parse_size)]
     pub width: Option<usize>,
     /// Seed of the noise (PyTorch's CPU generator: the same seed gives diffusers' latents and, for
     /// euler-a, ddpm and ddim --eta, its step noise). Batch-file line i without its own seed gets
     /// SEED + i. With --latents it seeds the step noise only (default 0). Default: random, reported
-    /// on stderr.
-    #[arg(long, short = 's')]
-    pub seed: Option<u64>,
+    /// on stderr; -1 (webui's "random") picks a random one even with --from-image.
+    #[arg(long, short = 's', allow_negative_numbers = true, value_name = "N")]
+    pub seed: Option<SeedChoice>,
     /// One generator per image, seeded SEED + i for image i (diffusers' list of generators), so any
     /// image can be regenerated alone; default: one generator over the batch, as diffusers does.
     #[arg(long)]
     pub per_image_seeds: bool,
     /// Images per prompt [default: 1].
-    #[arg(long)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
     pub num_images: Option<usize>,
     /// Batch-file prompts sharing their settings that go through the UNet together.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
     pub batch_size: usize,
     /// Token length prompts are padded / truncated to (2-512); default 77, or the tokenizer's limit if smaller.
     #[arg(long, value_name = "N")]
@@ -272,6 +277,26 @@ pub struct GenerateArgs {
     pub load_policy: LoadPolicy,
 }
 
+/// A count (steps, images, batch size): a whole number >= 1, negative numbers included in the
+/// message rather than taken for flags.
+fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<i128>() {
+        Ok(v) if v >= 1 => usize::try_from(v).map_err(|_| format!("{s} is too large")),
+        Ok(_) => Err(format!("must be at least 1, not {s}")),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// A height or width: the range check itself is [`crate::options::Sampling::validate`]'s; here a
+/// negative number gets the same message instead of being taken for a flag.
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<i128>() {
+        Ok(v) if (1..=i128::from(u32::MAX)).contains(&v) => Ok(v as usize),
+        Ok(_) => Err(format!("{s} must be a multiple of 8 between 8 and 4096")),
+        Err(_) => Err(format!("`{s}` is not a whole number of pixels")),
+    }
+}
+
 fn parse_scheduler(s: &str) -> std::result::Result<SchedulerKind, String> {
     SchedulerKind::parse(s).ok_or_else(|| {
         format!(
@@ -286,7 +311,10 @@ impl GenerateArgs {
     /// flag overrides.
     pub fn into_options(self) -> Result<GenerateOptions> {
         let record = match &self.from_image {
-            Some(path) => Some(crate::metadata::read_record(path)?),
+            Some(path) => Some(crate::metadata::read_record(path).map_err(|e| match e {
+                Error::Usage(m) => Error::Usage(format!("--from-image {m}")),
+                e => e,
+            })?),
             None => None,
         };
         let rec = record.as_ref();
@@ -361,13 +389,13 @@ impl GenerateArgs {
                     },
                 },
             },
-            seed: self.seed,
+            seed: self.seed.unwrap_or_default(),
             per_image_seeds: self.per_image_seeds,
             from_image: record.clone(),
             latents: self.latents,
             dump_tensors: self.dump_tensors,
             output: OutputOptions {
-                target: OutputTarget::from_path(self.output),
+                target: OutputTarget::from_path(self.output)?,
                 name_template: self.name_template,
                 overwrite: self.overwrite,
                 skip_existing: self.skip_existing,
@@ -387,5 +415,51 @@ impl GenerateArgs {
             ));
         }
         Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` at 80 columns: every example line fits, so none is wrapped mid-command, and a
+    /// continuation line follows a line ending in `\`.
+    #[test]
+    fn help_examples_fit_80_columns() {
+        for sub in [None, Some("generate")] {
+            let mut cmd = Cli::command().term_width(80);
+            let help = match sub {
+                None => cmd.render_help().to_string(),
+                Some(name) => cmd
+                    .find_subcommand_mut(name)
+                    .expect("subcommand")
+                    .render_help()
+                    .to_string(),
+            };
+            let examples = help
+                .split("Examples:\n")
+                .nth(1)
+                .expect("an Examples section");
+            let lines: Vec<&str> = examples.lines().collect();
+            assert!(lines.len() >= 6, "{help}");
+            for (i, line) in lines.iter().enumerate() {
+                let width = crate::term::display_width(line);
+                assert!(width <= 80, "{width} columns: {line:?}");
+                if i > 0 && !line.trim_start().starts_with(['a', '#']) {
+                    assert!(
+                        lines[i - 1].ends_with('\\'),
+                        "a wrapped example line: {:?} after {:?}",
+                        line,
+                        lines[i - 1]
+                    );
+                }
+                let t = line.trim_start();
+                assert!(
+                    t.starts_with("altdiff ") || t.starts_with(['#', '-']),
+                    "{line:?}"
+                );
+            }
+        }
     }
 }

@@ -116,6 +116,24 @@ impl Error {
         Error::Usage(msg.into())
     }
 
+    /// An input file that cannot be read (a missing file, a directory, no permission): a problem
+    /// found before any work, so exit code 2. `what` names where the path came from (a flag such
+    /// as `--prompt-file`, or empty for a positional argument).
+    pub fn input(what: &str, path: &std::path::Path, source: &std::io::Error) -> Self {
+        let reason = match source.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            std::io::ErrorKind::IsADirectory => "is a directory, not a file".to_string(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => source.to_string(),
+        };
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!("{what} ")
+        };
+        Error::Usage(format!("{what}{}: {reason}", path.display()))
+    }
+
     /// Shorthand for [`Error::Config`].
     pub fn config(
         file: impl Into<PathBuf>,
@@ -216,6 +234,23 @@ mod tests {
             source: candle_core::Error::Msg("shape mismatch".into()),
         };
         assert!(!e.to_string().contains("out of memory"));
+    }
+
+    #[test]
+    fn unreadable_inputs_name_the_flag_and_exit_2() {
+        let e = Error::input(
+            "--prompt-file",
+            std::path::Path::new("/x.txt"),
+            &std::io::Error::from_raw_os_error(2),
+        );
+        assert_eq!(e.to_string(), "--prompt-file /x.txt: no such file");
+        assert_eq!(e.exit_code(), 2);
+        let dir = std::fs::read(std::env::temp_dir()).unwrap_err();
+        let e = Error::input("", std::env::temp_dir().as_path(), &dir);
+        assert!(
+            e.to_string().ends_with(": is a directory, not a file"),
+            "{e}"
+        );
     }
 
     #[test]

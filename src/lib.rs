@@ -23,11 +23,13 @@ pub mod noise;
 pub mod options;
 pub mod output;
 pub mod pipeline;
+pub mod progress;
 pub mod rng;
 pub mod schedulers;
 pub mod sentencepiece;
 pub mod signals;
 pub mod source;
+pub mod term;
 pub mod tokenizer;
 pub mod weights;
 
@@ -70,30 +72,16 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
             let model = a.model.into_choice()?;
             done(commands::convert::run(&model, &a.out, a.dtype, progress).map(|_| ()))
         }
-        cli::Command::Info(a) => done(commands::info::run(&a.image, a.json)),
+        cli::Command::Info(a) => Ok(match commands::info::run(&a.images, a.json)? {
+            commands::info::Found::Parameters => Outcome::Success,
+            commands::info::Found::Nothing => Outcome::PartialFailure,
+        }),
         cli::Command::Languages(a) => {
-            // `m9`, `m18` or the BAAI repo names decide without any file; other models are asked
-            // through their text encoder config.
-            let model = match a.model.as_deref() {
-                None => None,
-                Some(m)
-                    if !std::path::Path::new(m).exists()
-                        && m.parse::<lang::ModelLanguages>().is_ok() =>
-                {
-                    m.parse::<lang::ModelLanguages>().ok()
-                }
-                Some(m) => {
-                    let choice = options::ModelChoice {
-                        source: source::ModelSource::parse(Some(m), None)?,
-                        variant: None,
-                    };
-                    let fetched = commands::fetch_model(&choice, source::Scope::Config, progress)?;
-                    let cfg = config::TextEncoderConfig::load(
-                        &fetched.root.join("text_encoder/config.json"),
-                    )?;
-                    Some(lang::ModelLanguages::from_text_encoder(&cfg))
-                }
-            };
+            let model = a
+                .model
+                .as_deref()
+                .map(|m| commands::languages::model_languages(m, progress))
+                .transpose()?;
             done(commands::languages::run(model, a.json))
         }
         cli::Command::Schedulers(a) => done(commands::schedulers::run(a.json)),

@@ -89,23 +89,6 @@ pub struct ImageRecord {
     pub dtype: String,
 }
 
-/// webui's name for an altdiff scheduler.
-pub fn webui_sampler(name: &str) -> &str {
-    match name {
-        "pndm" => "PLMS",
-        "ddim" => "DDIM",
-        "euler" => "Euler",
-        "euler-a" => "Euler a",
-        "dpm++2m" => "DPM++ 2M",
-        "dpm++2m-karras" => "DPM++ 2M Karras",
-        "heun" => "Heun",
-        "lms" => "LMS",
-        "unipc" => "UniPC",
-        "ddpm" => "DDPM",
-        other => other,
-    }
-}
-
 impl ImageRecord {
     /// The seed, when the noise came from one.
     pub fn seed(&self) -> Option<u64> {
@@ -128,7 +111,8 @@ impl ImageRecord {
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}",
             self.steps,
-            webui_sampler(&self.scheduler),
+            crate::schedulers::SchedulerKind::parse(&self.scheduler)
+                .map_or(self.scheduler.as_str(), |k| k.webui_name()),
             self.guidance,
             self.width,
             self.height,
@@ -182,10 +166,16 @@ pub const MAX_INFLATED_TEXT: usize = 8 << 20;
 
 /// Every text chunk (tEXt, zTXt, iTXt) of a PNG file, as (keyword, text).
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // A directory opens on Unix and fails on the first read: check it here for a clear message.
+    let file = std::fs::File::open(path)
+        .and_then(|f| {
+            if f.metadata()?.is_dir() {
+                Err(std::io::Error::from(std::io::ErrorKind::IsADirectory))
+            } else {
+                Ok(f)
+            }
+        })
+        .map_err(|e| Error::input("", path, &e))?;
     read_png_text_from(BufReader::new(file), path)
 }
 

@@ -89,17 +89,27 @@ pub enum OutputTarget {
     Dir(PathBuf),
 }
 
+/// Extensions (lower case) of image formats altdiff does not write: `--output x.jpg` is a mistake, not a
+/// directory name.
+pub const OTHER_IMAGE_EXTENSIONS: [&str; 12] = [
+    "jpg", "jpeg", "jpe", "jfif", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "jxl",
+];
+
 impl OutputTarget {
-    /// A path ending in `.png` is a file, anything else a directory.
-    pub fn from_path(path: PathBuf) -> Self {
-        let is_png = path
+    /// A path ending in `.png` is a file, anything else a directory; a path ending in another
+    /// image format's extension (`.jpg`, `.webp`, ...) is an error, since altdiff writes PNG only.
+    pub fn from_path(path: PathBuf) -> Result<Self> {
+        let ext = path
             .extension()
             .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        if is_png {
-            Self::File(path)
-        } else {
-            Self::Dir(path)
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("png") => Ok(Self::File(path)),
+            Some(e) if OTHER_IMAGE_EXTENSIONS.contains(&e) => Err(Error::usage(format!(
+                "--output {}: altdiff writes PNG images only (with their metadata); name a .png file or a directory",
+                path.display()
+            ))),
+            _ => Ok(Self::Dir(path)),
         }
     }
 }
@@ -178,6 +188,32 @@ impl std::str::FromStr for Shard {
     }
 }
 
+/// What `--seed` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeedChoice {
+    /// No `--seed`: the image's seed with `--from-image`, 0 with `--latents`, else a random seed
+    /// (reported).
+    #[default]
+    Unset,
+    /// `--seed -1` (webui's "random"): a fresh random seed (reported), even with `--from-image`.
+    Random,
+    /// `--seed N`.
+    Value(u64),
+}
+
+impl std::str::FromStr for SeedChoice {
+    type Err = String;
+    /// A whole number 0 to 2^64 - 1, or `-1` / `random` for a random seed.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "-1" | "random" => Ok(Self::Random),
+            t => t.parse::<u64>().map(Self::Value).map_err(|_| {
+                format!("invalid seed `{s}`: expected a whole number from 0 to 18446744073709551615, or -1 for a random seed")
+            }),
+        }
+    }
+}
+
 /// How output files are named and written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputOptions {
@@ -212,9 +248,8 @@ pub struct GenerateOptions {
     pub shard: Option<Shard>,
     /// Generation settings.
     pub sampling: Sampling,
-    /// Seed; a random one is picked and reported when `None` and no latents are given. With
-    /// `--latents` it seeds the step noise only (0 when `None`).
-    pub seed: Option<u64>,
+    /// `--seed`. With `--latents` it seeds the step noise only (0 when unset).
+    pub seed: SeedChoice,
     /// `--per-image-seeds`: one generator per image, seeded seed + i (diffusers' list of
     /// generators), so each image can be regenerated alone.
     pub per_image_seeds: bool,

@@ -193,19 +193,36 @@ impl NameTemplate {
     }
 }
 
-/// A filesystem-safe, length-capped form of `prompt` that keeps its own script.
+/// The most bytes a slug takes in a file name (most file systems allow 255 bytes a name; Thai or
+/// Devanagari take three bytes a character and more than one character a letter).
+const MAX_SLUG_BYTES: usize = 120;
+
+/// A filesystem-safe, length-capped form of `prompt` that keeps its own script: letters and digits
+/// are kept with the combining marks that belong to them (Thai vowels and tones, Devanagari
+/// matras, Arabic harakat, accents), since whole grapheme clusters are kept or dropped, never cut;
+/// every run of anything else (spaces, punctuation, emoji) becomes one `-`. At most `max_chars`
+/// clusters and [`MAX_SLUG_BYTES`] bytes.
 pub fn slug(prompt: &str, max_chars: usize) -> String {
+    use unicode_segmentation::UnicodeSegmentation;
     let mut out = String::new();
+    let mut clusters = 0;
     let mut dash = false;
-    for c in prompt.chars() {
-        if c.is_alphanumeric() {
-            out.push(c);
+    for g in prompt.graphemes(true) {
+        if g.chars().next().is_some_and(char::is_alphanumeric) {
+            if out.len() + g.len() > MAX_SLUG_BYTES {
+                break;
+            }
+            // Only letters, digits and marks: a cluster with a zero-width joiner or a variation
+            // selector in it keeps just those.
+            out.extend(g.chars().filter(|c| c.is_alphanumeric() || is_mark(*c)));
+            clusters += 1;
             dash = false;
         } else if !dash && !out.is_empty() {
             out.push('-');
+            clusters += 1;
             dash = true;
         }
-        if out.chars().count() >= max_chars {
+        if clusters >= max_chars {
             break;
         }
     }
@@ -214,6 +231,89 @@ pub fn slug(prompt: &str, max_chars: usize) -> String {
         "image".into()
     } else {
         out
+    }
+}
+
+/// Whether `c` is a combining mark (general categories Mn, Mc, Me), for the scripts the models
+/// cover: the combining blocks, and the marks of Arabic, Devanagari, Bengali, Thai, Hangul jamo
+/// fillers and Japanese kana.
+fn is_mark(c: char) -> bool {
+    matches!(u32::from(c),
+        0x0300..=0x036F | 0x0483..=0x0489 | 0x0591..=0x05C7 | 0x0610..=0x061A | 0x064B..=0x065F
+        | 0x0670 | 0x06D6..=0x06ED | 0x0900..=0x0903 | 0x093A..=0x094F | 0x0951..=0x0957
+        | 0x0962..=0x0963 | 0x0981..=0x0983 | 0x09BC..=0x09D7 | 0x0E31 | 0x0E34..=0x0E3A
+        | 0x0E47..=0x0E4E | 0x1AB0..=0x1AFF | 0x1DC0..=0x1DFF | 0x302A..=0x302F
+        | 0x3099..=0x309A | 0xFE20..=0xFE2F)
+}
+
+/// Checks a batch line's `output` file name, which is relative to the output directory: not
+/// absolute, no `..` (nor, for Windows' sake, a drive or a backslash), not empty, a `.png` name or
+/// none (`.png` is then appended). A shared prompt file must not be able to write outside the
+/// directory the user chose; [`check_inside`] checks symlinks when the file is written.
+pub fn batch_output_name(name: &str) -> std::result::Result<PathBuf, String> {
+    let bad = |why: &str| Err(format!("output `{name}`: {why}"));
+    if name.trim().is_empty() {
+        return bad("the file name is empty");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("the file name contains a control character");
+    }
+    if name.contains('\\') {
+        return bad("use `/` between folders, not `\\`");
+    }
+    let path = Path::new(name);
+    if path.is_absolute() || name.starts_with('/') || name.contains(':') {
+        return bad(
+            "must be a path relative to the output directory (--output), not an absolute path",
+        );
+    }
+    use std::path::Component;
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return bad("must stay inside the output directory (--output): `..` is not allowed");
+    }
+    if name.ends_with('/') {
+        return bad("names a folder, not a file");
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => Ok(path.to_path_buf()),
+        Some(e) if crate::options::OTHER_IMAGE_EXTENSIONS.contains(&e) => {
+            bad("altdiff writes PNG images only; use a .png name")
+        }
+        _ => Ok(PathBuf::from(format!("{name}.png"))),
+    }
+}
+
+/// Checks that `target`, a file to be written under `dir`, really stays inside `dir` once symlinks
+/// are followed: its nearest existing folder must resolve to a place inside `dir`'s. (A name that
+/// exists as a symlink itself is safe: it is never written through, see [`write_new_file`] and
+/// [`write_replacing`].)
+pub fn check_inside(dir: &Path, target: &Path) -> Result<()> {
+    let Ok(root) = std::fs::canonicalize(dir) else {
+        // The output directory does not exist yet, so nothing inside it can be a symlink.
+        return Ok(());
+    };
+    let mut existing = parent_dir(target);
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p.to_path_buf(),
+            _ => return Ok(()),
+        }
+    }
+    let resolved = std::fs::canonicalize(&existing).map_err(io_err(&existing))?;
+    if resolved.starts_with(&root) {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "{}: {} leads outside the output directory {} (to {}); not writing there",
+            target.display(),
+            existing.display(),
+            dir.display(),
+            resolved.display()
+        )))
     }
 }
 
@@ -351,6 +451,32 @@ mod tests {
     }
 
     #[test]
+    fn slugs_keep_combining_marks_with_their_letters() {
+        // Thai: vowel and tone marks (Mn) stay on their consonants.
+        assert_eq!(slug("สุนัขจิ้งจอก ในหิมะ", 48), "สุนัขจิ้งจอก-ในหิมะ");
+        // Devanagari: the matras (Mc) and virama.
+        assert_eq!(slug("लोमड़ी बर्फ़ में", 48), "लोमड़ी-बर्फ़-में");
+        // Arabic with harakat.
+        assert_eq!(slug("ثَعْلَبٌ أَحْمَر", 48), "ثَعْلَبٌ-أَحْمَر");
+        // Hangul, precomposed and as conjoining jamo.
+        assert_eq!(slug("붉은 여우", 48), "붉은-여우");
+        assert_eq!(
+            slug("\u{1112}\u{1161}\u{11AB} x", 48),
+            "\u{1112}\u{1161}\u{11AB}-x"
+        );
+        // Decomposed accents.
+        assert_eq!(slug("cafe\u{301} au lait", 48), "cafe\u{301}-au-lait");
+        // Emoji (with ZWJ sequences and skin tones) are separators, never half kept.
+        assert_eq!(slug("🦊 fox 👩🏽‍🚀 moon ❤️", 48), "fox-moon");
+        // The cap counts clusters, so no letter loses its marks at the end.
+        assert_eq!(slug("สุนัขจิ้งจอก", 3), "สุนัข");
+        // And a long Devanagari prompt stays within a file name's bytes.
+        let long = slug(&"लोमड़ी ".repeat(40), 48);
+        assert!(long.len() <= MAX_SLUG_BYTES, "{} bytes", long.len());
+        assert!(!long.ends_with('-'));
+    }
+
+    #[test]
     fn templates_render_and_reject_unknown_fields() {
         let t = NameTemplate::parse(DEFAULT_TEMPLATE).unwrap();
         let f = NameFields {
@@ -369,6 +495,64 @@ mod tests {
         assert!(NameTemplate::parse("{nope}").is_err());
         assert!(NameTemplate::parse("{index").is_err());
         assert!(NameTemplate::parse("a/{index}").is_err());
+    }
+
+    #[test]
+    fn batch_output_names_stay_inside() {
+        assert_eq!(
+            batch_output_name("fox.png").unwrap(),
+            PathBuf::from("fox.png")
+        );
+        assert_eq!(
+            batch_output_name("a/fox").unwrap(),
+            PathBuf::from("a/fox.png")
+        );
+        assert_eq!(
+            batch_output_name("a/b/Fox.PNG").unwrap(),
+            PathBuf::from("a/b/Fox.PNG")
+        );
+        for bad in [
+            "../../escape.png",
+            "a/../../x.png",
+            "a/..",
+            "/tmp/abs.png",
+            "C:/x.png",
+            "..\\x.png",
+            "",
+            " ",
+            "dir/",
+            "x.jpg",
+            "a\u{7}b.png",
+        ] {
+            assert!(batch_output_name(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(batch_output_name("../x.png")
+            .unwrap_err()
+            .contains("inside the output directory"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinked_folders_that_leave_the_output_are_refused() {
+        let base = std::env::temp_dir().join(format!("altdiff-inside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (out, elsewhere) = (base.join("out"), base.join("elsewhere"));
+        std::fs::create_dir_all(out.join("real")).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, out.join("link")).unwrap();
+        std::os::unix::fs::symlink(out.join("real"), out.join("inner")).unwrap();
+        assert!(check_inside(&out, &out.join("x.png")).is_ok());
+        assert!(check_inside(&out, &out.join("real/new/x.png")).is_ok());
+        assert!(check_inside(&out, &out.join("inner/x.png")).is_ok());
+        let e = check_inside(&out, &out.join("link/x.png")).unwrap_err();
+        assert!(
+            e.to_string().contains("outside the output directory"),
+            "{e}"
+        );
+        assert!(check_inside(&out, &out.join("link/deeper/x.png")).is_err());
+        // A directory that does not exist yet has no symlinks in it.
+        assert!(check_inside(&base.join("new"), &base.join("new/a/x.png")).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -55,13 +55,30 @@ fn looks_like_repo_id(s: &str) -> bool {
     ok(owner) && ok(name)
 }
 
+/// Checks that `repo` has the shape of a hub repository id (`org/name`), without the network.
+pub fn check_repo_id(repo: &str) -> Result<()> {
+    if looks_like_repo_id(repo) {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "`{repo}` is not a hub repository id (expected org/name with letters, digits, `-`, `_` and `.`, e.g. BAAI/AltDiffusion-m18)"
+        )))
+    }
+}
+
 impl ModelSource {
     /// `--model` and `--revision`: an existing directory is local; `owner/name` is a hub repo;
-    /// nothing means [`DEFAULT_REPO`].
+    /// nothing means [`DEFAULT_REPO`]; anything else is an error (checked without the network).
     pub fn parse(model: Option<&str>, revision: Option<&str>) -> Result<Self> {
         let model = model.unwrap_or(DEFAULT_REPO);
         let path = Path::new(model);
-        if path.exists() || !looks_like_repo_id(model) {
+        if !path.exists() && !looks_like_repo_id(model) {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                message: "model directory not found, and not a hub repository id either (org/name, e.g. BAAI/AltDiffusion-m18)".into(),
+            });
+        }
+        if path.exists() {
             if let Some(r) = revision {
                 return Err(Error::usage(format!(
                     "--revision {r} applies to hub repositories, but --model {model} is a local path"
@@ -352,13 +369,22 @@ fn fetch_command(repo: &str, revision: &str) -> String {
     }
 }
 
-/// Resolves a hub model from the cache alone.
-fn resolve_offline(
+/// The two ways out when a hub model is not in the cache and cannot be downloaded now.
+fn ways_out(repo: &str, revision: &str) -> String {
+    format!(
+        "run `{}` where the hub is reachable, or give a local model directory with --model DIR",
+        fetch_command(repo, revision)
+    )
+}
+
+/// Resolves a hub model from the cache alone; `Err` says what the cache lacks (one clause, for
+/// the caller's message) and the folder looked in.
+fn resolve_from_cache(
     repo: &str,
     revision: &str,
     opts: &FetchOptions,
     settings: &HubSettings,
-) -> Result<Fetched> {
+) -> std::result::Result<Fetched, String> {
     let repo_dir = repo_cache_dir(settings, repo);
     let commit = if is_commit_hash(revision) {
         Some(revision.to_string())
@@ -367,40 +393,47 @@ fn resolve_offline(
             .ok()
             .map(|s| s.trim().to_string())
     };
-    let not_cached = |what: String| {
-        Error::Model {
-        path: repo_dir.clone(),
-        message: format!(
-            "{what}; HF_HUB_OFFLINE is set, so nothing can be downloaded: run `{}` where the hub is reachable",
-            fetch_command(repo, revision)
-        ),
-    }
+    let lacks = |what: Vec<String>| {
+        format!(
+            "the cached copy ({}) lacks {}",
+            repo_dir.display(),
+            what.join(", ")
+        )
     };
     let Some(commit) = commit else {
-        return Err(not_cached(format!(
-            "{repo} (revision {revision}) is not in the hub cache"
-        )));
+        return Err(format!(
+            "revision {revision} is not in the hub cache ({})",
+            settings.cache_dir.display()
+        ));
     };
     let root = repo_dir.join("snapshots").join(&commit);
     let listing = list_tree(&root);
-    let files = needed_files(&listing, opts.variant, opts.scope).map_err(|missing| {
-        not_cached(format!(
-            "the cached copy of {repo} lacks {}",
-            missing.join(", ")
-        ))
-    })?;
-    let files = expand_shards(files, |f| Ok(root.join(f)))?;
+    let files = needed_files(&listing, opts.variant, opts.scope).map_err(lacks)?;
+    let files = expand_shards(files, |f| Ok(root.join(f))).map_err(|e| e.to_string())?;
     let absent: Vec<String> = files
         .into_iter()
         .filter(|f| !root.join(f).is_file())
         .collect();
     if !absent.is_empty() {
-        return Err(not_cached(format!(
-            "the cached copy of {repo} lacks {}",
-            absent.join(", ")
-        )));
+        return Err(lacks(absent));
     }
     Ok(Fetched::hub(root, repo, revision, commit))
+}
+
+/// Resolves a hub model from the cache alone (`HF_HUB_OFFLINE`).
+fn resolve_offline(
+    repo: &str,
+    revision: &str,
+    opts: &FetchOptions,
+    settings: &HubSettings,
+) -> Result<Fetched> {
+    resolve_from_cache(repo, revision, opts, settings).map_err(|missing| Error::Hub {
+        repo: repo.to_string(),
+        message: format!(
+            "{missing}; HF_HUB_OFFLINE is set, so nothing can be downloaded: {}",
+            ways_out(repo, revision)
+        ),
+    })
 }
 
 /// A one-line explanation of a hub error.
@@ -413,7 +446,7 @@ fn hub_error(err: ApiError, repo: &str, revision: &str, what: &str, endpoint: &s
             ),
             ureq::Error::Status(code, _) => format!("{what}: the hub answered HTTP {code}; try again later"),
             ureq::Error::Transport(t) => format!(
-                "{what}: cannot reach {endpoint} ({t}); to use a model already in the cache set HF_HUB_OFFLINE=1"
+                "{what}: the connection to {endpoint} failed ({t}); run the same command again to resume"
             ),
         },
         ApiError::IoError(e) => format!(
@@ -519,22 +552,39 @@ fn resolve_online(
     let info = match api_repo.info() {
         Ok(info) => info,
         Err(ApiError::RequestError(e)) if matches!(e.as_ref(), ureq::Error::Transport(_)) => {
-            // No network: fall back to the cache, as huggingface_hub does.
-            if let Ok(cached) = resolve_offline(repo, revision, opts, settings) {
-                tracing::warn!(
-                    "cannot reach {}; using the cached {}",
-                    settings.endpoint,
-                    cached.identity
-                );
-                return Ok(cached);
+            // ureq says `URL: Connection Failed: Connect error: Connection refused (os error 111)`:
+            // the last part is the reason.
+            let text = e.to_string();
+            let t = text.rsplit(": ").next().unwrap_or(&text).to_string();
+            if opts.verify_all {
+                // `altdiff download` is asked to check with the hub: the cache cannot stand in.
+                return Err(Error::Hub {
+                    repo: repo.to_string(),
+                    message: format!(
+                        "cannot reach {} ({t}); `altdiff download` needs the hub: check the network connection (or HF_ENDPOINT for a mirror)",
+                        settings.endpoint
+                    ),
+                });
             }
-            return Err(hub_error(
-                ApiError::RequestError(e),
-                repo,
-                revision,
-                repo,
-                &settings.endpoint,
-            ));
+            // No network: use the cache, as huggingface_hub does; else one message with both ways out.
+            return match resolve_from_cache(repo, revision, opts, settings) {
+                Ok(cached) => {
+                    tracing::warn!(
+                        "cannot reach {}; using the cached {}",
+                        settings.endpoint,
+                        cached.identity
+                    );
+                    Ok(cached)
+                }
+                Err(missing) => Err(Error::Hub {
+                    repo: repo.to_string(),
+                    message: format!(
+                        "{missing}, and {} cannot be reached ({t}): {}",
+                        settings.endpoint,
+                        ways_out(repo, revision)
+                    ),
+                }),
+            };
         }
         Err(e) => return Err(hub_error(e, repo, revision, repo, &settings.endpoint)),
     };
@@ -644,9 +694,21 @@ mod tests {
             }
         );
         assert_eq!(
-            ModelSource::parse(Some("./models/x"), None).unwrap(),
-            ModelSource::Local("./models/x".into())
+            ModelSource::parse(Some("/tmp"), None).unwrap(),
+            ModelSource::Local("/tmp".into())
         );
+        // Neither a directory nor a repository id: an error without any network.
+        for bad in ["./models/x", "m10", "BAAI/Alt Diffusion", "a/b/c"] {
+            let e = ModelSource::parse(Some(bad), None).unwrap_err().to_string();
+            assert!(
+                e.contains("model directory not found, and not a hub repository id"),
+                "{e}"
+            );
+        }
+        assert!(check_repo_id("BAAI/AltDiffusion-m18").is_ok());
+        for bad in ["foo", "a/b/c", "/abs", "-x/y", "a/.y", "a b/c", ""] {
+            assert!(check_repo_id(bad).is_err(), "{bad:?}");
+        }
         assert!(ModelSource::parse(Some("/tmp"), Some("main")).is_err());
         assert!(!looks_like_repo_id("a/b/c"));
         assert!(!looks_like_repo_id("../b"));

@@ -904,7 +904,7 @@ fn check_batch(input: &Bytes) -> TestCaseResult {
                     prop_assert!(g.is_finite() && g >= 0.0, "guidance {g}");
                 }
                 if let Some(s) = &o.scheduler {
-                    let _ = batch::normalize_sampler(s);
+                    let _ = altdiff::schedulers::SchedulerKind::parse(s);
                 }
                 out_bytes += job.prompt.len()
                     + [&o.negative_prompt, &o.lang, &o.scheduler, &o.output]

@@ -141,7 +141,11 @@ pub fn run(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result?;
-    eprintln!("converted {} to {}", fetched.identity, out.display());
+    crate::term::note(&format!(
+        "converted {} to {}",
+        fetched.identity,
+        out.display()
+    ));
     println!("{}", out.display());
     Ok(out.to_path_buf())
 }

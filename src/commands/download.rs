@@ -10,6 +10,7 @@ pub fn run(
     variant: Option<&str>,
     progress: bool,
 ) -> Result<()> {
+    source::check_repo_id(repo)?;
     let source = ModelSource::Hub {
         repo: repo.to_string(),
         revision: revision.unwrap_or("main").to_string(),
@@ -26,11 +27,11 @@ pub fn run(
         verify_all: true,
     };
     let fetched = source::fetch(&source, &opts, &settings)?;
-    eprintln!(
+    crate::term::note(&format!(
         "{} is ready in the cache ({})",
         fetched.identity,
         settings.cache_dir.display()
-    );
+    ));
     println!("{}", fetched.root.display());
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,11 +23,13 @@ use crate::lang::{self, ModelLanguages};
 use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
 use crate::noise::{NoiseStreams, Segment};
-use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling};
+use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling, SeedChoice};
 use crate::output::{NameFields, NameTemplate};
-use crate::pipeline::{Noise, Pipeline, Progress, Request, RgbImage};
+use crate::pipeline::{Noise, Pipeline, Request, RgbImage};
+use crate::progress::{round3, RunProgress, Spinner};
 use crate::schedulers::SchedulerKind;
 use crate::source::ModelIdentity;
+use crate::term;
 
 /// How a run ended when it got as far as generating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +53,8 @@ struct Job {
     sampling: Sampling,
     seed: u64,
     lang: Option<&'static lang::Language>,
-    /// A per-line output file name.
-    output: Option<String>,
+    /// A batch line's output file, relative to the output directory (checked to stay inside it).
+    output: Option<PathBuf>,
 }
 
 /// A prompt that could not be generated.
@@ -107,14 +109,13 @@ fn read_latents(path: &Path) -> Result<Tensor> {
 }
 
 fn read_prompt_file(path: &Path) -> Result<Vec<u8>> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |e: std::io::Error| Error::input("--prompt-file", path, &e);
     if path == Path::new("-") {
         let mut buf = Vec::new();
         std::io::stdin().read_to_end(&mut buf).map_err(io)?;
         Ok(buf)
+    } else if path.is_dir() {
+        Err(io(std::io::ErrorKind::IsADirectory.into()))
     } else {
         std::fs::read(path).map_err(io)
     }
@@ -124,15 +125,12 @@ fn read_prompt_file(path: &Path) -> Result<Vec<u8>> {
 fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result<Sampling, String> {
     let scheduler = match &o.scheduler {
         None => base.scheduler,
-        Some(name) => {
-            let n = batch::normalize_sampler(name);
-            Some(SchedulerKind::parse(&n).ok_or_else(|| {
-                format!(
-                    "scheduler `{name}` is not supported (expected one of: {})",
-                    SchedulerKind::names()
-                )
-            })?)
-        }
+        Some(name) => Some(SchedulerKind::parse(name).ok_or_else(|| {
+            format!(
+                "scheduler `{name}` is not supported (expected one of: {})",
+                SchedulerKind::names()
+            )
+        })?),
     };
     let s = Sampling {
         negative_prompt: o
@@ -195,6 +193,13 @@ fn plan(
                 }
                 let sampling =
                     apply_overrides(&opts.sampling, &j.overrides).map_err(|m| (j.line, m))?;
+                let output = j
+                    .overrides
+                    .output
+                    .as_deref()
+                    .map(crate::output::batch_output_name)
+                    .transpose()
+                    .map_err(|m| (j.line, m))?;
                 let lang = match &j.overrides.lang {
                     Some(l) => Some(lang::parse(l).map_err(|e| (j.line, e.to_string()))?),
                     None => default_lang,
@@ -209,7 +214,7 @@ fn plan(
                         .seed
                         .unwrap_or_else(|| base_seed.wrapping_add(index as u64)),
                     lang,
-                    output: j.overrides.output,
+                    output,
                 })
             });
             match job {
@@ -227,138 +232,6 @@ fn plan(
         failures.retain(|f| f.index % shard.count == shard.index);
     }
     Ok((jobs, failures))
-}
-
-/// Progress: bars on a terminal (batch position and denoising steps), log lines otherwise; and
-/// the stage timings of the group being generated.
-struct Bars {
-    batch: Option<indicatif::ProgressBar>,
-    steps: Option<indicatif::ProgressBar>,
-    started: Instant,
-    current: Option<(String, Instant)>,
-    stages: Vec<(String, f64)>,
-    step_times: Vec<f64>,
-    last_step: Instant,
-}
-
-fn round3(x: f64) -> serde_json::Value {
-    serde_json::json!((x * 1000.0).round() / 1000.0)
-}
-
-/// (min, median) of `v`.
-fn min_median(v: &[f64]) -> Option<(f64, f64)> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    Some((*v.first()?, v[v.len() / 2]))
-}
-
-impl Bars {
-    fn new(total_jobs: usize, show: bool) -> Self {
-        let show = show && std::io::stderr().is_terminal();
-        let (batch, steps) = if show {
-            let multi = indicatif::MultiProgress::new();
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix:>9} [{bar:30}] {pos}/{len} {msg} (ETA {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            let b = multi.add(
-                indicatif::ProgressBar::new(total_jobs as u64)
-                    .with_style(style.clone())
-                    .with_prefix("prompts"),
-            );
-            let s = multi.add(
-                indicatif::ProgressBar::new(0)
-                    .with_style(style)
-                    .with_prefix("steps"),
-            );
-            (Some(b), Some(s))
-        } else {
-            (None, None)
-        };
-        Self {
-            batch,
-            steps,
-            started: Instant::now(),
-            current: None,
-            stages: Vec::new(),
-            step_times: Vec::new(),
-            last_step: Instant::now(),
-        }
-    }
-
-    fn job_done(&self, n: u64) {
-        if let Some(b) = &self.batch {
-            b.inc(n);
-        }
-    }
-
-    fn finish(&self) {
-        for b in [&self.batch, &self.steps].into_iter().flatten() {
-            b.finish_and_clear();
-        }
-    }
-
-    /// Starts timing a new group.
-    fn reset(&mut self) {
-        self.started = Instant::now();
-        self.current = None;
-        self.stages.clear();
-        self.step_times.clear();
-    }
-
-    fn close_stage(&mut self) {
-        if let Some((name, t)) = self.current.take() {
-            self.stages.push((name, t.elapsed().as_secs_f64()));
-        }
-    }
-
-    /// The stage timings of the last group, in seconds: `encode_s`, `denoise_s`, `decode_s`,
-    /// `unet_step_min_s`, `unet_step_median_s`, `total_s`.
-    fn timings(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        let mut sums: Vec<(&str, f64)> = Vec::new();
-        for (name, t) in &self.stages {
-            match sums.iter_mut().find(|(n, _)| n == name) {
-                Some((_, sum)) => *sum += t,
-                None => sums.push((name, *t)),
-            }
-        }
-        for (name, t) in sums {
-            out.insert(format!("{name}_s"), round3(t));
-        }
-        if let Some((min, median)) = min_median(&self.step_times) {
-            out.insert("unet_step_min_s".into(), round3(min));
-            out.insert("unet_step_median_s".into(), round3(median));
-        }
-        out.insert(
-            "total_s".into(),
-            round3(self.started.elapsed().as_secs_f64()),
-        );
-        serde_json::Value::Object(out)
-    }
-}
-
-impl Progress for Bars {
-    fn cancelled(&self) -> bool {
-        crate::signals::requested()
-    }
-
-    fn stage(&mut self, name: &str) {
-        self.close_stage();
-        self.current = Some((name.to_string(), Instant::now()));
-        self.last_step = Instant::now();
-        tracing::debug!("{name}");
-    }
-    fn step(&mut self, done: usize, total: usize) {
-        let now = Instant::now();
-        self.step_times.push((now - self.last_step).as_secs_f64());
-        self.last_step = now;
-        if let Some(s) = &self.steps {
-            s.set_length(total as u64);
-            s.set_position(done as u64);
-        }
-        tracing::debug!("step {done}/{total}");
-    }
 }
 
 /// Peak resident memory of this process in bytes (Linux), for the timing summary.
@@ -408,8 +281,14 @@ struct Run<'a> {
     dtype: DType,
     /// Seconds spent loading the model.
     load_s: f64,
+    /// `--seed` (or the seed it stands for): the first batch-file line's seed, the step noise's
+    /// seed with a latents file.
+    base_seed: u64,
     /// The timings of the last group, for the summary.
     summary: std::cell::RefCell<Option<serde_json::Value>>,
+    /// A random seed to report once the first batch is about to be generated (so it never comes
+    /// before an error found while setting the batch up).
+    seed_note: std::cell::Cell<Option<u64>>,
 }
 
 impl Run<'_> {
@@ -476,9 +355,8 @@ impl Run<'_> {
             OutputTarget::Dir(d) => match &job.output {
                 Some(name) if job.sampling.num_images == 1 => d.join(name),
                 Some(name) => {
-                    let p = Path::new(name);
-                    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-                    d.join(format!("{stem}-{image}.png"))
+                    let stem = name.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                    d.join(name.with_file_name(format!("{stem}-{image}.png")))
                 }
                 None => d.join(self.template.render(&NameFields {
                     index: job.index,
@@ -496,20 +374,93 @@ impl Run<'_> {
         }
     }
 
+    /// Writes image `i` of `job` with its metadata and prints its path (or JSON line) on stdout.
+    #[allow(clippy::too_many_arguments)]
+    fn write_image(
+        &self,
+        job: &Job,
+        i: usize,
+        img: &RgbImage,
+        record: &ImageRecord,
+        code: &str,
+        resolved: &crate::pipeline::Resolved,
+        timings: &serde_json::Value,
+    ) -> Result<()> {
+        let opts = self.opts;
+        let seed = record
+            .seed()
+            .map_or_else(|| "latents".to_string(), |s| s.to_string());
+        let target = self.path(job, i, code, resolved, &seed);
+        let inside = match (&opts.output.target, &job.output) {
+            (OutputTarget::Dir(d), Some(_)) => crate::output::check_inside(d, &target),
+            _ => Ok(()),
+        };
+        let result = inside
+            .and_then(|()| record.chunks())
+            .and_then(|chunks| {
+                let refs: Vec<(&str, &str)> =
+                    chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                crate::output::encode_png(img, &refs)
+            })
+            .and_then(|bytes| {
+                if opts.output.overwrite {
+                    crate::output::write_replacing(&target, &bytes)
+                } else {
+                    crate::output::write_new_file(&target, &bytes)
+                }
+            });
+        let path = result?;
+        if path != target {
+            tracing::warn!(
+                "{} exists; wrote {} instead",
+                target.display(),
+                path.display()
+            );
+        }
+        if opts.output.json {
+            let line = serde_json::json!({
+                "path": path,
+                "prompt": job.prompt,
+                "negative_prompt": job.sampling.negative_prompt,
+                "lang": record.lang,
+                "seed": record.seed(),
+                "index": job.index,
+                "image": i,
+                "line": job.line,
+                "steps": job.sampling.steps,
+                "guidance": job.sampling.guidance,
+                "scheduler": record.scheduler,
+                "width": record.width,
+                "height": record.height,
+                "size": format!("{}x{}", record.width, record.height),
+                "model": self.identity.to_string(),
+                "timings": timings,
+            });
+            term::out_line(&line.to_string())
+        } else {
+            term::out_line(&path.display().to_string())
+        }
+        .map_err(|source| Error::Io {
+            path: PathBuf::from("<stdout>"),
+            source,
+        })
+    }
+
     /// The noise of a group (its generators and any given latents) and each image's record of it.
     fn noise(&self, group: &Group, shape: &[usize]) -> Result<(Noise, Vec<NoiseRecord>)> {
         let total_images: usize = group.jobs.iter().map(|j| j.sampling.num_images).sum();
         if let Some(t) = &self.latents_file {
             // diffusers' `latents=` with `generator=` for the step noise.
-            let seed = self.opts.seed.unwrap_or(0);
             let noise = Noise {
                 latents: Some(t.clone()),
-                generators: NoiseStreams::shared(seed, total_images),
+                generators: NoiseStreams::shared(self.base_seed, total_images),
             };
             return Ok((noise, vec![NoiseRecord::LatentsFile; total_images]));
         }
         if let Some(rec) = &self.opts.from_image {
-            if let (NoiseRecord::Seed { seed, batch, index }, None) = (&rec.noise, self.opts.seed) {
+            if let (NoiseRecord::Seed { seed, batch, index }, SeedChoice::Unset) =
+                (&rec.noise, self.opts.seed)
+            {
                 // The image's own share of every draw of the generator it came from.
                 if *batch > 4096 || shape[0] != 1 {
                     return Err(Error::usage(format!(
@@ -586,13 +537,12 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             "--latents works with --prompt only (one batch), not with --prompt-file or --shard",
         ));
     }
-    let base_seed = match (opts.seed, &opts.from_image, &opts.latents) {
-        (Some(s), _, _) => s,
-        (None, Some(rec), _) => rec.seed().unwrap_or(0),
-        (None, None, Some(_)) => 0,
-        (None, None, None) => random_seed(),
+    let (base_seed, report_seed) = match (opts.seed, &opts.from_image, &opts.latents) {
+        (SeedChoice::Value(s), _, _) => (s, false),
+        (SeedChoice::Random, _, _) | (SeedChoice::Unset, None, None) => (random_seed(), true),
+        (SeedChoice::Unset, Some(rec), _) => (rec.seed().unwrap_or(0), false),
+        (SeedChoice::Unset, None, Some(_)) => (0, false),
     };
-    let report_seed = opts.seed.is_none() && opts.from_image.is_none() && opts.latents.is_none();
     let (jobs, mut failures) = plan(opts, base_seed, default_lang)?;
     let shared_seed = opts.prompt_file.is_none() && opts.shard.is_none();
     let mut jobs = jobs;
@@ -621,12 +571,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         device,
         dtype
     );
-    let spinner = (progress && std::io::stderr().is_terminal()).then(|| {
-        let sp = indicatif::ProgressBar::new_spinner()
-            .with_message(format!("loading {}", fetched.identity));
-        sp.enable_steady_tick(std::time::Duration::from_millis(120));
-        sp
-    });
+    let spinner = Spinner::start(format!("loading {}", fetched.identity));
     let total_jobs = jobs.len();
     let groups = group(jobs, opts.batch_size, shared_seed);
     let policy = match opts.load_policy {
@@ -636,13 +581,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     };
     let load_started = Instant::now();
     let pipeline = Pipeline::load(&files, &device, dtype, policy);
-    if let Some(sp) = spinner {
-        sp.finish_and_clear();
-    }
+    drop(spinner);
     let pipeline = pipeline?;
-    if report_seed {
-        eprintln!("seed: {base_seed}");
-    }
     let scheduler_config =
         crate::config::read_json::<serde_json::Value>(&files.scheduler_config)?.0;
     let run = Run {
@@ -655,7 +595,9 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         latents_file,
         dtype,
         load_s: load_started.elapsed().as_secs_f64(),
+        base_seed,
         summary: std::cell::RefCell::new(None),
+        seed_note: std::cell::Cell::new(report_seed.then_some(base_seed)),
     };
 
     if opts.dump_tensors.is_some() && groups.len() > 1 {
@@ -663,7 +605,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             "--dump-tensors needs a single batch (use --prompt, not --prompt-file)",
         ));
     }
-    let mut bars = Bars::new(total_jobs, progress);
+    let mut bars = RunProgress::new(total_jobs);
     let mut written = 0usize;
     // Images are kept in memory only for a contact sheet.
     let mut grid = opts.output.grid.then(Vec::new);
@@ -685,7 +627,14 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             &mut grid,
             &mut skipped,
         ) {
-            Ok(()) => finished += jobs_in_group,
+            Ok(unwritten) => {
+                finished += jobs_in_group;
+                failures.extend(unwritten.into_iter().map(|(j, e)| Failure {
+                    index: j.index,
+                    line: j.line,
+                    message: e.to_string(),
+                }));
+            }
             Err(failed) if matches!(failed.1, Error::Interrupted) => {
                 interrupted = true;
                 break;
@@ -699,7 +648,6 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
                     && e.exit_code() == 2
                     && opts.prompt_file.is_none()
                 {
-                    bars.finish();
                     return Err(e);
                 }
                 for j in jobs {
@@ -712,7 +660,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             }
         }
     }
-    bars.finish();
+    drop(bars);
     if let Some(t) = run.summary.borrow().as_ref() {
         let get = |k: &str| t.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         tracing::info!(
@@ -732,16 +680,16 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         write_grid(opts, &images)?;
     }
     if skipped > 0 {
-        eprintln!("skipped {skipped} prompt(s) whose images exist");
+        term::note(&format!("skipped {skipped} prompt(s) whose images exist"));
     }
     if interrupted {
-        eprintln!(
+        term::err_line(&format!(
             "interrupted: {written} image(s) written, {} of {total_jobs} prompt(s) not done; \
              the image in progress was abandoned. Run the same command with --skip-existing to finish.",
             total_jobs - finished
-        );
+        ));
         for f in &failures {
-            eprintln!("  failed: {}", f.describe());
+            term::err_line(&format!("  failed: {}", f.describe()));
         }
         return Ok(Outcome::Interrupted);
     }
@@ -749,25 +697,26 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         return Ok(Outcome::AllWritten);
     }
     failures.sort_by_key(|f| f.index);
-    eprintln!(
+    term::err_line(&format!(
         "{} of {} prompt(s) failed; the other images were written:",
         failures.len(),
         total_jobs + failures.len()
-    );
+    ));
     for f in &failures {
-        eprintln!("  {}", f.describe());
+        term::err_line(&format!("  {}", f.describe()));
     }
     Ok(Outcome::SomeFailed)
 }
 
 /// A group's failure: the jobs it sank and why.
-type GroupResult = std::result::Result<(), Box<(Vec<Job>, Error)>>;
+/// Ok: the prompts whose files could not be written (the others were).
+type GroupResult = std::result::Result<Vec<(Job, Error)>, Box<(Vec<Job>, Error)>>;
 
 /// Generates one group and writes its images; on failure returns the group's jobs and the error.
 fn run_group(
     run: &Run,
     group: Group,
-    bars: &mut Bars,
+    bars: &mut RunProgress,
     written: &mut usize,
     grid: &mut Option<Vec<RgbImage>>,
     skipped: &mut usize,
@@ -805,7 +754,7 @@ fn run_group(
         });
         if opts.output.skip_existing && all_exist && !group.shared_seed {
             *skipped += 1;
-            bars.job_done(1);
+            bars.jobs_done(1);
             continue;
         }
         exists.push(opts.output.skip_existing && all_exist);
@@ -813,12 +762,12 @@ fn run_group(
         keep.push(job);
     }
     if keep.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     if exists.iter().all(|e| *e) {
         *skipped += keep.len();
-        bars.job_done(keep.len() as u64);
-        return Ok(());
+        bars.jobs_done(keep.len());
+        return Ok(Vec::new());
     }
     let group = Group {
         jobs: keep,
@@ -843,13 +792,16 @@ fn run_group(
         noise,
         keep_tensors: opts.dump_tensors.is_some(),
     };
-    bars.reset();
+    if let Some(seed) = run.seed_note.take() {
+        term::note(&format!("seed: {seed}"));
+    }
+    bars.timings.reset();
     let out = match run.pipeline.generate(&request, bars) {
         Ok(o) => o,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
-    bars.close_stage();
-    let mut timings = bars.timings();
+    bars.timings.close_stage();
+    let mut timings = bars.timings.to_json();
     if let Some(t) = timings.as_object_mut() {
         // Start-up loading plus this batch's own component loads (per-stage loading).
         let staged = t.get("load_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
@@ -863,88 +815,42 @@ fn run_group(
             out.resolved.max_length
         );
     }
+    // A file that cannot be written fails its own prompt; the group's other prompts go on.
+    let mut failed = Vec::new();
     let mut k = 0;
     for ((job, code), exists) in group.jobs.iter().zip(&langs).zip(&exists) {
+        let first = k;
+        k += job.sampling.num_images;
         if *exists {
-            k += job.sampling.num_images;
             *skipped += 1;
-            bars.job_done(1);
+            bars.jobs_done(1);
             continue;
         }
         for i in 0..job.sampling.num_images {
-            let img = &out.images[k];
+            let img = &out.images[first + i];
             let record = run.record(
                 job,
                 &out.resolved,
-                records[k].clone(),
+                records[first + i].clone(),
                 Some(code).filter(|c| **c != "und").copied(),
             );
-            k += 1;
-            let seed = record
-                .seed()
-                .map_or_else(|| "latents".to_string(), |s| s.to_string());
-            let target = run.path(job, i, code, &out.resolved, &seed);
-            let result = record
-                .chunks()
-                .and_then(|chunks| {
-                    let refs: Vec<(&str, &str)> =
-                        chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                    crate::output::encode_png(img, &refs)
-                })
-                .and_then(|bytes| {
-                    if opts.output.overwrite {
-                        crate::output::write_replacing(&target, &bytes)
-                    } else {
-                        crate::output::write_new_file(&target, &bytes)
-                    }
-                });
-            let path = match result {
-                Ok(p) => p,
-                Err(e) => return Err(Box::new((vec![job.clone()], e))),
-            };
-            if path != target {
-                tracing::warn!(
-                    "{} exists; wrote {} instead",
-                    target.display(),
-                    path.display()
-                );
-            }
-            if opts.output.json {
-                let line = serde_json::json!({
-                    "path": path,
-                    "prompt": job.prompt,
-                    "negative_prompt": job.sampling.negative_prompt,
-                    "lang": record.lang,
-                    "seed": record.seed(),
-                    "index": job.index,
-                    "image": i,
-                    "line": job.line,
-                    "steps": job.sampling.steps,
-                    "guidance": job.sampling.guidance,
-                    "scheduler": record.scheduler,
-                    "width": record.width,
-                    "height": record.height,
-                    "size": format!("{}x{}", record.width, record.height),
-                    "model": run.identity.to_string(),
-                    "timings": timings,
-                });
-                println!("{line}");
-            } else {
-                println!("{}", path.display());
+            if let Err(e) = run.write_image(job, i, img, &record, code, &out.resolved, &timings) {
+                failed.push((job.clone(), e));
+                break;
             }
             *written += 1;
             if let Some(grid) = grid.as_mut() {
                 grid.push(img.clone());
             }
         }
-        bars.job_done(1);
+        bars.jobs_done(1);
     }
     if let Some(dump) = &opts.dump_tensors {
         if let Err(e) = dump_tensors(dump, out.tensors) {
             return Err(Box::new((group.jobs, e)));
         }
     }
-    Ok(())
+    Ok(failed)
 }
 
 fn job_name(job: &Job) -> String {
@@ -1001,6 +907,6 @@ fn write_grid(opts: &GenerateOptions, images: &[RgbImage]) -> Result<()> {
     } else {
         crate::output::write_new_file(&target, &bytes)?
     };
-    eprintln!("contact sheet: {}", path.display());
+    term::note(&format!("contact sheet: {}", path.display()));
     Ok(())
 }

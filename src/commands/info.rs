@@ -1,46 +1,119 @@
-//! `altdiff info`: the generation parameters stored in a PNG.
+//! `altdiff info`: the generation parameters stored in PNGs (altdiff's record, webui's
+//! `parameters` text and any other text chunks).
+//!
+//! Exit codes, for scripts that sort images: 0 when every file has parameters, 1 when one has
+//! none (said on stderr), 2 when one cannot be read as a PNG (the others are still shown).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metadata::{read_png_text, PARAMETERS_KEY, RECORD_KEY};
+use crate::term;
 
-/// Prints webui's `parameters` text and altdiff's record of `image` (`--json`: one object with
-/// `parameters`, `altdiff` and any other text chunks).
-pub fn run(image: &Path, json: bool) -> Result<()> {
-    let chunks = read_png_text(image)?;
-    if json {
-        let mut obj = serde_json::Map::new();
-        for (k, v) in &chunks {
-            let value = if k == RECORD_KEY {
-                serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))
-            } else {
-                serde_json::Value::String(v.clone())
-            };
-            obj.insert(k.clone(), value);
+/// Whether a file had generation parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// altdiff's record or webui's `parameters` text.
+    Parameters,
+    /// Neither (it may have other text chunks).
+    Nothing,
+}
+
+/// Prints what each of `images` stores: webui's `parameters` text and altdiff's record, or with
+/// `json` one JSON object per file and line (`path`, `parameters`, `altdiff` as an object, any
+/// other text chunks as strings). With several files each text block starts with `==> path <==`.
+///
+/// `Ok(Found::Nothing)` when some file has no parameters; an unreadable file is an error (after
+/// the others are printed, when there are several).
+pub fn run(images: &[PathBuf], json: bool) -> Result<Found> {
+    let mut found = Found::Parameters;
+    let mut unreadable = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        let chunks = match read_png_text(image) {
+            Ok(c) => c,
+            Err(e) if images.len() == 1 => return Err(e),
+            Err(e) => {
+                term::err_line(&format!("error: {e}"));
+                unreadable.push(image.display().to_string());
+                continue;
+            }
+        };
+        let has_parameters = chunks
+            .iter()
+            .any(|(k, _)| k == RECORD_KEY || k == PARAMETERS_KEY);
+        if !has_parameters {
+            found = Found::Nothing;
+            term::err_line(&format!(
+                "{}: no generation parameters stored (neither altdiff's record nor webui's `parameters` text)",
+                image.display()
+            ));
+            if !json {
+                continue;
+            }
         }
-        println!("{}", serde_json::Value::Object(obj));
-        return Ok(());
+        let text = if json {
+            to_json(image, &chunks).to_string()
+        } else {
+            let heading = if images.len() > 1 {
+                format!(
+                    "{}==> {} <==\n",
+                    if i > 0 { "\n" } else { "" },
+                    image.display()
+                )
+            } else {
+                String::new()
+            };
+            heading + &to_text(&chunks)
+        };
+        term::out_line(&text).map_err(|source| Error::Io {
+            path: PathBuf::from("<stdout>"),
+            source,
+        })?;
     }
-    if chunks.is_empty() {
-        println!("{}: no generation parameters stored", image.display());
-        return Ok(());
+    if !unreadable.is_empty() {
+        return Err(Error::usage(format!(
+            "{} of {} files could not be read: {}",
+            unreadable.len(),
+            images.len(),
+            unreadable.join(", ")
+        )));
     }
+    Ok(found)
+}
+
+/// One JSON object: the path, then every text chunk (altdiff's record parsed).
+fn to_json(image: &Path, chunks: &[(String, String)]) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in chunks {
+        let value = if k == RECORD_KEY {
+            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))
+        } else {
+            serde_json::Value::String(v.clone())
+        };
+        obj.insert(k.clone(), value);
+    }
+    obj.insert("path".into(), image.display().to_string().into());
+    serde_json::Value::Object(obj)
+}
+
+/// webui's text, then altdiff's record pretty-printed, then the other chunks, each under its key.
+fn to_text(chunks: &[(String, String)]) -> String {
+    let mut blocks = Vec::new();
     if let Some((_, p)) = chunks.iter().find(|(k, _)| k == PARAMETERS_KEY) {
-        println!("{p}");
+        blocks.push(p.clone());
     }
     if let Some((_, r)) = chunks.iter().find(|(k, _)| k == RECORD_KEY) {
         let pretty = serde_json::from_str::<serde_json::Value>(r)
             .ok()
             .and_then(|v| serde_json::to_string_pretty(&v).ok())
             .unwrap_or_else(|| r.clone());
-        println!("\n{RECORD_KEY}:\n{pretty}");
+        blocks.push(format!("{RECORD_KEY}:\n{pretty}"));
     }
     for (k, v) in chunks
         .iter()
         .filter(|(k, _)| k != PARAMETERS_KEY && k != RECORD_KEY)
     {
-        println!("\n{k}:\n{v}");
+        blocks.push(format!("{k}:\n{v}"));
     }
-    Ok(())
+    blocks.join("\n\n")
 }

@@ -5,10 +5,39 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::lang::{Language, ModelLanguages, LANGUAGES};
+use crate::options::ModelChoice;
+use crate::source::{ModelSource, Scope};
+use crate::term::display_width;
+
+/// The languages of `--model M`: `m9`, `m18` or the BAAI repository names decide without any
+/// file; a model directory or another hub repository is asked through its text encoder config.
+/// Anything else is a usage error listing what is accepted.
+pub fn model_languages(model: &str, progress: bool) -> Result<ModelLanguages> {
+    let path = std::path::Path::new(model);
+    if !path.exists() {
+        if let Ok(m) = model.parse::<ModelLanguages>() {
+            return Ok(m);
+        }
+    }
+    let source = ModelSource::parse(Some(model), None)?;
+    if matches!(&source, ModelSource::Local(p) if !p.is_dir()) {
+        return Err(Error::usage(format!(
+            "--model {model}: not a model name (m9, m18), a model directory or a hub repository (org/name)"
+        )));
+    }
+    let choice = ModelChoice {
+        source,
+        variant: None,
+    };
+    let fetched = super::fetch_model(&choice, Scope::Config, progress)?;
+    let cfg =
+        crate::config::TextEncoderConfig::load(&fetched.root.join("text_encoder/config.json"))?;
+    Ok(ModelLanguages::from_text_encoder(&cfg))
+}
 
 /// Prints the language table to stdout: code, English name, native name, m9, m18. With `model`,
 /// only that model's languages. With `json`, a JSON array of
-/// `{"code", "english", "native", "m9", "m18"}` objects instead.
+/// `{"code", "english", "native", "m9", "m18"}` objects on one line instead.
 ///
 /// A closed stdout (`altdiff languages | head -3`) is not an error.
 pub fn run(model: Option<ModelLanguages>, json: bool) -> Result<()> {
@@ -42,8 +71,8 @@ pub fn write(out: &mut impl Write, model: Option<ModelLanguages>, json: bool) ->
                 })
             })
             .collect();
-        let text = serde_json::to_string_pretty(&array).map_err(io::Error::other)?;
-        return writeln!(out, "{text}");
+        // One line, as every `--json` output of altdiff (schedulers, info, generate, tokenize).
+        return writeln!(out, "{}", serde_json::Value::Array(array));
     }
     let header = ["code", "English", "native", "m9", "m18"];
     let yes_no = |b: bool| if b { "yes" } else { "-" };
@@ -68,37 +97,6 @@ pub fn write(out: &mut impl Write, model: Option<ModelLanguages>, json: bool) ->
         writeln!(out, "{line}")?;
     }
     Ok(())
-}
-
-/// Terminal columns of `s`, close enough for the native names: East Asian wide characters take two,
-/// the combining marks of Thai, Devanagari, Arabic and Latin none.
-fn display_width(s: &str) -> usize {
-    s.chars()
-        .map(|c| match u32::from(c) {
-            0x300..=0x36F
-            | 0x64B..=0x65F
-            | 0x670
-            | 0x900..=0x902
-            | 0x93A
-            | 0x93C
-            | 0x941..=0x948
-            | 0x94D
-            | 0x951..=0x957
-            | 0x962..=0x963
-            | 0xE31
-            | 0xE34..=0xE3A
-            | 0xE47..=0xE4E => 0,
-            0x1100..=0x115F
-            | 0x2E80..=0xA4CF
-            | 0xAC00..=0xD7A3
-            | 0xF900..=0xFAFF
-            | 0xFE30..=0xFE4F
-            | 0xFF00..=0xFF60
-            | 0xFFE0..=0xFFE6
-            | 0x20000..=0x3FFFD => 2,
-            _ => 1,
-        })
-        .sum()
 }
 
 #[cfg(test)]

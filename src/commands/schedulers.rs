@@ -4,7 +4,6 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::metadata::webui_sampler;
 use crate::schedulers::SchedulerKind;
 
 /// Prints `name  diffusers class  webui name  summary` per scheduler, or with `json` a JSON array
@@ -30,7 +29,7 @@ pub fn write(out: &mut impl Write, json: bool) -> io::Result<()> {
                 serde_json::json!({
                     "name": k.name(),
                     "class": k.class_name(),
-                    "webui": webui_sampler(k.name()),
+                    "webui": k.webui_name(),
                     "summary": k.summary(),
                 })
             })
@@ -40,14 +39,14 @@ pub fn write(out: &mut impl Write, json: bool) -> io::Result<()> {
     let width = |f: fn(&SchedulerKind) -> &str| SchedulerKind::ALL.iter().map(|k| f(k).len()).max();
     let name_w = width(|k| k.name()).unwrap_or(0);
     let class_w = width(|k| k.class_name()).unwrap_or(0);
-    let webui_w = width(|k| webui_sampler(k.name())).unwrap_or(0);
+    let webui_w = width(|k| k.webui_name()).unwrap_or(0);
     for k in SchedulerKind::ALL {
         writeln!(
             out,
             "{:<name_w$}  {:<class_w$}  {:<webui_w$}  {}",
             k.name(),
             k.class_name(),
-            webui_sampler(k.name()),
+            k.webui_name(),
             k.summary()
         )?;
     }

@@ -78,10 +78,56 @@ impl SchedulerKind {
         SchedulerKind::Ddpm,
     ];
 
-    /// The kind for a command-line name (`pndm`, `ddim`, `euler`; any case).
+    /// The kind for any of its names: altdiff's (`euler-a`), webui's (`Euler a`, `PLMS`,
+    /// `DPM++ 2M Karras`) and webui's older k-diffusion aliases (`k_euler_a`, `k_dpmpp_2m_ka`).
+    /// Case and surrounding or repeated whitespace do not matter. The one name table that
+    /// `--scheduler`, batch files, PNG text and `altdiff schedulers` share.
     pub fn parse(name: &str) -> Option<Self> {
-        let name = name.to_ascii_lowercase();
-        Self::ALL.into_iter().find(|k| k.name() == name)
+        let key = name
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
+        Self::ALL.into_iter().find(|k| {
+            k.name() == key || k.webui_name().to_lowercase() == key || k.aliases().contains(&&*key)
+        })
+    }
+
+    /// webui's sampler name (what its `Sampler:` text and API use).
+    pub fn webui_name(&self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PLMS",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerA => "Euler a",
+            SchedulerKind::DpmPp2m => "DPM++ 2M",
+            SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+            SchedulerKind::Heun => "Heun",
+            SchedulerKind::Lms => "LMS",
+            SchedulerKind::UniPc => "UniPC",
+            SchedulerKind::Ddpm => "DDPM",
+        }
+    }
+
+    /// Other spellings accepted by [`SchedulerKind::parse`] (lower case).
+    fn aliases(&self) -> &'static [&'static str] {
+        match self {
+            SchedulerKind::Pndm => &[],
+            SchedulerKind::Ddim => &[],
+            SchedulerKind::Euler => &["k_euler"],
+            SchedulerKind::EulerA => &[
+                "euler_a",
+                "euler ancestral",
+                "k_euler_a",
+                "k_euler_ancestral",
+            ],
+            SchedulerKind::DpmPp2m => &["dpmpp_2m", "k_dpmpp_2m"],
+            SchedulerKind::DpmPp2mKarras => &["dpm++2m karras", "dpmpp_2m_karras", "k_dpmpp_2m_ka"],
+            SchedulerKind::Heun => &["k_heun"],
+            SchedulerKind::Lms => &["k_lms"],
+            SchedulerKind::UniPc => &[],
+            SchedulerKind::Ddpm => &[],
+        }
     }
 
     /// The command-line name.
