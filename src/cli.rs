@@ -277,11 +277,11 @@ pub struct GenerateArgs {
     pub load_policy: LoadPolicy,
 }
 
-/// A count (steps, images, batch size): a whole number >= 1, negative numbers included in the
-/// message rather than taken for flags.
+/// A count (steps, images, batch size): a whole number; a negative one gets a range message
+/// rather than being taken for a flag (the ranges themselves are checked with the options).
 fn parse_count(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<i128>() {
-        Ok(v) if v >= 1 => usize::try_from(v).map_err(|_| format!("{s} is too large")),
+        Ok(v) if v >= 0 => usize::try_from(v).map_err(|_| format!("{s} is too large")),
         Ok(_) => Err(format!("must be at least 1, not {s}")),
         Err(_) => Err(format!("`{s}` is not a whole number")),
     }

@@ -298,6 +298,16 @@ impl Pipeline {
                 "--max-length {max_length} is out of range: the text encoder takes 2 to {limit} tokens"
             )));
         }
+        // The scheduler is built here once to check it (options that do not apply to it, a
+        // config it cannot take, a step count its schedule cannot give) before any work: it is
+        // cheap, and `generate` builds the one it steps with.
+        schedulers::build(
+            scheduler,
+            &self.config.scheduler,
+            &self.files.scheduler_config,
+            sampling.steps,
+            &sampling.schedule,
+        )?;
         Ok(Resolved {
             scheduler,
             height,
