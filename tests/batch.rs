@@ -723,3 +723,60 @@ fn skip_existing_with_a_shared_seed_batch() {
     assert!(records(&out).is_empty());
     assert!(stderr(&out).contains("skipped 2"));
 }
+
+/// A shared prompt file cannot write outside the output directory: absolute paths, `..` and
+/// symlinked folders that lead out fail their own line (with its number); the other lines run,
+/// and nothing appears outside.
+#[cfg(unix)]
+#[test]
+fn batch_output_paths_cannot_escape_the_output_directory() {
+    let dir = scratch("escape");
+    let brk = dir.join("base/brk");
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&brk).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, brk.join("link")).unwrap();
+    let abs = outside.join("abs.png");
+    let lines = format!(
+        "{{\"prompt\":\"a\",\"output\":\"../../escape.png\"}}\n\
+         {{\"prompt\":\"b\",\"output\":\"{}\"}}\n\
+         {{\"prompt\":\"c\",\"output\":\"link/x.png\"}}\n\
+         {{\"prompt\":\"d\",\"output\":\"sub/deeper/good\"}}\n\
+         --prompt e --outpath_samples ../webui.png\n\
+         {{\"prompt\":\"f\",\"output\":\"plain.png\"}}\n",
+        abs.display()
+    );
+    let prompts = write(&dir, "p.txt", lines.as_bytes());
+    let out = gen_json(
+        &["-f", prompts.to_str().unwrap(), "-o", brk.to_str().unwrap()],
+        None,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for line in [1, 2, 3, 5] {
+        assert!(
+            err.contains(&format!("line {line}: ")),
+            "line {line} not reported: {err}"
+        );
+    }
+    assert!(err.contains("4 of 6 prompt(s) failed"), "{err}");
+    assert!(err.contains("`..` is not allowed"), "{err}");
+    assert!(err.contains("not an absolute path"), "{err}");
+    assert!(err.contains("leads outside the output directory"), "{err}");
+    let written: Vec<String> = records(&out)
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        written,
+        [
+            brk.join("sub/deeper/good.png").display().to_string(),
+            brk.join("plain.png").display().to_string()
+        ]
+    );
+    // Nothing outside brk/: not beside it, not at the absolute path, not through the link.
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+    assert!(!dir.join("escape.png").exists() && !dir.join("base/escape.png").exists());
+    assert!(!dir.join("base/webui.png").exists());
+}

@@ -645,3 +645,211 @@ fn euler_scheduler_end_to_end() {
     let list = ok(&altdiff(&["schedulers"]));
     assert!(list.lines().any(|l| l.starts_with("euler ")), "{list}");
 }
+
+/// Asserts exit 2 with exactly one line on stderr containing `needle`.
+fn assert_one_line(out: &std::process::Output, needle: &str) {
+    assert_fails(out, needle);
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "one line, not: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+}
+
+/// Input files that cannot be read, names that are not models, and clap's own errors: exit 2,
+/// one line, naming the flag.
+#[test]
+fn newcomer_errors_are_one_line_with_exit_2() {
+    let dir = scratch("newcomer");
+    let o = dir.join("out");
+    let o = o.to_str().unwrap();
+    let m = model(M18);
+    let g = |extra: &[&str]| {
+        let mut a = vec!["--output", o];
+        a.extend_from_slice(extra);
+        gen(&m, &a)
+    };
+    assert_one_line(
+        &g(&["-f", "/nonexistent/prompts.txt"]),
+        "--prompt-file /nonexistent/prompts.txt: no such file",
+    );
+    assert_one_line(&g(&["-f", dir.to_str().unwrap()]), "--prompt-file");
+    assert!(stderr(&g(&["-f", dir.to_str().unwrap()])).contains("is a directory"));
+    assert_one_line(
+        &g(&["--from-image", "/nonexistent.png"]),
+        "--from-image /nonexistent.png: no such file",
+    );
+    assert_one_line(
+        &altdiff(&["info", "/nonexistent.png"]),
+        "/nonexistent.png: no such file",
+    );
+    let out = altdiff(&["languages", "--model", "m10"]);
+    assert_one_line(&out, "--model m10");
+    assert!(stderr(&out).contains("m9, m18"), "{}", stderr(&out));
+    // An image extension altdiff does not write is an error, not a directory name.
+    let jpg = dir.join("out.jpg");
+    assert_one_line(
+        &gen(&m, &["-p", "x", "-o", jpg.to_str().unwrap()]),
+        "PNG images only",
+    );
+    assert!(!jpg.exists(), "nothing is created");
+    // clap's errors, on one line with the tip and where to read more.
+    let out = g(&["-p", "x", "--step", "3"]);
+    assert_one_line(&out, "unexpected argument '--step'");
+    assert!(stderr(&out).contains("'--steps'") && stderr(&out).contains("altdiff generate --help"));
+    assert_one_line(
+        &g(&["-p", "x", "--height", "-64"]),
+        "-64 must be a multiple of 8 between 8 and 4096",
+    );
+    assert_one_line(
+        &g(&["-p", "x", "--steps", "-5"]),
+        "must be at least 1, not -5",
+    );
+    assert_one_line(&g(&["-p", "x", "--seed", "-2"]), "or -1 for a random seed");
+    assert_one_line(&altdiff(&["convert"]), "--out <DIR>");
+    assert_one_line(
+        &altdiff(&["download", "not-a-repo"]),
+        "is not a hub repository id",
+    );
+    assert_one_line(
+        &altdiff(&["generate", "-p", "x", "-m", "BAAI/Alt Diffusion", "-o", o]),
+        "not a hub repository id",
+    );
+}
+
+/// `--seed -1` is webui's "random": a fresh seed, reported and used.
+#[test]
+fn seed_minus_one_is_random() {
+    let dir = scratch("seed-random");
+    let mut seeds = Vec::new();
+    for _ in 0..2 {
+        let out = gen(
+            &model(M18),
+            &[
+                "-p",
+                "un renard",
+                "--seed",
+                "-1",
+                "--steps",
+                "1",
+                "-o",
+                dir.to_str().unwrap(),
+            ],
+        );
+        let path = ok(&out);
+        let err = stderr(&out);
+        let seed = err
+            .lines()
+            .find_map(|l| l.strip_prefix("seed: "))
+            .unwrap_or_else(|| panic!("no seed reported: {err}"))
+            .to_string();
+        assert!(path.contains(&format!("-{seed}-")), "{path} {seed}");
+        seeds.push(seed);
+    }
+    assert_ne!(seeds[0], seeds[1]);
+}
+
+/// A PNG without parameters: said on stderr, exit 1. Several files: each under a heading (or one
+/// JSON line each), the worst outcome decides the exit code.
+#[test]
+fn info_takes_several_files_and_says_when_one_has_no_parameters() {
+    let dir = scratch("info-many");
+    let good = dir.join("good.png");
+    ok(&gen(
+        &model(M18),
+        &[
+            "-p",
+            "un renard",
+            "-s",
+            "1",
+            "--steps",
+            "1",
+            "-o",
+            good.to_str().unwrap(),
+        ],
+    ));
+    let bare = dir.join("bare.png");
+    {
+        let f = std::fs::File::create(&bare).unwrap();
+        let mut enc = png::Encoder::new(f, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[0, 0, 0]).unwrap();
+    }
+    let (g, b) = (good.to_str().unwrap(), bare.to_str().unwrap());
+    let out = altdiff(&["info", b]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no generation parameters stored"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = altdiff(&["info", g, b]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        text.starts_with(&format!("==> {g} <==\nun renard\n")),
+        "{text}"
+    );
+    assert!(!text.contains(b), "{text}");
+    assert!(stderr(&out).contains(b));
+
+    let out = altdiff(&["info", "--json", g, g]);
+    let lines: Vec<serde_json::Value> = ok(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["path"], g);
+    assert_eq!(lines[1]["altdiff"]["prompt"], "un renard");
+
+    let out = altdiff(&["info", g, "/nonexistent.png"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("un renard"));
+    assert!(stderr(&out).contains("/nonexistent.png: no such file"));
+}
+
+/// webui's names and spellings work on the command line as in batch files: one table.
+#[test]
+fn webui_scheduler_names_on_the_command_line() {
+    let dir = scratch("webui-names");
+    for (name, ours) in [
+        ("Euler a", "euler-a"),
+        ("euler_a", "euler-a"),
+        ("plms", "pndm"),
+        ("DPM++ 2M Karras", "dpm++2m-karras"),
+    ] {
+        let out = dir.join(format!("{}.png", ours));
+        let _ = std::fs::remove_file(&out);
+        ok(&gen(
+            &model(M18),
+            &[
+                "-p",
+                "un renard",
+                "-s",
+                "1",
+                "--steps",
+                "2",
+                "--scheduler",
+                name,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        ));
+        let info: serde_json::Value =
+            serde_json::from_str(ok(&altdiff(&["info", "--json", out.to_str().unwrap()])).trim())
+                .unwrap();
+        assert_eq!(info["altdiff"]["scheduler"], ours, "{name}");
+    }
+}
+
+/// `--json` listings use one style: a single line holding one JSON array.
+#[test]
+fn json_listings_are_one_line_arrays() {
+    for cmd in [["languages", "--json"], ["schedulers", "--json"]] {
+        let text = ok(&altdiff(&cmd));
+        assert_eq!(text.lines().count(), 1, "{cmd:?}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v.as_array().is_some_and(|a| a.len() >= 10), "{cmd:?}");
+    }
+}

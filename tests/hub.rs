@@ -431,3 +431,75 @@ fn hf_hub_cache_overrides_the_cache_folder() {
         "tokenize fetches only the tokenizer"
     );
 }
+
+/// No network and nothing cached: one message saying what is missing and both ways out, not
+/// "set HF_HUB_OFFLINE" followed by a second error; `download` never suggests HF_HUB_OFFLINE;
+/// a repository id of the wrong shape is refused before any request.
+#[test]
+fn unreachable_hub_with_an_empty_cache_says_what_to_do_once() {
+    let home = hf_home("unreachable");
+    let out = run(
+        &home,
+        None,
+        false,
+        &[
+            "generate",
+            "--model",
+            REPO,
+            "--prompt",
+            "a fox",
+            "--output",
+            home.join("o").to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for needle in [
+        "not in the hub cache",
+        "cannot be reached",
+        &format!("`altdiff download {REPO}`"),
+        "--model DIR",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+    assert!(!err.contains("HF_HUB_OFFLINE"), "{err}");
+    // Following the advice offline (HF_HUB_OFFLINE=1) gives the same two ways out, not a new error.
+    let out = run(
+        &home,
+        None,
+        true,
+        &["generate", "--model", REPO, "--prompt", "a fox"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("`altdiff download {REPO}`")) && err.contains("--model DIR"),
+        "{err}"
+    );
+
+    let out = run(&home, None, false, &["download", REPO]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach") && !err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+
+    let hub = server();
+    for bad in [
+        "AltDiffusion-m18",
+        "tiny/AltDiffusion-m18/unet",
+        "tiny/Alt Diffusion",
+    ] {
+        let out = run(&home, Some(&hub.url), false, &["download", bad]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("is not a hub repository id"), "{err}");
+    }
+    assert!(
+        hub.requests().is_empty(),
+        "ids are checked without the network"
+    );
+}

@@ -39,7 +39,12 @@ fn run_in_pty(args: &[&str], env: &[(&str, &str)], rows: u16, cols: u16) -> (Vec
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors are new and owned here alone.
-    let (master, slave) = unsafe { (std::fs::File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+        )
+    };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_altdiff"));
     cmd.args(args)
         .stdin(Stdio::null())
@@ -147,7 +152,9 @@ fn paths_and_log_lines_stay_on_screen_and_no_bar_is_left() {
     );
     // ...and none is left on the screen.
     assert!(
-        !lines.iter().any(|l| l.contains("prompts [") || l.contains("steps [") || l.contains("ETA")),
+        !lines
+            .iter()
+            .any(|l| l.contains("prompts [") || l.contains("steps [") || l.contains("ETA")),
         "a stale bar is left:\n{shown}"
     );
     // Every image path is on the screen, on a line of its own, in order.
@@ -175,7 +182,12 @@ fn paths_and_log_lines_stay_on_screen_and_no_bar_is_left() {
             "`{needle}` is not on the screen:\n{shown}"
         );
     }
-    assert!(lines.iter().any(|l| l.contains("INFO") && l.contains("timings (last batch)")), "{shown}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("INFO") && l.contains("timings (last batch)")),
+        "{shown}"
+    );
     // On a terminal the log levels are coloured.
     assert!(text.contains("\u{1b}[32m"), "{text:?}");
 }
@@ -206,7 +218,10 @@ fn no_color_is_honoured_on_a_terminal() {
     let text = String::from_utf8_lossy(&raw);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("INFO"), "{text}");
-    assert!(!text.contains("\u{1b}[3"), "colour despite NO_COLOR: {text:?}");
+    assert!(
+        !text.contains("\u{1b}[3"),
+        "colour despite NO_COLOR: {text:?}"
+    );
 }
 
 /// A run that warns (the image exists, so another name is taken), with stderr captured.
@@ -242,11 +257,17 @@ fn warning_run(dir: &Path, env: &[(&str, &str)]) -> String {
 fn no_colour_codes_in_pipes_and_logs_unless_forced() {
     let dir = scratch("colour-pipe");
     let err = warning_run(&dir, &[]);
-    assert!(err.contains("WARN") && err.contains("exists; wrote"), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("exists; wrote"),
+        "{err}"
+    );
     assert!(!err.contains('\u{1b}'), "escape codes in a pipe: {err:?}");
     let dir = scratch("colour-forced");
     let err = warning_run(&dir, &[("CLICOLOR_FORCE", "1")]);
-    assert!(err.contains("\u{1b}[33m"), "CLICOLOR_FORCE gives colour: {err:?}");
+    assert!(
+        err.contains("\u{1b}[33m"),
+        "CLICOLOR_FORCE gives colour: {err:?}"
+    );
     let dir = scratch("colour-both");
     let err = warning_run(&dir, &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")]);
     assert!(!err.contains('\u{1b}'), "NO_COLOR wins: {err:?}");
@@ -270,7 +291,11 @@ fn quiet_prints_only_paths_and_the_seed_never_precedes_an_error() {
     ]);
     let stdout = ok(&out);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "-q printed something");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "-q printed something"
+    );
     // Without -q the seed is reported...
     let out = altdiff(&[
         "generate",
@@ -302,5 +327,8 @@ fn quiet_prints_only_paths_and_the_seed_never_precedes_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: ") && err.contains("--karras"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("--karras"),
+        "{err}"
+    );
 }

@@ -573,6 +573,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     );
     let spinner = Spinner::start(format!("loading {}", fetched.identity));
     let total_jobs = jobs.len();
+    // Every prompt of the run: those to generate and those that failed while reading them.
+    let total_prompts = total_jobs + failures.len();
     let groups = group(jobs, opts.batch_size, shared_seed);
     let policy = match opts.load_policy {
         LoadPolicy::Auto if groups.len() <= 1 => LoadPolicy::PerStage,
@@ -700,7 +702,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     term::err_line(&format!(
         "{} of {} prompt(s) failed; the other images were written:",
         failures.len(),
-        total_jobs + failures.len()
+        total_prompts
     ));
     for f in &failures {
         term::err_line(&format!("  {}", f.describe()));

@@ -19,12 +19,16 @@ pub fn model_languages(model: &str, progress: bool) -> Result<ModelLanguages> {
             return Ok(m);
         }
     }
-    let source = ModelSource::parse(Some(model), None)?;
-    if matches!(&source, ModelSource::Local(p) if !p.is_dir()) {
-        return Err(Error::usage(format!(
-            "--model {model}: not a model name (m9, m18), a model directory or a hub repository (org/name)"
-        )));
+    let source = match ModelSource::parse(Some(model), None) {
+        Ok(ModelSource::Local(p)) if !p.is_dir() => None,
+        Ok(s) => Some(s),
+        Err(_) => None,
     }
+    .ok_or_else(|| {
+        Error::usage(format!(
+            "--model {model}: not a model name (m9, m18), a model directory or a hub repository (org/name)"
+        ))
+    })?;
     let choice = ModelChoice {
         source,
         variant: None,
