@@ -195,7 +195,7 @@ impl NameTemplate {
 
 /// The most bytes a slug takes in a file name (most file systems allow 255 bytes a name; Thai or
 /// Devanagari take three bytes a character and more than one character a letter).
-const MAX_SLUG_BYTES: usize = 120;
+pub const MAX_SLUG_BYTES: usize = 120;
 
 /// A filesystem-safe, length-capped form of `prompt` that keeps its own script: letters and digits
 /// are kept with the combining marks that belong to them (Thai vowels and tones, Devanagari

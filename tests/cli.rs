@@ -853,3 +853,86 @@ fn json_listings_are_one_line_arrays() {
         assert!(v.as_array().is_some_and(|a| a.len() >= 10), "{cmd:?}");
     }
 }
+
+/// The backticked field names (`[a-z_]+`) of the README sentence starting at `marker`, up to the
+/// sentence's end (a backtick followed by `);` or `.`).
+fn readme_fields(readme: &str, marker: &str) -> Vec<String> {
+    let start = readme
+        .find(marker)
+        .unwrap_or_else(|| panic!("README has no {marker:?}"));
+    let rest = &readme[start + marker.len()..];
+    let end = [rest.find("`);"), rest.find("`.")]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the sentence ends");
+    rest[..=end]
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What the README says the tool prints is what it prints: the `--json` and `tokenize --json`
+/// fields, and the size of the committed fixtures.
+#[test]
+fn readme_matches_what_the_tool_prints() {
+    let readme = std::fs::read_to_string(fixture("../../README.md")).unwrap();
+    let dir = scratch("readme-fields");
+    let out = gen(
+        &model(M18),
+        &[
+            "-p",
+            "un renard",
+            "-s",
+            "1",
+            "--steps",
+            "1",
+            "--json",
+            "-o",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let line: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    let mut printed: Vec<String> = line.as_object().unwrap().keys().cloned().collect();
+    let mut documented = readme_fields(&readme, "one JSON object\nper image with the fields");
+    printed.sort();
+    documented.sort();
+    assert_eq!(documented, printed, "generate --json fields");
+
+    let out = altdiff(&["tokenize", "--model", &model(M18), "--json", "un renard"]);
+    let obj: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    let mut printed: Vec<String> = obj.as_object().unwrap().keys().cloned().collect();
+    let mut documented = readme_fields(&readme, "`--json` prints one object with the fields");
+    printed.sort();
+    documented.sort();
+    assert_eq!(documented, printed, "tokenize --json fields");
+
+    fn bytes(p: &std::path::Path) -> u64 {
+        std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    bytes(&e.path())
+                } else {
+                    e.metadata().unwrap().len()
+                }
+            })
+            .sum()
+    }
+    let mb = bytes(&fixture("")) as f64 / 1e6;
+    let said: f64 = readme
+        .split("Committed fixtures total about ")
+        .nth(1)
+        .and_then(|r| r.split(" MB").next())
+        .and_then(|n| n.parse().ok())
+        .expect("the README gives the fixtures' size");
+    assert!(
+        (said - mb).abs() <= 1.0,
+        "README says {said} MB, the fixtures are {mb:.1} MB"
+    );
+}
