@@ -646,6 +646,20 @@ fn euler_scheduler_end_to_end() {
     assert!(list.lines().any(|l| l.starts_with("euler ")), "{list}");
 }
 
+/// A one-step image of "un renard" from tiny-m18 into `out` (a file or directory), plus `extra`.
+fn quick(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "-p",
+        "un renard",
+        "--steps",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    gen(&model(M18), &a)
+}
+
 /// Asserts exit 2 with exactly one line on stderr containing `needle`.
 fn assert_one_line(out: &std::process::Output, needle: &str) {
     assert_fails(out, needle);
@@ -721,19 +735,7 @@ fn seed_minus_one_is_random() {
     let dir = scratch("seed-random");
     let mut seeds = Vec::new();
     for _ in 0..2 {
-        let out = gen(
-            &model(M18),
-            &[
-                "-p",
-                "un renard",
-                "--seed",
-                "-1",
-                "--steps",
-                "1",
-                "-o",
-                dir.to_str().unwrap(),
-            ],
-        );
+        let out = quick(&dir, &["--seed", "-1"]);
         let path = ok(&out);
         let err = stderr(&out);
         let seed = err
@@ -753,19 +755,7 @@ fn seed_minus_one_is_random() {
 fn info_takes_several_files_and_says_when_one_has_no_parameters() {
     let dir = scratch("info-many");
     let good = dir.join("good.png");
-    ok(&gen(
-        &model(M18),
-        &[
-            "-p",
-            "un renard",
-            "-s",
-            "1",
-            "--steps",
-            "1",
-            "-o",
-            good.to_str().unwrap(),
-        ],
-    ));
+    ok(&quick(&good, &["-s", "1"]));
     let bare = dir.join("bare.png");
     {
         let f = std::fs::File::create(&bare).unwrap();
@@ -821,21 +811,7 @@ fn webui_scheduler_names_on_the_command_line() {
     ] {
         let out = dir.join(format!("{}.png", ours));
         let _ = std::fs::remove_file(&out);
-        ok(&gen(
-            &model(M18),
-            &[
-                "-p",
-                "un renard",
-                "-s",
-                "1",
-                "--steps",
-                "2",
-                "--scheduler",
-                name,
-                "-o",
-                out.to_str().unwrap(),
-            ],
-        ));
+        ok(&quick(&out, &["-s", "1", "--scheduler", name]));
         let info: serde_json::Value =
             serde_json::from_str(ok(&altdiff(&["info", "--json", out.to_str().unwrap()])).trim())
                 .unwrap();
@@ -881,20 +857,7 @@ fn readme_fields(readme: &str, marker: &str) -> Vec<String> {
 fn readme_matches_what_the_tool_prints() {
     let readme = std::fs::read_to_string(fixture("../../README.md")).unwrap();
     let dir = scratch("readme-fields");
-    let out = gen(
-        &model(M18),
-        &[
-            "-p",
-            "un renard",
-            "-s",
-            "1",
-            "--steps",
-            "1",
-            "--json",
-            "-o",
-            dir.to_str().unwrap(),
-        ],
-    );
+    let out = quick(&dir, &["-s", "1", "--json"]);
     let line: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
     let mut printed: Vec<String> = line.as_object().unwrap().keys().cloned().collect();
     let mut documented = readme_fields(&readme, "one JSON object\nper image with the fields");

@@ -21,7 +21,7 @@ fn m18() -> String {
 /// on it, as in an interactive shell); returns everything it wrote and its exit code.
 fn run_in_pty(args: &[&str], env: &[(&str, &str)], rows: u16, cols: u16) -> (Vec<u8>, i32) {
     let (mut master, mut slave) = (-1, -1);
-    let size = libc::winsize {
+    let mut size = libc::winsize {
         ws_row: rows,
         ws_col: cols,
         ws_xpixel: 0,
@@ -33,8 +33,9 @@ fn run_in_pty(args: &[&str], env: &[(&str, &str)], rows: u16, cols: u16) -> (Vec
             &mut master,
             &mut slave,
             std::ptr::null_mut(),
-            std::ptr::null(),
-            &size,
+            // (mutable pointers: macOS declares them so, Linux takes const ones)
+            std::ptr::null_mut(),
+            std::ptr::addr_of_mut!(size),
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
@@ -273,22 +274,21 @@ fn no_colour_codes_in_pipes_and_logs_unless_forced() {
     assert!(!err.contains('\u{1b}'), "NO_COLOR wins: {err:?}");
 }
 
+/// `altdiff generate <flags> --model tiny-m18 -p "un renard" --steps 1 -o <dir>`, captured.
+fn one_step(flags: &[&str], dir: &Path) -> std::process::Output {
+    let mut args = vec!["generate"];
+    args.extend_from_slice(flags);
+    let m = m18();
+    args.extend_from_slice(&["--model", &m, "-p", "un renard", "--steps", "1"]);
+    args.extend_from_slice(&["-o", dir.to_str().unwrap()]);
+    altdiff(&args)
+}
+
 #[test]
 fn quiet_prints_only_paths_and_the_seed_never_precedes_an_error() {
     let dir = scratch("quiet");
     // No --seed: a random one, which -q does not report.
-    let out = altdiff(&[
-        "generate",
-        "-q",
-        "--model",
-        &m18(),
-        "-p",
-        "un renard",
-        "--steps",
-        "1",
-        "-o",
-        dir.to_str().unwrap(),
-    ]);
+    let out = one_step(&["-q"], &dir);
     let stdout = ok(&out);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert_eq!(
@@ -297,33 +297,12 @@ fn quiet_prints_only_paths_and_the_seed_never_precedes_an_error() {
         "-q printed something"
     );
     // Without -q the seed is reported...
-    let out = altdiff(&[
-        "generate",
-        "--model",
-        &m18(),
-        "-p",
-        "un renard",
-        "--steps",
-        "1",
-        "-o",
-        dir.to_str().unwrap(),
-    ]);
+    let out = one_step(&[], &dir);
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("seed: "));
     // ...but not in front of an error found while setting the batch up: the model's own scheduler
     // (PNDM) has no Karras sigmas, which is known only once its config is read.
-    let out = altdiff(&[
-        "generate",
-        "--model",
-        &m18(),
-        "-p",
-        "un renard",
-        "--steps",
-        "1",
-        "--karras",
-        "-o",
-        dir.to_str().unwrap(),
-    ]);
+    let out = one_step(&["--karras"], &dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

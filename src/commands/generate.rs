@@ -1,33 +1,27 @@
-//! `altdiff generate`: prompts (flags, a batch file or an image's metadata) -> jobs -> groups that go
-//! through the pipeline together -> PNGs with metadata, one JSON line per image on request.
+//! `altdiff generate`: the jobs and groups of `engine::plan` -> the pipeline, with each
+//! group's noise -> PNGs with metadata, one path (or JSON line) per image on stdout; progress and
+//! timings through [`crate::progress`], every printed line through [`crate::term`].
 //!
 //! The model loads once per run. A prompt that fails (a broken batch line, an invalid per-line value,
-//! a failure while generating) is reported and the others still run; the run then exits with 1.
-//!
-//! Noise: prompts given with `--prompt` (and no shard) are one diffusers batch: one `torch.randn`
-//! over all images from `--seed`, as diffusers does with a list of prompts. Batch-file prompts are
-//! independent jobs: line i (global position) uses its own `seed`, else `--seed + i`, so a shard or a
-//! resumed run draws exactly the noise the whole batch would have.
+//! a failure while generating, a file that cannot be written) is reported and the others still run;
+//! the run then exits with 1.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::batch;
+use crate::engine::plan::{group, plan, Failure, Group, Job, Plan};
 use crate::error::{Error, Result, TensorContext};
 use crate::lang::{self, ModelLanguages};
 use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
 use crate::noise::{NoiseStreams, Segment};
-use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, Sampling, SeedChoice};
+use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, SeedChoice};
 use crate::output::{NameFields, NameTemplate};
 use crate::pipeline::{Noise, Pipeline, Request, RgbImage};
 use crate::progress::{round3, RunProgress, Spinner};
-use crate::schedulers::SchedulerKind;
 use crate::source::ModelIdentity;
 use crate::term;
 
@@ -40,45 +34,6 @@ pub enum Outcome {
     SomeFailed,
     /// Ctrl-C stopped the run between steps; the finished images were kept.
     Interrupted,
-}
-
-/// One prompt to generate.
-#[derive(Debug, Clone)]
-struct Job {
-    /// Global position among all prompts (flags first, then file entries, failed ones included).
-    index: usize,
-    /// Line in the prompt file.
-    line: Option<usize>,
-    prompt: String,
-    sampling: Sampling,
-    seed: u64,
-    lang: Option<&'static lang::Language>,
-    /// A batch line's output file, relative to the output directory (checked to stay inside it).
-    output: Option<PathBuf>,
-}
-
-/// A prompt that could not be generated.
-struct Failure {
-    index: usize,
-    line: Option<usize>,
-    message: String,
-}
-
-impl Failure {
-    fn describe(&self) -> String {
-        match self.line {
-            Some(l) => format!("line {l}: {}", self.message),
-            None => format!("prompt {}: {}", self.index + 1, self.message),
-        }
-    }
-}
-
-fn random_seed() -> u64 {
-    // Seeds are 32-bit in practice (PyTorch's mt19937 uses the low 32 bits).
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        & 0xffff_ffff
 }
 
 /// Reads the `latents` tensor of a safetensors file.
@@ -108,165 +63,12 @@ fn read_latents(path: &Path) -> Result<Tensor> {
         .context(|| "reading --latents".into())
 }
 
-fn read_prompt_file(path: &Path) -> Result<Vec<u8>> {
-    let io = |e: std::io::Error| Error::input("--prompt-file", path, &e);
-    if path == Path::new("-") {
-        let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).map_err(io)?;
-        Ok(buf)
-    } else if path.is_dir() {
-        Err(io(std::io::ErrorKind::IsADirectory.into()))
-    } else {
-        std::fs::read(path).map_err(io)
-    }
-}
-
-/// Applies a batch line's overrides to the command line's settings.
-fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result<Sampling, String> {
-    let scheduler = match &o.scheduler {
-        None => base.scheduler,
-        Some(name) => Some(SchedulerKind::parse(name).ok_or_else(|| {
-            format!(
-                "scheduler `{name}` is not supported (expected one of: {})",
-                SchedulerKind::names()
-            )
-        })?),
-    };
-    let s = Sampling {
-        negative_prompt: o
-            .negative_prompt
-            .clone()
-            .or_else(|| base.negative_prompt.clone()),
-        steps: o.steps.unwrap_or(base.steps),
-        guidance: o.guidance.unwrap_or(base.guidance),
-        scheduler,
-        height: o.height.or(base.height),
-        width: o.width.or(base.width),
-        num_images: o.num_images.unwrap_or(base.num_images),
-        max_length: base.max_length,
-        schedule: base.schedule,
-    };
-    s.validate().map_err(|e| e.to_string())?;
-    Ok(s)
-}
-
-/// Every prompt of the run, with the failures found while reading them.
-fn plan(
-    opts: &GenerateOptions,
-    base_seed: u64,
-    default_lang: Option<&'static lang::Language>,
-) -> Result<(Vec<Job>, Vec<Failure>)> {
-    let mut jobs = Vec::new();
-    let mut failures = Vec::new();
-    for (i, p) in opts.prompts.iter().enumerate() {
-        jobs.push(Job {
-            index: i,
-            line: None,
-            prompt: p.clone(),
-            sampling: opts.sampling.clone(),
-            seed: base_seed.wrapping_add(i as u64),
-            lang: default_lang,
-            output: None,
-        });
-    }
-    if let Some(file) = &opts.prompt_file {
-        let bytes = read_prompt_file(file)?;
-        let entries = batch::parse(&bytes);
-        if entries.is_empty() {
-            return Err(Error::usage(format!(
-                "--prompt-file {}: no prompts in it",
-                file.display()
-            )));
-        }
-        for (k, entry) in entries.into_iter().enumerate() {
-            let index = opts.prompts.len() + k;
-            let job = entry.map_err(|e| (e.line, e.message)).and_then(|j| {
-                crate::options::check_prompt(&j.prompt).map_err(|m| (j.line, m))?;
-                if let Some(neg) = j
-                    .overrides
-                    .negative_prompt
-                    .as_deref()
-                    .filter(|n| !n.trim().is_empty())
-                {
-                    crate::options::check_prompt(neg)
-                        .map_err(|m| (j.line, format!("negative prompt: {m}")))?;
-                }
-                let sampling =
-                    apply_overrides(&opts.sampling, &j.overrides).map_err(|m| (j.line, m))?;
-                let output = j
-                    .overrides
-                    .output
-                    .as_deref()
-                    .map(crate::output::batch_output_name)
-                    .transpose()
-                    .map_err(|m| (j.line, m))?;
-                let lang = match &j.overrides.lang {
-                    Some(l) => Some(lang::parse(l).map_err(|e| (j.line, e.to_string()))?),
-                    None => default_lang,
-                };
-                Ok(Job {
-                    index,
-                    line: Some(j.line),
-                    prompt: j.prompt,
-                    sampling,
-                    seed: j
-                        .overrides
-                        .seed
-                        .unwrap_or_else(|| base_seed.wrapping_add(index as u64)),
-                    lang,
-                    output,
-                })
-            });
-            match job {
-                Ok(job) => jobs.push(job),
-                Err((line, message)) => failures.push(Failure {
-                    index,
-                    line: Some(line),
-                    message,
-                }),
-            }
-        }
-    }
-    if let Some(shard) = opts.shard {
-        jobs.retain(|j| j.index % shard.count == shard.index);
-        failures.retain(|f| f.index % shard.count == shard.index);
-    }
-    Ok((jobs, failures))
-}
-
 /// Peak resident memory of this process in bytes (Linux), for the timing summary.
 fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// The images of one pipeline request.
-struct Group {
-    jobs: Vec<Job>,
-    /// One randn over the whole group (diffusers' layout for a list of prompts).
-    shared_seed: bool,
-}
-
-/// Consecutive jobs with the same settings, up to `batch_size` prompts each.
-fn group(jobs: Vec<Job>, batch_size: usize, shared_seed: bool) -> Vec<Group> {
-    if shared_seed {
-        return vec![Group { jobs, shared_seed }];
-    }
-    let mut groups: Vec<Group> = Vec::new();
-    for job in jobs {
-        match groups.last_mut() {
-            Some(g) if g.jobs.len() < batch_size && g.jobs[0].sampling == job.sampling => {
-                g.jobs.push(job)
-            }
-            _ => groups.push(Group {
-                jobs: vec![job],
-                shared_seed,
-            }),
-        }
-    }
-    groups
 }
 
 /// Everything about one run that every group shares.
@@ -537,26 +339,13 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             "--latents works with --prompt only (one batch), not with --prompt-file or --shard",
         ));
     }
-    let (base_seed, report_seed) = match (opts.seed, &opts.from_image, &opts.latents) {
-        (SeedChoice::Value(s), _, _) => (s, false),
-        (SeedChoice::Random, _, _) | (SeedChoice::Unset, None, None) => (random_seed(), true),
-        (SeedChoice::Unset, Some(rec), _) => (rec.seed().unwrap_or(0), false),
-        (SeedChoice::Unset, None, Some(_)) => (0, false),
-    };
-    let (jobs, mut failures) = plan(opts, base_seed, default_lang)?;
-    let shared_seed = opts.prompt_file.is_none() && opts.shard.is_none();
-    let mut jobs = jobs;
-    if shared_seed {
-        // One generator over the batch; with --per-image-seeds image i of the batch gets seed + i,
-        // so a prompt's images start at seed + (images of the prompts before it).
-        let mut offset = 0u64;
-        for j in &mut jobs {
-            j.seed = base_seed.wrapping_add(offset);
-            if opts.per_image_seeds {
-                offset += j.sampling.num_images as u64;
-            }
-        }
-    }
+    let Plan {
+        jobs,
+        mut failures,
+        base_seed,
+        report_seed,
+        shared_seed,
+    } = plan(opts, default_lang)?;
 
     // An output that cannot be written is found now, not after the first image's work.
     crate::output::check_target(&opts.output.target)?;
