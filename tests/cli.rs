@@ -698,6 +698,10 @@ fn newcomer_errors_are_one_line_with_exit_2() {
     let out = altdiff(&["languages", "--model", "m10"]);
     assert_one_line(&out, "--model m10");
     assert!(stderr(&out).contains("m9, m18"), "{}", stderr(&out));
+    assert_one_line(
+        &altdiff(&["languages", "--model", dir.to_str().unwrap()]),
+        "not a model directory in diffusers layout",
+    );
     // An image extension altdiff does not write is an error, not a directory name.
     let jpg = dir.join("out.jpg");
     assert_one_line(

@@ -34,8 +34,15 @@ pub fn model_languages(model: &str, progress: bool) -> Result<ModelLanguages> {
         variant: None,
     };
     let fetched = super::fetch_model(&choice, Scope::Config, progress)?;
-    let cfg =
-        crate::config::TextEncoderConfig::load(&fetched.root.join("text_encoder/config.json"))?;
+    let config = fetched.root.join("text_encoder/config.json");
+    if !config.is_file() {
+        return Err(Error::Model {
+            path: fetched.root,
+            message: "not a model directory in diffusers layout (no text_encoder/config.json)"
+                .into(),
+        });
+    }
+    let cfg = crate::config::TextEncoderConfig::load(&config)?;
     Ok(ModelLanguages::from_text_encoder(&cfg))
 }
 
