@@ -13,8 +13,11 @@
 //!   sums) and one pass that writes the result.
 //! - [`softmax_scaled_last_dim`]: the attention softmax with its scale, in place, with a
 //!   vectorised exponential (candle calls libm's scalar `expf` per score).
+//! - [`gemm_bf16`]: bf16 x bf16 -> f32 matrix multiply (AVX512-BF16 `vdpbf16ps`, or a portable
+//!   path through f32), for `--dtype bf16` on the CPU.
 
 pub mod conv2d;
+pub mod gemm_bf16;
 pub mod group_norm;
 pub mod softmax;
 

@@ -1,0 +1,675 @@
+//! bf16 matrix multiply with f32 accumulation on the CPU: `C (f32) = A (bf16) x B (bf16) [+ C]`,
+//! the building block of `--dtype bf16` on CPUs (candle 0.11's CPU backend widens bf16 matmuls to
+//! f32 on every call).
+//!
+//! Owned here because no crate in candle's tree has one: gemm 0.19 does f16 (by converting to f32)
+//! but not bf16, and oneDNN is not a Rust crate. Kernels, chosen at run time ([`Bf16Kernel::detect`]):
+//! - **AVX512-BF16** (Zen 4 / Zen 5, Intel Cooper Lake and Sapphire Rapids): `vdpbf16ps`, which
+//!   multiplies pairs of bf16 and adds both products to f32 lanes. B is packed into panels of
+//!   [`NR`] columns with each k-pair interleaved into one 32-bit word; A's k-pair words are
+//!   broadcast to all lanes, read where they lie when A's rows are contiguous and k is even (else
+//!   from panels of [`MR`] rows packed the same way), so one instruction does 16 columns x 2 k for
+//!   one row; an 8 x 32 tile of C stays in 16 registers for a whole k block. The threads split the
+//!   columns (or, for a narrow product, the rows) in whole tiles.
+//! - **Portable**: A and B converted to f32, then gemm's f32 kernels (the AVX2 / AVX-512 / NEON
+//!   sgemm it picks at run time). The same numbers up to f32 rounding order; bf16's memory saving
+//!   without its speed.
+//!
+//! AMX (`tdpbf16ps`) is not here yet: no machine this was written on had it.
+//!
+//! Both kernels are tested against an f64 product of the same bf16 values, and against each other.
+
+use half::bf16;
+
+/// Rows of A per microkernel tile.
+pub const MR: usize = 8;
+/// Columns of B per microkernel tile (two 16-lane registers).
+pub const NR: usize = 32;
+/// k-pairs per packed block (256 values of k: an A panel is 4 KiB, a B panel 16 KiB, in L1).
+const KC: usize = 128;
+/// Rows of A per block.
+const MC: usize = 128;
+/// Columns of B per packed block (512 KiB of packed B for a full k block, in L2).
+const NC: usize = 1024;
+
+/// Which bf16 kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` (AVX512-BF16 with AVX-512F).
+    Avx512Bf16,
+    /// Convert to f32, then gemm's f32 kernels.
+    Portable,
+}
+
+impl Bf16Kernel {
+    /// The best kernel this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            return Bf16Kernel::Avx512Bf16;
+        }
+        Bf16Kernel::Portable
+    }
+
+    /// A name for `-v` and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Avx512Bf16 => "avx512-bf16 (vdpbf16ps)",
+            Bf16Kernel::Portable => "portable (bf16 -> f32, f32 gemm)",
+        }
+    }
+}
+
+/// A strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// Elements between two rows.
+    pub rs: usize,
+    /// Elements between two columns.
+    pub cs: usize,
+}
+
+impl<'a, T: Copy> Matrix<'a, T> {
+    /// A row-major view with `stride` elements between rows.
+    pub fn rows(data: &'a [T], stride: usize) -> Self {
+        Self {
+            data,
+            rs: stride,
+            cs: 1,
+        }
+    }
+
+    /// Element (i, j).
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.rs + j * self.cs]
+    }
+
+    /// Whether a `rows` x `cols` matrix fits in `data`.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs
+    }
+}
+
+/// `c = a x b` (`accumulate`: `c += a x b`) for `a` [m, k], `b` [k, n] (any strides) and `c`
+/// [m, n] (row-major, row stride `ldc`), with `threads` threads (rayon) when the work is large
+/// enough.
+///
+/// # Panics
+/// When a view is too short for its shape (a caller's bug, not input-dependent).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    kernel: Bf16Kernel,
+    (m, n, k): (usize, usize, usize),
+    a: Matrix<'_, bf16>,
+    b: Matrix<'_, bf16>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.holds(m, k), "A is too short");
+    assert!(b.holds(k, n), "B is too short");
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too short");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx512Bf16 if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 => {
+            avx512::gemm((m, n, k), a, b, c, ldc, accumulate, threads)
+        }
+        _ => portable((m, n, k), a, b, c, ldc, accumulate, threads),
+    }
+}
+
+/// The portable kernel: both operands to f32, then gemm's f32 kernels.
+fn portable(
+    (m, n, k): (usize, usize, usize),
+    a: Matrix<'_, bf16>,
+    b: Matrix<'_, bf16>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let dense = |x: Matrix<'_, bf16>, rows: usize, cols: usize| -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            out.extend((0..cols).map(|j| x.at(i, j).to_f32()));
+        }
+        out
+    };
+    let (a32, b32) = (dense(a, m, k), dense(b, k, n));
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: a32 is m x k (row stride k), b32 is k x n (row stride n), c holds m rows of ldc
+    // with n <= ldc columns used (checked by the caller).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a32.as_ptr(),
+            1,
+            k as isize,
+            b32.as_ptr(),
+            1,
+            n as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{bf16, Matrix, KC, MC, MR, NC, NR};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// A pointer that may cross threads: each thread writes its own block of C.
+    #[derive(Clone, Copy)]
+    struct CPtr(*mut f32);
+    // SAFETY: the threads write disjoint blocks of C (see `gemm`).
+    unsafe impl Send for CPtr {}
+    unsafe impl Sync for CPtr {}
+
+    impl CPtr {
+        /// The pointer (a method, so closures capture the whole `Send` wrapper).
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    pub(super) fn gemm(
+        (m, n, k): (usize, usize, usize),
+        a: Matrix<'_, bf16>,
+        b: Matrix<'_, bf16>,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+        threads: usize,
+    ) {
+        let cptr = CPtr(c.as_mut_ptr());
+        // Split between threads in whole tiles: the columns when there are enough column tiles,
+        // else the rows (so a tall, narrow product does not pack all of B's work onto few tiles).
+        let threads = threads.max(1);
+        let col_tiles = n.div_ceil(NR);
+        let blocks: Vec<(usize, usize, usize, usize)> = if col_tiles >= 2 * threads || m <= MR {
+            let per = col_tiles.div_ceil(threads.min(col_tiles)) * NR;
+            (0..n)
+                .step_by(per)
+                .map(|j0| (0, m, j0, (j0 + per).min(n)))
+                .collect()
+        } else {
+            let row_tiles = m.div_ceil(MR);
+            let per = row_tiles.div_ceil(threads.min(row_tiles)) * MR;
+            (0..m)
+                .step_by(per)
+                .map(|i0| (i0, (i0 + per).min(m), 0, n))
+                .collect()
+        };
+        let work = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
+            // SAFETY: this block writes only rows [i0, i1) x columns [j0, j1) of C, inside `c`
+            // (checked by the caller); the other blocks are disjoint from it; the caller checked
+            // the CPU's features.
+            unsafe { block((i0, i1), (j0, j1), k, a, b, cptr.get(), ldc, accumulate) }
+        };
+        if blocks.len() > 1 && (m * n * k) >= (1 << 18) {
+            blocks.par_iter().for_each(work);
+        } else {
+            blocks.iter().for_each(work);
+        }
+    }
+
+    /// C[i0..i1, j0..j1] (+)= A[i0..i1, :] x B[:, j0..j1], blocked; B packed, A packed too unless
+    /// its rows are contiguous with an even k (then each k-pair word is read where it lies).
+    ///
+    /// # Safety
+    /// `c` points at a matrix of row stride ldc whose block [i0, i1) x [j0, j1) this call alone
+    /// writes; the CPU has AVX512-BF16.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        (i0, i1): (usize, usize),
+        (j0, j1): (usize, usize),
+        k: usize,
+        a: Matrix<'_, bf16>,
+        b: Matrix<'_, bf16>,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let kp = k.div_ceil(2);
+        let direct = a.cs == 1 && k.is_multiple_of(2);
+        let mut bpack = vec![0u32; KC * NC.min((j1 - j0).div_ceil(NR) * NR)];
+        let mut apack = if direct {
+            Vec::new()
+        } else {
+            vec![0u32; KC * MC]
+        };
+        let zeros = [0u32; KC];
+        let m = i1 - i0;
+        for jc in (j0..j1).step_by(NC) {
+            let nc = NC.min(j1 - jc);
+            for pc in (0..kp).step_by(KC) {
+                let kc = KC.min(kp - pc);
+                pack_b(b, k, pc, kc, jc, nc, &mut bpack);
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    if !direct {
+                        pack_a(a, k, i0 + ic, mc, pc, kc, &mut apack);
+                    }
+                    let add = accumulate || pc > 0;
+                    for ir in (0..mc).step_by(MR) {
+                        let rows = MR.min(mc - ir);
+                        // Each tile row's k-pair words: one word apart where A lies, MR apart in
+                        // its packed panel; rows past the end read zeros.
+                        let (arows, astep) = if direct {
+                            let mut p = [zeros.as_ptr(); MR];
+                            for (r, row) in p.iter_mut().enumerate().take(rows) {
+                                let at = (i0 + ic + ir + r) * a.rs + 2 * pc;
+                                *row = a.data.as_ptr().add(at).cast::<u32>();
+                            }
+                            (p, 1)
+                        } else {
+                            let base = apack.as_ptr().add(ir * kc);
+                            (std::array::from_fn(|r| base.add(r)), MR)
+                        };
+                        for jr in (0..nc).step_by(NR) {
+                            let cols = NR.min(nc - jr);
+                            let bp = bpack.as_ptr().add(jr * kc);
+                            let cp = c.add((i0 + ic + ir) * ldc + jc + jr);
+                            tile(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The k-pair word of A row `i` (pair `p`): element 2p in the low half, 2p + 1 (or zero past
+    /// k) in the high.
+    #[inline]
+    fn a_pair(a: Matrix<'_, bf16>, k: usize, i: usize, p: usize) -> u32 {
+        let lo = a.at(i, 2 * p).to_bits() as u32;
+        let hi = if 2 * p + 1 < k {
+            a.at(i, 2 * p + 1).to_bits() as u32
+        } else {
+            0
+        };
+        lo | (hi << 16)
+    }
+
+    /// Packs rows [i0, i0 + mc) x k-pairs [p0, p0 + kc) of A into panels of MR rows: panel r holds,
+    /// for each pair, MR words (zero for rows past the end).
+    fn pack_a(
+        a: Matrix<'_, bf16>,
+        k: usize,
+        i0: usize,
+        mc: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [u32],
+    ) {
+        for (panel, ir) in (0..mc).step_by(MR).enumerate() {
+            let dst = &mut out[panel * MR * kc..(panel + 1) * MR * kc];
+            for p in 0..kc {
+                for r in 0..MR {
+                    dst[p * MR + r] = if ir + r < mc {
+                        a_pair(a, k, i0 + ir + r, p0 + p)
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+    }
+
+    /// Packs k-pairs [p0, p0 + kc) x columns [j0, j0 + nc) of B into panels of NR columns: panel c
+    /// holds, for each pair, NR words (B[2p, j] low, B[2p + 1, j] high; zero past the ends).
+    fn pack_b(
+        b: Matrix<'_, bf16>,
+        k: usize,
+        p0: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        out: &mut [u32],
+    ) {
+        for (panel, jr) in (0..nc).step_by(NR).enumerate() {
+            let cols = NR.min(nc - jr);
+            let dst = &mut out[panel * NR * kc..(panel + 1) * NR * kc];
+            for p in 0..kc {
+                let k0 = 2 * (p0 + p);
+                let d = &mut dst[p * NR..(p + 1) * NR];
+                if b.cs == 1 {
+                    // Rows of B are contiguous: two row slices, interleaved.
+                    let r0 = &b.data[k0 * b.rs + j0 + jr..][..cols];
+                    let r1 = (k0 + 1 < k).then(|| &b.data[(k0 + 1) * b.rs + j0 + jr..][..cols]);
+                    for (j, word) in d.iter_mut().enumerate().take(cols) {
+                        let hi = r1.map_or(0, |r| r[j].to_bits() as u32);
+                        *word = r0[j].to_bits() as u32 | (hi << 16);
+                    }
+                } else {
+                    for (j, word) in d.iter_mut().enumerate().take(cols) {
+                        let col = j0 + jr + j;
+                        let lo = b.at(k0, col).to_bits() as u32;
+                        let hi = if k0 + 1 < k {
+                            b.at(k0 + 1, col).to_bits() as u32
+                        } else {
+                            0
+                        };
+                        *word = lo | (hi << 16);
+                    }
+                }
+                d[cols..].fill(0);
+            }
+        }
+    }
+
+    /// One MR x NR tile of C over `kc` k-pairs: `rows` x `cols` of it are real (the rest is zero
+    /// padding); `add`: add to C instead of replacing it.
+    ///
+    /// # Safety
+    /// Each `arows[r]` points at kc k-pair words `astep` words apart (possibly unaligned), `bp` at
+    /// kc x NR words; `cp` points at `rows` rows of `cols` f32 with row stride `ldc`; the CPU has
+    /// AVX512-BF16.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile(
+        kc: usize,
+        arows: &[*const u32; MR],
+        astep: usize,
+        bp: *const u32,
+        cp: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        add: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let word = arows[r].add(p * astep).read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
+                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+            }
+        }
+        if rows == MR && cols == NR {
+            for (r, acc_r) in acc.iter().enumerate() {
+                let row = cp.add(r * ldc);
+                for (h, v) in acc_r.iter().enumerate() {
+                    let dst = row.add(16 * h);
+                    let v = if add {
+                        _mm512_add_ps(*v, _mm512_loadu_ps(dst))
+                    } else {
+                        *v
+                    };
+                    _mm512_storeu_ps(dst, v);
+                }
+            }
+        } else {
+            let mut buf = [[0f32; NR]; MR];
+            for (r, acc_r) in acc.iter().enumerate() {
+                _mm512_storeu_ps(buf[r].as_mut_ptr(), acc_r[0]);
+                _mm512_storeu_ps(buf[r].as_mut_ptr().add(16), acc_r[1]);
+            }
+            for (r, vals) in buf.iter().enumerate().take(rows) {
+                let row = cp.add(r * ldc);
+                for (j, v) in vals.iter().enumerate().take(cols) {
+                    let dst = row.add(j);
+                    *dst = if add { *dst + v } else { *v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in (-2, 2), rounded to bf16.
+    fn values(n: usize, seed: u64) -> Vec<bf16> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+            })
+            .collect()
+    }
+
+    /// Checks `kernel` on an m x k by k x n product (strided views, each operand row-major or
+    /// transposed, accumulate or not) against the f64 product of the same bf16 values.
+    fn check(kernel: Bf16Kernel, m: usize, n: usize, k: usize, threads: usize) {
+        let ldc = n + 2;
+        // Row-major A (row stride k + 3) or A stored transposed ([k, m], row stride m + 1); the
+        // same for B ([k, n] with stride n + 5, or [n, k] with stride k + 1).
+        let a_rows = values(m * (k + 3), 1 + m as u64);
+        let a_cols = values(k * (m + 1), 2 + m as u64);
+        let b_rows = values(k * (n + 5), 7 + n as u64);
+        let b_cols = values(n * (k + 1), 8 + n as u64);
+        let a_views = [
+            Matrix::rows(&a_rows, k + 3),
+            Matrix {
+                data: &a_cols,
+                rs: 1,
+                cs: m + 1,
+            },
+        ];
+        let b_views = [
+            Matrix::rows(&b_rows, n + 5),
+            Matrix {
+                data: &b_cols,
+                rs: 1,
+                cs: k + 1,
+            },
+        ];
+        for (a, b) in [
+            (a_views[0], b_views[0]),
+            (a_views[1], b_views[1]),
+            (a_views[0], b_views[1]),
+        ] {
+            for accumulate in [false, true] {
+                let start: Vec<f32> = values(m * ldc, 99).iter().map(|v| v.to_f32()).collect();
+                let mut c = start.clone();
+                gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut size) = (0f64, 0f64);
+                        for p in 0..k {
+                            let t = a.at(i, p).to_f64() * b.at(p, j).to_f64();
+                            exact += t;
+                            size += t.abs();
+                        }
+                        if accumulate {
+                            exact += start[i * ldc + j] as f64;
+                            size += (start[i * ldc + j] as f64).abs();
+                        }
+                        let got = c[i * ldc + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 4e-6 * size + 1e-6,
+                            "{kernel:?} {m}x{n}x{k} (a.cs {}, b.cs {}, accumulate {accumulate}) at ({i}, {j}): {got} vs {exact}",
+                            a.cs,
+                            b.cs
+                        );
+                    }
+                    // Columns past n are never written.
+                    for j in n..ldc {
+                        assert_eq!(c[i * ldc + j], start[i * ldc + j], "column {j} written");
+                    }
+                }
+            }
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (8, 32, 2),
+        (9, 33, 3),
+        (17, 65, 257),
+        (64, 100, 300),
+        (130, 40, 520),
+        (5, 1030, 33),
+        (40, 2100, 64),
+    ];
+
+    #[test]
+    fn portable_kernel_matches_the_exact_product() {
+        for (m, n, k) in SHAPES {
+            check(Bf16Kernel::Portable, m, n, k, 2);
+        }
+    }
+
+    #[test]
+    fn avx512_bf16_kernel_matches_the_exact_product() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            eprintln!("skipped: this CPU lacks AVX512-BF16 (avx512bf16); only the portable kernel is tested");
+            return;
+        }
+        for (m, n, k) in SHAPES {
+            for threads in [1, 2, 3] {
+                check(Bf16Kernel::Avx512Bf16, m, n, k, threads);
+            }
+        }
+    }
+
+    #[test]
+    fn zero_k_clears_or_keeps_c() {
+        for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
+            let mut c = vec![1.5f32; 6];
+            gemm_bf16(
+                kernel,
+                (2, 3, 0),
+                Matrix::rows(&[], 0),
+                Matrix::rows(&[], 3),
+                &mut c,
+                3,
+                true,
+                1,
+            );
+            assert_eq!(c, [1.5; 6]);
+            gemm_bf16(
+                kernel,
+                (2, 3, 0),
+                Matrix::rows(&[], 0),
+                Matrix::rows(&[], 3),
+                &mut c,
+                3,
+                false,
+                1,
+            );
+            assert_eq!(c, [0.0; 6]);
+        }
+    }
+
+    /// GFLOP/s of the bf16 kernels and of gemm's f32 sgemm on the UNet's shapes, side by side
+    /// (`cargo test --release --lib bf16_gemm_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a benchmark, not a test"]
+    fn bf16_gemm_speed() {
+        let threads = candle_core::utils::get_num_threads();
+        // (what, m, n, k) of m18 at 512x512: a 3x3 conv at 64x64 (320 channels), at 16x16 (1280),
+        // a transformer projection, attention scores and values.
+        let shapes = [
+            ("conv3x3 320ch 64x64", 320, 4096, 2880),
+            ("conv3x3 1280ch 16x16", 1280, 256, 11520),
+            ("linear 4096x320x1280", 4096, 1280, 320),
+            ("attn QK^T 4096x4096x64", 4096, 4096, 64),
+            ("attn PV 4096x64x4096", 4096, 64, 4096),
+        ];
+        println!("kernel: {}, {threads} threads", Bf16Kernel::detect().name());
+        for (what, m, n, k) in shapes {
+            let a = values(m * k, 3);
+            let b = values(k * n, 5);
+            let mut c = vec![0f32; m * n];
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let t = std::time::Instant::now();
+                let reps = 3;
+                for _ in 0..reps {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            };
+            let flop = 2.0 * (m * n * k) as f64;
+            let kernel = Bf16Kernel::detect();
+            let t_bf16 = time(&mut || {
+                gemm_bf16(
+                    kernel,
+                    (m, n, k),
+                    Matrix::rows(&a, k),
+                    Matrix::rows(&b, n),
+                    &mut c,
+                    n,
+                    false,
+                    threads,
+                )
+            });
+            let (a32, b32): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|v| v.to_f32()).collect(),
+                b.iter().map(|v| v.to_f32()).collect(),
+            );
+            let t_f32 = time(&mut || unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a32.as_ptr(),
+                    1,
+                    k as isize,
+                    b32.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    crate::kernels::parallelism(),
+                )
+            });
+            println!(
+                "{what:28} bf16 {:7.1} GFLOP/s  f32 sgemm {:7.1} GFLOP/s  bf16/f32 time {:.2}x",
+                flop / t_bf16 / 1e9,
+                flop / t_f32 / 1e9,
+                t_bf16 / t_f32
+            );
+        }
+    }
+}
