@@ -48,15 +48,12 @@ pub fn open(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
-/// The dtype for `precision`, defaulting to f32 on CPU and f16 on GPUs. candle's CPU backend has no
-/// bf16 matrix multiply, so bf16 is refused there.
+/// The dtype for `precision`, defaulting to f32 on CPU and f16 on GPUs. bf16 works everywhere; on
+/// the CPU its convolutions and matrix products run in [`crate::kernels::gemm_bf16`].
 pub fn dtype(precision: Option<Precision>, device: &Device) -> Result<DType> {
     Ok(match precision {
         Some(Precision::F32) => DType::F32,
         Some(Precision::F16) => DType::F16,
-        Some(Precision::Bf16) if device.is_cpu() => return Err(Error::usage(
-            "--dtype bf16 is not supported on the CPU (no bf16 matrix multiply); use f32 or f16",
-        )),
         Some(Precision::Bf16) => DType::BF16,
         None if device.is_cpu() => DType::F32,
         None => DType::F16,

@@ -8,8 +8,10 @@
 //! into the NCHW output, starting from the bias (and, for [`Conv2d::forward_add`], from the
 //! residual as well). 1x1 stride-1 convolutions multiply the input in place, without a copy.
 //!
-//! Other devices, dtypes and grouped convolutions use candle's own op, which the tests also use as
-//! the reference.
+//! bf16 (`--dtype bf16` on the CPU) runs the same tiles with bf16 im2col buffers and
+//! [`super::gemm_bf16`] (bf16 products, f32 sums into the f32 output tile, one rounding to bf16 at
+//! the end), as PyTorch's CPU autocast does for convolutions. Other devices, dtypes and grouped
+//! convolutions use candle's own op, which the tests also use as the reference.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -56,7 +58,7 @@ impl Conv2d {
     /// The convolution plus `residual` (same shape as the output), added as the gemm's starting
     /// value on the CPU fast path: diffusers' `input_tensor + conv2(hidden_states)`.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if self.fast(xs) && residual.dtype() == DType::F32 {
+        if self.fast(xs) && residual.dtype() == xs.dtype() {
             return self.run(xs, Some(residual));
         }
         self.forward(xs)? + residual
@@ -64,8 +66,8 @@ impl Conv2d {
 
     fn fast(&self, xs: &Tensor) -> bool {
         xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
+            && matches!(xs.dtype(), DType::F32 | DType::BF16)
+            && self.weight.dtype() == xs.dtype()
             && self.config.groups == 1
             && xs.rank() == 4
     }
@@ -83,7 +85,7 @@ impl Conv2d {
         // The third operand is the residual, or an empty placeholder.
         let start = match residual {
             Some(r) => r.contiguous()?,
-            None => Tensor::zeros(0, DType::F32, xs.device())?,
+            None => Tensor::zeros(0, xs.dtype(), xs.device())?,
         };
         xs.contiguous()?
             .apply_op3_no_bwd(&self.weight.contiguous()?, &start, &op)
@@ -148,10 +150,8 @@ impl Geometry {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d: {what} must be f32");
-    };
+/// The elements of a contiguous operand.
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("conv2d: {what} must be contiguous"),
@@ -172,9 +172,6 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let start = f32_slice(s3, l3, "residual")?;
         let (b, ci, h, wd) = l1.shape().dims4()?;
         let (co, wci, kh, kw) = l2.shape().dims4()?;
         if wci != ci {
@@ -195,10 +192,19 @@ impl CustomOp3 for Conv2dOp {
         let Some((oh, ow)) = g.out_hw() else {
             candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded {h}x{wd} input");
         };
-        let residual = if start.is_empty() {
+        // The residual (f32 for the f32 kernel; bf16 is widened once), or nothing.
+        let residual: Option<std::borrow::Cow<'_, [f32]>> = if l3.shape().elem_count() == 0 {
             None
         } else if l3.shape().dims() == [b, co, oh, ow] {
-            Some(start)
+            Some(match s3 {
+                CpuStorage::F32(v) => contiguous(v, l3, "residual")?.into(),
+                CpuStorage::BF16(v) => contiguous(v, l3, "residual")?
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect::<Vec<f32>>()
+                    .into(),
+                _ => candle_core::bail!("conv2d: the residual must be f32 or bf16"),
+            })
         } else {
             candle_core::bail!(
                 "conv2d: residual {:?} does not match the output {:?}",
@@ -206,16 +212,122 @@ impl CustomOp3 for Conv2dOp {
                 (b, co, oh, ow)
             );
         };
-        let out = conv2d_f32(x, w, self.bias.as_deref(), residual, &g, TILE_ELEMS);
-        Ok((CpuStorage::F32(out), Shape::from((b, co, oh, ow))))
+        let (bias, residual) = (self.bias.as_deref(), residual.as_deref());
+        let shape = Shape::from((b, co, oh, ow));
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (x, w) = (contiguous(x, l1, "input")?, contiguous(w, l2, "weight")?);
+                let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+                // bf16 products, f32 sums (the output tile stays f32), one rounding at the end.
+                let (x, w) = (contiguous(x, l1, "input")?, contiguous(w, l2, "weight")?);
+                let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
+                let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
+                Ok((CpuStorage::BF16(out), shape))
+            }
+            _ => candle_core::bail!("conv2d: input and weight must both be f32 or both bf16"),
+        }
     }
 }
 
-/// `out = residual + bias + conv(x, w)` for NCHW `x` and [co, ci, kh, kw] `w`, both contiguous.
-/// `tile_elems` bounds the im2col buffer (tests make it small to cover the tiling).
-pub(crate) fn conv2d_f32(
-    x: &[f32],
-    w: &[f32],
+/// The element types the kernel takes (f32 and bf16): each supplies the tile's gemm into the f32
+/// output.
+pub(crate) trait Element: Copy + Default + Send + Sync {
+    /// `dst` (co x n, row stride `ldc`) = `dst` (if `read_dst`) + `w` (co x kk, row-major) x `rhs`
+    /// (kk x n, row stride `rhs_rs`).
+    ///
+    /// # Safety
+    /// `dst` is valid for those co rows and written by nobody else meanwhile; `rhs` points at kk
+    /// rows of `rhs_rs` elements (the last with at least n).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        dims: (usize, usize, usize),
+        dst: *mut f32,
+        ldc: usize,
+        read_dst: bool,
+        w: &[Self],
+        rhs: *const Self,
+        rhs_rs: usize,
+        par: gemm::Parallelism,
+    );
+}
+
+impl Element for f32 {
+    unsafe fn gemm(
+        (co, n, kk): (usize, usize, usize),
+        dst: *mut f32,
+        ldc: usize,
+        read_dst: bool,
+        w: &[f32],
+        rhs: *const f32,
+        rhs_rs: usize,
+        par: gemm::Parallelism,
+    ) {
+        gemm::gemm(
+            co,
+            n,
+            kk,
+            dst,
+            1,
+            ldc as isize,
+            read_dst,
+            w.as_ptr(),
+            1,
+            kk as isize,
+            rhs,
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+impl Element for half::bf16 {
+    unsafe fn gemm(
+        (co, n, kk): (usize, usize, usize),
+        dst: *mut f32,
+        ldc: usize,
+        read_dst: bool,
+        w: &[half::bf16],
+        rhs: *const half::bf16,
+        rhs_rs: usize,
+        par: gemm::Parallelism,
+    ) {
+        use super::gemm_bf16::{gemm_bf16_raw, Bf16Kernel, Matrix};
+        if co == 0 || n == 0 || kk == 0 {
+            return;
+        }
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        let rhs = std::slice::from_raw_parts(rhs, (kk - 1) * rhs_rs + n);
+        gemm_bf16_raw(
+            Bf16Kernel::detect(),
+            (co, n, kk),
+            Matrix::rows(w, kk),
+            Matrix::rows(rhs, rhs_rs),
+            dst,
+            ldc,
+            read_dst,
+            threads,
+        );
+    }
+}
+
+/// `out = residual + bias + conv(x, w)` for NCHW `x` and [co, ci, kh, kw] `w`, both contiguous,
+/// in f32 (the products and sums in f32 whatever `T`). `tile_elems` bounds the im2col buffer
+/// (tests make it small to cover the tiling).
+pub(crate) fn conv2d<T: Element>(
+    x: &[T],
+    w: &[T],
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     g: &Geometry,
@@ -257,13 +369,13 @@ pub(crate) fn conv2d_f32(
     let in_len = g.ci * g.h * g.w;
     let dst = SendPtr(out.as_mut_ptr());
     // One tile: unfold (unless pointwise) and multiply into the output.
-    let run = |(bi, y0, r): (usize, usize, usize), col: &mut Vec<f32>, par: gemm::Parallelism| {
+    let run = |(bi, y0, r): (usize, usize, usize), col: &mut Vec<T>, par: gemm::Parallelism| {
         let xb = &x[bi * in_len..(bi + 1) * in_len];
         let n = r * ow;
         let (rhs, rhs_rs) = if pointwise {
             (xb[y0 * ow..].as_ptr(), g.h * g.w)
         } else {
-            col.resize(kk * n, 0.0);
+            col.resize(kk * n, T::default());
             im2col(
                 xb,
                 &mut col[..kk * n],
@@ -280,25 +392,14 @@ pub(crate) fn conv2d_f32(
         // row stride kk inside `w`; rhs is kk x n with row stride rhs_rs inside `col` (n) or `xb`
         // (h*w; pointwise, so n <= h*w - y0*ow).
         unsafe {
-            gemm::gemm(
-                g.co,
-                n,
-                kk,
+            T::gemm(
+                (g.co, n, kk),
                 dst.get().add(bi * g.co * opx + y0 * ow),
-                1,
-                opx as isize,
+                opx,
                 read_dst,
-                w.as_ptr(),
-                1,
-                kk as isize,
+                w,
                 rhs,
-                1,
-                rhs_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                rhs_rs,
                 par,
             );
         }
@@ -331,9 +432,9 @@ impl SendPtr {
 }
 
 /// Unfolds output rows `y0 .. y0 + rows` of one image into `col` [ci*kh*kw, rows*ow].
-fn im2col(
-    xb: &[f32],
-    col: &mut [f32],
+fn im2col<T: Copy + Default + Send + Sync>(
+    xb: &[T],
+    col: &mut [T],
     g: &Geometry,
     y0: usize,
     rows: usize,
@@ -342,7 +443,7 @@ fn im2col(
 ) {
     let n = rows * ow;
     let plane = g.h * g.w;
-    let channel = |(c, chunk): (usize, &mut [f32])| {
+    let channel = |(c, chunk): (usize, &mut [T])| {
         let xc = &xb[c * plane..(c + 1) * plane];
         for i in 0..g.kh {
             for j in 0..g.kw {
@@ -352,25 +453,25 @@ fn im2col(
                     let dst = &mut row[t * ow..(t + 1) * ow];
                     let iy = ((y0 + t) * g.stride + i * g.dilation) as isize - g.padding as isize;
                     if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
+                        dst.fill(T::default());
                         continue;
                     }
                     let src = &xc[iy as usize * g.w..(iy as usize + 1) * g.w];
                     if g.stride == 1 {
                         let lo = ((-off).max(0) as usize).min(ow);
                         let hi = ((g.w as isize - off).max(0) as usize).clamp(lo, ow);
-                        dst[..lo].fill(0.0);
+                        dst[..lo].fill(T::default());
                         dst[lo..hi].copy_from_slice(
                             &src[(lo as isize + off) as usize..(hi as isize + off) as usize],
                         );
-                        dst[hi..].fill(0.0);
+                        dst[hi..].fill(T::default());
                     } else {
                         for (x, v) in dst.iter_mut().enumerate() {
                             let ix = (x * g.stride) as isize + off;
                             *v = if ix >= 0 && ix < g.w as isize {
                                 src[ix as usize]
                             } else {
-                                0.0
+                                T::default()
                             };
                         }
                     }
@@ -440,9 +541,9 @@ mod tests {
             Tensor::from_vec(values(g.b * g.co * oh * ow, 0.7), (g.b, g.co, oh, ow), &dev).unwrap();
         let residual = with_residual.then_some(&res);
         let want = reference(&x, &w, &bias, &g, residual);
-        let got = conv2d_f32(
-            &x.flatten_all().unwrap().to_vec1().unwrap(),
-            &w.flatten_all().unwrap().to_vec1().unwrap(),
+        let got = conv2d(
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             Some(&bias.to_vec1::<f32>().unwrap()),
             residual
                 .map(|r| r.flatten_all().unwrap().to_vec1::<f32>().unwrap())
@@ -566,5 +667,49 @@ mod tests {
         let w = Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap();
         let conv = Conv2d::new(w, None, Conv2dConfig::default());
         assert!(conv.forward(&x).is_err());
+    }
+
+    /// bf16 input and weight (`--dtype bf16`): bf16 products summed in f32, rounded once, against
+    /// the f32 kernel on the same (bf16-rounded) values, with and without a residual, 3x3 and 1x1,
+    /// strided.
+    #[test]
+    fn bf16_convolution_matches_f32_of_the_same_values() {
+        let dev = Device::Cpu;
+        for (ci, co, k, pad, stride, hw) in
+            [(8, 6, 3, 1, 1, 9), (5, 7, 1, 0, 1, 6), (4, 3, 3, 1, 2, 11)]
+        {
+            let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let x =
+                bf(Tensor::from_vec(values(2 * ci * hw * hw, 0.1), (2, ci, hw, hw), &dev).unwrap());
+            let w =
+                bf(Tensor::from_vec(values(co * ci * k * k, 0.9), (co, ci, k, k), &dev).unwrap());
+            let b = bf(Tensor::from_vec(values(co, 2.0), co, &dev).unwrap());
+            let config = Conv2dConfig {
+                padding: pad,
+                stride,
+                ..Default::default()
+            };
+            let conv = Conv2d::new(w.clone(), Some(b.clone()), config);
+            let conv32 = Conv2d::new(f32(&w), Some(f32(&b)), config);
+            let want = conv32.forward(&f32(&x)).unwrap();
+            let res = bf(Tensor::ones(want.dims(), DType::F32, &dev).unwrap());
+            for (got, want) in [
+                (conv.forward(&x).unwrap(), want.clone()),
+                (conv.forward_add(&x, &res).unwrap(), (want + 1.0).unwrap()),
+            ] {
+                assert_eq!(got.dtype(), DType::BF16);
+                let got = f32(&got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(&want) {
+                    // One bf16 rounding (2^-8 relative) plus f32 sums of up to ci*k*k products.
+                    assert!(
+                        (a - b).abs() <= 4e-3 * b.abs() + 1e-4,
+                        "{a} vs {b} ({ci}->{co}, {k}x{k})"
+                    );
+                }
+            }
+        }
     }
 }

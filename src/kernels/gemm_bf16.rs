@@ -126,6 +126,38 @@ pub fn gemm_bf16(
         }
         return;
     }
+    // SAFETY: c holds m rows of ldc with n <= ldc columns (checked above).
+    unsafe {
+        gemm_bf16_raw(
+            kernel,
+            (m, n, k),
+            a,
+            b,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+            threads,
+        )
+    }
+}
+
+/// [`gemm_bf16`] writing through a raw pointer, for callers whose threads write disjoint blocks
+/// of one output (a convolution's tiles).
+///
+/// # Safety
+/// `c` points at m rows of `ldc >= n` f32 that nothing else reads or writes meanwhile; `a` holds
+/// an m x k and `b` a k x n matrix; m, n and k are not zero.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_raw(
+    kernel: Bf16Kernel,
+    (m, n, k): (usize, usize, usize),
+    a: Matrix<'_, bf16>,
+    b: Matrix<'_, bf16>,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 => {
@@ -136,11 +168,14 @@ pub fn gemm_bf16(
 }
 
 /// The portable kernel: both operands to f32, then gemm's f32 kernels.
-fn portable(
+///
+/// # Safety
+/// As [`gemm_bf16_raw`].
+unsafe fn portable(
     (m, n, k): (usize, usize, usize),
     a: Matrix<'_, bf16>,
     b: Matrix<'_, bf16>,
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     accumulate: bool,
     threads: usize,
@@ -159,13 +194,13 @@ fn portable(
         gemm::Parallelism::None
     };
     // SAFETY: a32 is m x k (row stride k), b32 is k x n (row stride n), c holds m rows of ldc
-    // with n <= ldc columns used (checked by the caller).
+    // with n <= ldc columns used (the caller's promise).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             accumulate,
@@ -205,16 +240,18 @@ mod avx512 {
         }
     }
 
-    pub(super) fn gemm(
+    /// # Safety
+    /// As [`super::gemm_bf16_raw`], on a CPU with AVX512-BF16.
+    pub(super) unsafe fn gemm(
         (m, n, k): (usize, usize, usize),
         a: Matrix<'_, bf16>,
         b: Matrix<'_, bf16>,
-        c: &mut [f32],
+        c: *mut f32,
         ldc: usize,
         accumulate: bool,
         threads: usize,
     ) {
-        let cptr = CPtr(c.as_mut_ptr());
+        let cptr = CPtr(c);
         // Split between threads in whole tiles: the columns when there are enough column tiles,
         // else the rows (so a tall, narrow product does not pack all of B's work onto few tiles).
         let threads = threads.max(1);
@@ -360,31 +397,64 @@ mod avx512 {
         nc: usize,
         out: &mut [u32],
     ) {
+        let bits = |v: &bf16| v.to_bits() as u32;
+        if b.cs == 1 {
+            // Rows of B are contiguous (an im2col matrix): read each pair of rows once, in
+            // order, and deal its words out to the panels.
+            for p in 0..kc {
+                let k0 = 2 * (p0 + p);
+                let r0 = &b.data[k0 * b.rs + j0..][..nc];
+                let r1 = (k0 + 1 < k).then(|| &b.data[(k0 + 1) * b.rs + j0..][..nc]);
+                for (panel, jr) in (0..nc).step_by(NR).enumerate() {
+                    let cols = NR.min(nc - jr);
+                    let d = &mut out[panel * NR * kc + p * NR..][..NR];
+                    let lo = &r0[jr..jr + cols];
+                    match r1 {
+                        Some(r1) => {
+                            for ((word, lo), hi) in d.iter_mut().zip(lo).zip(&r1[jr..jr + cols]) {
+                                *word = bits(lo) | (bits(hi) << 16);
+                            }
+                        }
+                        None => {
+                            for (word, lo) in d.iter_mut().zip(lo) {
+                                *word = bits(lo);
+                            }
+                        }
+                    }
+                    d[cols..].fill(0);
+                }
+            }
+            return;
+        }
         for (panel, jr) in (0..nc).step_by(NR).enumerate() {
             let cols = NR.min(nc - jr);
             let dst = &mut out[panel * NR * kc..(panel + 1) * NR * kc];
+            if b.rs == 1 && k.is_multiple_of(2) {
+                // B is a transposed row-major matrix (a linear layer's W^T): column j's k-pairs
+                // are adjacent bf16 in W's row j, so each word is read as it lies.
+                for j in 0..cols {
+                    let col = &b.data[(j0 + jr + j) * b.cs + 2 * p0..][..2 * kc];
+                    for (p, pair) in col.chunks_exact(2).enumerate() {
+                        dst[p * NR + j] = bits(&pair[0]) | (bits(&pair[1]) << 16);
+                    }
+                }
+                for p in 0..kc {
+                    dst[p * NR + cols..(p + 1) * NR].fill(0);
+                }
+                continue;
+            }
             for p in 0..kc {
                 let k0 = 2 * (p0 + p);
                 let d = &mut dst[p * NR..(p + 1) * NR];
-                if b.cs == 1 {
-                    // Rows of B are contiguous: two row slices, interleaved.
-                    let r0 = &b.data[k0 * b.rs + j0 + jr..][..cols];
-                    let r1 = (k0 + 1 < k).then(|| &b.data[(k0 + 1) * b.rs + j0 + jr..][..cols]);
-                    for (j, word) in d.iter_mut().enumerate().take(cols) {
-                        let hi = r1.map_or(0, |r| r[j].to_bits() as u32);
-                        *word = r0[j].to_bits() as u32 | (hi << 16);
-                    }
-                } else {
-                    for (j, word) in d.iter_mut().enumerate().take(cols) {
-                        let col = j0 + jr + j;
-                        let lo = b.at(k0, col).to_bits() as u32;
-                        let hi = if k0 + 1 < k {
-                            b.at(k0 + 1, col).to_bits() as u32
-                        } else {
-                            0
-                        };
-                        *word = lo | (hi << 16);
-                    }
+                for (j, word) in d.iter_mut().enumerate().take(cols) {
+                    let col = j0 + jr + j;
+                    let lo = bits(&b.at(k0, col));
+                    let hi = if k0 + 1 < k {
+                        bits(&b.at(k0 + 1, col))
+                    } else {
+                        0
+                    };
+                    *word = lo | (hi << 16);
                 }
                 d[cols..].fill(0);
             }

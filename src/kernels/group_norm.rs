@@ -6,6 +6,7 @@
 //! mean and variance (f64 sums, the variance taken around the mean), one pass writing
 //! `(x - mean) * rstd * gamma + beta` with the SiLU applied in the same pass.
 //!
+//! bf16 input is widened to f32 for the statistics and the arithmetic and rounded once at the end.
 //! Other devices and dtypes use candle-nn's GroupNorm (and `silu`), which the tests also use as
 //! the reference.
 
@@ -55,7 +56,7 @@ impl GroupNorm {
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let channels = self.weight.dim(0)?;
         if xs.device().is_cpu()
-            && xs.dtype() == DType::F32
+            && matches!(xs.dtype(), DType::F32 | DType::BF16)
             && xs.rank() >= 2
             && xs.dim(1)? == channels
         {
@@ -104,25 +105,34 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("group_norm: input must be f32");
-        };
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("group_norm: input must be contiguous");
         };
         let dims = l.shape().dims();
         let spatial: usize = dims[2..].iter().product();
-        let out = group_norm_f32(
-            &v[a..b],
-            dims[1],
-            spatial,
-            self.groups,
-            &self.gamma,
-            &self.beta,
-            self.eps,
-            self.silu,
-        );
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        let run = |x: &[f32]| {
+            group_norm_f32(
+                x,
+                dims[1],
+                spatial,
+                self.groups,
+                &self.gamma,
+                &self.beta,
+                self.eps,
+                self.silu,
+            )
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(run(&v[a..b])),
+            // bf16 (`--dtype bf16`): statistics and arithmetic in f32, as PyTorch's CPU autocast
+            // does for GroupNorm; rounded to bf16 once.
+            CpuStorage::BF16(v) => {
+                let x: Vec<f32> = v[a..b].iter().map(|v| v.to_f32()).collect();
+                CpuStorage::BF16(run(&x).into_iter().map(half::bf16::from_f32).collect())
+            }
+            _ => candle_core::bail!("group_norm: input must be f32 or bf16"),
+        };
+        Ok((out, l.shape().clone()))
     }
 }
 
@@ -235,6 +245,31 @@ mod tests {
                 let want = candle_nn::ops::silu(&theirs).unwrap();
                 assert!(max_diff(&fused, &want) < 2e-5, "{shape:?} {groups} silu");
             }
+        }
+    }
+
+    /// bf16 input: the f32 kernel on the same (bf16) values, rounded once to bf16.
+    #[test]
+    fn bf16_matches_f32_of_the_same_values() {
+        let x = t(2 * 8 * 25, &[2, 8, 5, 5], 0.4, 1.0)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (w, b) = (t(8, &[8], 1.0, 1.0), t(8, &[8], 2.0, 0.0));
+        let norm = GroupNorm::new(w, b, 4, 1e-5).unwrap();
+        for silu in [false, true] {
+            let got = norm.run(&x, silu).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let want = norm.run(&x.to_dtype(DType::F32).unwrap(), silu).unwrap();
+            let got = got.to_dtype(DType::F32).unwrap();
+            let rel = max_diff(&got, &want)
+                / want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+            assert!(rel < 1.0 / 128.0, "silu {silu}: {rel}");
         }
     }
 

@@ -14,11 +14,12 @@
 //! - [`softmax_scaled_last_dim`]: the attention softmax with its scale, in place, with a
 //!   vectorised exponential (candle calls libm's scalar `expf` per score).
 //! - [`gemm_bf16`]: bf16 x bf16 -> f32 matrix multiply (AVX512-BF16 `vdpbf16ps`, or a portable
-//!   path through f32), for `--dtype bf16` on the CPU.
+//!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers that use it.
 
 pub mod conv2d;
 pub mod gemm_bf16;
 pub mod group_norm;
+pub mod linear;
 pub mod softmax;
 
 pub use conv2d::Conv2d;

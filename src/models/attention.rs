@@ -6,7 +6,9 @@
 //! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use crate::kernels::linear::{linear, linear_no_bias, Linear};
 
 use crate::kernels::{Conv2d, GroupNorm};
 

@@ -6,7 +6,9 @@
 //! with a 1x1 `conv_shortcut` on `x` when the channel count changes.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::kernels::linear::{linear, Linear};
 
 use crate::kernels::{Conv2d, GroupNorm};
 

@@ -7,7 +7,9 @@
 //! the encoder), and every size comes from `vae/config.json`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::kernels::linear::Linear;
 
 use super::attention::attend;
 use super::resnet::{ResnetBlock2D, ResnetConfig};
@@ -32,7 +34,10 @@ fn projection(channels: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
             .get((channels, channels, 1, 1), "weight")?
             .reshape((channels, channels))?,
     };
-    Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+    Linear::new(candle_nn::Linear::new(
+        weight,
+        Some(vb.get(channels, "bias")?),
+    ))
 }
 
 /// The mid block's self-attention over all pixels: one head of `channels` dimensions (diffusers'
