@@ -14,8 +14,10 @@
 //! - [`softmax_scaled_last_dim`]: the attention softmax with its scale, in place, with a
 //!   vectorised exponential (candle calls libm's scalar `expf` per score).
 //! - [`gemm_bf16`]: bf16 x bf16 -> f32 matrix multiply (AVX512-BF16 `vdpbf16ps`, or a portable
-//!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers that use it.
+//!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers and the
+//!   [`attention_bf16`] that use it.
 
+pub mod attention_bf16;
 pub mod conv2d;
 pub mod gemm_bf16;
 pub mod group_norm;

@@ -55,6 +55,11 @@ pub(crate) fn softmax_rows(data: &mut [f32], cols: usize, scale: f32) {
         .for_each(|rows| rows.chunks_mut(cols).for_each(|r| row_fn(r, scale)));
 }
 
+/// Softmax of `scale * row`, in place, with the row kernel chosen for this CPU.
+pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
+    row_kernel()(row, scale)
+}
+
 type RowFn = fn(&mut [f32], f32);
 
 fn row_kernel() -> RowFn {

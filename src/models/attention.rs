@@ -3,7 +3,8 @@
 //! Owned rather than taken from candle-transformers because its GEGLU feed-forward uses the tanh
 //! approximation of GELU where diffusers uses the exact erf form, which moves outputs well past the
 //! parity tolerance. Attention scores and softmax are computed in f32 whatever the model dtype
-//! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16).
+//! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16); bf16 on the CPU
+//! sums its bf16 products in f32 in [`crate::kernels::attention_bf16`], as PyTorch does.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -43,12 +44,19 @@ impl Attention {
         })
     }
 
+    /// [B, L, C] -> [B, heads, L, C / heads], in f32 (scores in f32 whatever the model dtype) but
+    /// for bf16 on the CPU, whose attention kernel sums its bf16 products in f32 itself.
     fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l, c) = xs.dims3()?;
-        xs.reshape((b, l, self.heads, c / self.heads))?
+        let heads = xs
+            .reshape((b, l, self.heads, c / self.heads))?
             .transpose(1, 2)?
-            .contiguous()?
-            .to_dtype(DType::F32)
+            .contiguous()?;
+        if crate::kernels::attention_bf16::applies(&heads) {
+            Ok(heads)
+        } else {
+            heads.to_dtype(DType::F32)
+        }
     }
 
     /// Attends from `xs` [B, N, C] to `context` [B, M, Cc] (or to itself).
@@ -83,6 +91,10 @@ pub(crate) fn attend(
     scale: f64,
     max_elements: usize,
 ) -> candle_core::Result<Tensor> {
+    if crate::kernels::attention_bf16::applies(q) {
+        // Blocks of query rows inside the kernel already bound the scores' memory.
+        return crate::kernels::attention_bf16::attend(q, k, v, scale);
+    }
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
     // K^T made contiguous once: gemm packs it faster than the transposed view (about 10 %).
