@@ -360,6 +360,14 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         device,
         dtype
     );
+    if device.is_cpu() {
+        tracing::info!("{}", crate::kernels::describe_cpu_kernels());
+        if dtype == DType::F32 {
+            if let Some(hint) = crate::kernels::bf16_hint() {
+                tracing::info!("{hint}");
+            }
+        }
+    }
     let spinner = Spinner::start(format!("loading {}", fetched.identity));
     let total_jobs = jobs.len();
     // Every prompt of the run: those to generate and those that failed while reading them.
