@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::gemm_bf16::{gemm_bf16, Bf16Kernel, Matrix};
 
 /// Query rows per task.
-const ROWS: usize = 64;
+pub const ROWS: usize = 64;
 
 /// softmax(q k^T * scale) v for bf16 `q` [.., N, D], `k` and `v` [.., M, D] with the same leading
 /// dimensions, on the CPU; the result has `q`'s shape, in bf16.
