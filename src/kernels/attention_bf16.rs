@@ -54,10 +54,7 @@ fn bf16_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [bf16]
     let CpuStorage::BF16(v) = s else {
         candle_core::bail!("attention: {what} must be bf16");
     };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("attention: {what} must be contiguous"),
-    }
+    super::contiguous(v, l, &format!("attention: {what}"))
 }
 
 impl CustomOp3 for AttentionBf16 {

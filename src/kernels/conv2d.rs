@@ -17,6 +17,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 /// Floats in one im2col tile (8 MiB): stays in the last-level cache between the unfold and the gemm.
 const TILE_ELEMS: usize = 1 << 21;
 
@@ -150,14 +152,6 @@ impl Geometry {
     }
 }
 
-/// The elements of a contiguous operand.
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "altdiff-conv2d"
@@ -197,8 +191,8 @@ impl CustomOp3 for Conv2dOp {
             None
         } else if l3.shape().dims() == [b, co, oh, ow] {
             Some(match s3 {
-                CpuStorage::F32(v) => contiguous(v, l3, "residual")?.into(),
-                CpuStorage::BF16(v) => contiguous(v, l3, "residual")?
+                CpuStorage::F32(v) => contiguous(v, l3, "conv2d: the residual")?.into(),
+                CpuStorage::BF16(v) => contiguous(v, l3, "conv2d: the residual")?
                     .iter()
                     .map(|v| v.to_f32())
                     .collect::<Vec<f32>>()
@@ -216,13 +210,19 @@ impl CustomOp3 for Conv2dOp {
         let shape = Shape::from((b, co, oh, ow));
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (x, w) = (contiguous(x, l1, "input")?, contiguous(w, l2, "weight")?);
+                let (x, w) = (
+                    contiguous(x, l1, "conv2d: the input")?,
+                    contiguous(w, l2, "conv2d: the weight")?,
+                );
                 let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
                 Ok((CpuStorage::F32(out), shape))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 // bf16 products, f32 sums (the output tile stays f32), one rounding at the end.
-                let (x, w) = (contiguous(x, l1, "input")?, contiguous(w, l2, "weight")?);
+                let (x, w) = (
+                    contiguous(x, l1, "conv2d: the input")?,
+                    contiguous(w, l2, "conv2d: the weight")?,
+                );
                 let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
                 let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
                 Ok((CpuStorage::BF16(out), shape))

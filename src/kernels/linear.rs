@@ -90,10 +90,8 @@ impl CustomOp2 for LinearBf16 {
         let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (s1, s2) else {
             candle_core::bail!("linear: the bf16 kernel takes bf16 input and weight");
         };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("linear: input and weight must be contiguous");
-        };
+        let x = super::contiguous(x, l1, "linear: the input")?;
+        let w = super::contiguous(w, l2, "linear: the weight")?;
         let (m, k) = l1.shape().dims2()?;
         let (n, wk) = l2.shape().dims2()?;
         if wk != k {
@@ -107,10 +105,10 @@ impl CustomOp2 for LinearBf16 {
         gemm_bf16(
             Bf16Kernel::detect(),
             (m, n, k),
-            Matrix::rows(&x[x0..x1], k),
+            Matrix::rows(x, k),
             // W^T: element (p, j) is w[j, p].
             Matrix {
-                data: &w[w0..w1],
+                data: w,
                 rs: 1,
                 cs: k,
             },

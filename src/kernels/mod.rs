@@ -63,6 +63,18 @@ pub fn bf16_hint() -> Option<&'static str> {
     )
 }
 
+/// The elements of a contiguous operand of a custom op; `what` names it in the error.
+pub(crate) fn contiguous<'a, T>(
+    v: &'a [T],
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 /// The gemm parallelism candle itself uses for its matmuls.
 fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
