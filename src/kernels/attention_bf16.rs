@@ -38,18 +38,6 @@ struct AttentionBf16 {
     scale: f32,
 }
 
-/// The output pointer, shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut bf16);
-// SAFETY: every task writes its own rows of the output (see `cpu_fwd`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut bf16 {
-        self.0
-    }
-}
-
 fn bf16_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [bf16]> {
     let CpuStorage::BF16(v) = s else {
         candle_core::bail!("attention: {what} must be bf16");
@@ -95,7 +83,7 @@ impl CustomOp3 for AttentionBf16 {
         let tasks: Vec<(usize, usize)> = (0..heads)
             .flat_map(|h| (0..n).step_by(ROWS).map(move |r| (h, r)))
             .collect();
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = super::SendPtr(out.as_mut_ptr());
         let kernel = Bf16Kernel::detect();
         let scale = self.scale;
         tasks.into_par_iter().for_each_init(

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::contiguous;
+use super::{contiguous, SendPtr};
 
 /// Floats in one im2col tile (8 MiB): stays in the last-level cache between the unfold and the gemm.
 const TILE_ELEMS: usize = 1 << 21;
@@ -417,18 +417,6 @@ pub(crate) fn conv2d<T: Element>(
         }
     }
     out
-}
-
-/// The output pointer, shared by tiles that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for tiles whose output regions do not overlap (see `conv2d_f32`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Unfolds output rows `y0 .. y0 + rows` of one image into `col` [ci*kh*kw, rows*ow].

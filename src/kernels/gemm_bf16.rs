@@ -226,20 +226,6 @@ mod avx512 {
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    /// A pointer that may cross threads: each thread writes its own block of C.
-    #[derive(Clone, Copy)]
-    struct CPtr(*mut f32);
-    // SAFETY: the threads write disjoint blocks of C (see `gemm`).
-    unsafe impl Send for CPtr {}
-    unsafe impl Sync for CPtr {}
-
-    impl CPtr {
-        /// The pointer (a method, so closures capture the whole `Send` wrapper).
-        fn get(self) -> *mut f32 {
-            self.0
-        }
-    }
-
     /// # Safety
     /// As [`super::gemm_bf16_raw`], on a CPU with AVX512-BF16.
     pub(super) unsafe fn gemm(
@@ -251,7 +237,7 @@ mod avx512 {
         accumulate: bool,
         threads: usize,
     ) {
-        let cptr = CPtr(c);
+        let cptr = crate::kernels::SendPtr(c);
         // Split between threads in whole tiles: the columns when there are enough column tiles,
         // else the rows (so a tall, narrow product does not pack all of B's work onto few tiles).
         let threads = threads.max(1);
@@ -639,28 +625,11 @@ mod tests {
     fn zero_k_clears_or_keeps_c() {
         for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
             let mut c = vec![1.5f32; 6];
-            gemm_bf16(
-                kernel,
-                (2, 3, 0),
-                Matrix::rows(&[], 0),
-                Matrix::rows(&[], 3),
-                &mut c,
-                3,
-                true,
-                1,
-            );
-            assert_eq!(c, [1.5; 6]);
-            gemm_bf16(
-                kernel,
-                (2, 3, 0),
-                Matrix::rows(&[], 0),
-                Matrix::rows(&[], 3),
-                &mut c,
-                3,
-                false,
-                1,
-            );
-            assert_eq!(c, [0.0; 6]);
+            for (accumulate, want) in [(true, 1.5), (false, 0.0)] {
+                let (a, b) = (Matrix::rows(&[], 0), Matrix::rows(&[], 3));
+                gemm_bf16(kernel, (2, 3, 0), a, b, &mut c, 3, accumulate, 1);
+                assert_eq!(c, [want; 6], "accumulate {accumulate}");
+            }
         }
     }
 

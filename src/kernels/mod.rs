@@ -63,6 +63,21 @@ pub fn bf16_hint() -> Option<&'static str> {
     )
 }
 
+/// An output pointer shared by parallel tasks that each write their own disjoint part of it (a
+/// convolution's tiles, a gemm's blocks, attention's row blocks). Creating one is safe; every write
+/// through it is the caller's `unsafe` promise that the parts do not overlap.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only dereferenced by tasks writing disjoint regions (see each user).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// The elements of a contiguous operand of a custom op; `what` names it in the error.
 pub(crate) fn contiguous<'a, T>(
     v: &'a [T],
