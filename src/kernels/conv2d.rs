@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::winograd::Largest;
 use super::{contiguous, SendPtr};
 
 /// Floats in one im2col tile (8 MiB): stays in the last-level cache between the unfold and the gemm.
@@ -28,6 +29,7 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     config: Conv2dConfig,
+    winograd: Largest,
 }
 
 impl Conv2d {
@@ -37,6 +39,16 @@ impl Conv2d {
             weight,
             bias,
             config,
+            winograd: Largest::F2,
+        }
+    }
+
+    /// Allows Winograd tiles up to `largest` for this layer (F(2x2) by default: its error is that
+    /// of the direct sum, where F(4x4)'s measurably is not; see [`super::winograd`]).
+    pub fn with_winograd(self, largest: Largest) -> Self {
+        Self {
+            winograd: largest,
+            ..self
         }
     }
 
@@ -79,6 +91,7 @@ impl Conv2d {
             padding: self.config.padding,
             stride: self.config.stride,
             dilation: self.config.dilation,
+            winograd: self.winograd,
             bias: match &self.bias {
                 Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => None,
@@ -112,6 +125,7 @@ struct Conv2dOp {
     padding: usize,
     stride: usize,
     dilation: usize,
+    winograd: Largest,
     bias: Option<Vec<f32>>,
 }
 
@@ -128,6 +142,8 @@ pub(crate) struct Geometry {
     pub padding: usize,
     pub stride: usize,
     pub dilation: usize,
+    /// The largest Winograd tile the layer allows (3x3 stride-1 f32 layers only).
+    pub winograd: Largest,
 }
 
 impl Geometry {
@@ -182,6 +198,7 @@ impl CustomOp3 for Conv2dOp {
             padding: self.padding,
             stride: self.stride,
             dilation: self.dilation,
+            winograd: self.winograd,
         };
         let Some((oh, ow)) = g.out_hw() else {
             candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded {h}x{wd} input");
@@ -233,8 +250,21 @@ impl CustomOp3 for Conv2dOp {
 }
 
 /// The element types the kernel takes (f32 and bf16): each supplies the tile's gemm into the f32
-/// output.
-pub(crate) trait Element: Copy + Default + Send + Sync {
+/// output, and may pick another algorithm for the whole convolution.
+pub(crate) trait Element: Copy + Default + Send + Sync + Sized {
+    /// `out` (bias + residual when `read_dst`, else zeros) `+= conv(x, w)`: im2col, unless the
+    /// element type has a better kernel for this geometry.
+    fn accumulate(
+        x: &[Self],
+        w: &[Self],
+        out: &mut [f32],
+        g: &Geometry,
+        tile_elems: usize,
+        read_dst: bool,
+    ) {
+        im2col_conv(x, w, out, g, tile_elems, read_dst);
+    }
+
     /// `dst` (co x n, row stride `ldc`) = `dst` (if `read_dst`) + `w` (co x kk, row-major) x `rhs`
     /// (kk x n, row stride `rhs_rs`).
     ///
@@ -255,6 +285,22 @@ pub(crate) trait Element: Copy + Default + Send + Sync {
 }
 
 impl Element for f32 {
+    /// Winograd for the 3x3 stride-1 layers that are large enough ([`super::winograd::choose`]).
+    fn accumulate(
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        g: &Geometry,
+        tile_elems: usize,
+        read_dst: bool,
+    ) {
+        use super::winograd;
+        match winograd::choose(g, winograd::Mode::get()) {
+            Some(t) => winograd::accumulate(t, x, w, out, g),
+            None => im2col_conv(x, w, out, g, tile_elems, read_dst),
+        }
+    }
+
     unsafe fn gemm(
         (co, n, kk): (usize, usize, usize),
         dst: *mut f32,
@@ -336,21 +382,66 @@ pub(crate) fn conv2d<T: Element>(
     let Some((oh, ow)) = g.out_hw() else {
         return Vec::new();
     };
+    let mut out = initial_output(bias, residual, g.b * g.co, oh * ow);
+    T::accumulate(
+        x,
+        w,
+        &mut out,
+        g,
+        tile_elems,
+        bias.is_some() || residual.is_some(),
+    );
+    out
+}
+
+/// `channels` planes of `plane` values, each `residual + bias[channel % bias.len()]` (either may be
+/// absent). Every element is written once, in parallel, before anything reads it: the pages of a
+/// fresh allocation are then faulted in by writes alone (a read first maps the shared zero page, and
+/// the write after it faults a second time and flushes the other cores' TLBs: a fifth of a large
+/// convolution's time when measured).
+pub(crate) fn initial_output(
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    channels: usize,
+    plane: usize,
+) -> Vec<f32> {
+    let n = channels * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(i, ch)| {
+            let v = bias.map_or(0.0, |b| b[i % b.len()]);
+            match residual {
+                Some(r) => {
+                    for (o, r) in ch.iter_mut().zip(&r[i * plane..]) {
+                        o.write(r + v);
+                    }
+                }
+                None => ch.iter_mut().for_each(|o| {
+                    o.write(v);
+                }),
+            }
+        });
+    // SAFETY: the loop above wrote all n elements (chunks of `plane` cover 0..n).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `out += conv(x, w)` with the im2col kernel (`read_dst` false: `out` is overwritten).
+pub(crate) fn im2col_conv<T: Element>(
+    x: &[T],
+    w: &[T],
+    out: &mut [f32],
+    g: &Geometry,
+    tile_elems: usize,
+    read_dst: bool,
+) {
+    let Some((oh, ow)) = g.out_hw() else {
+        return;
+    };
     let opx = oh * ow;
     let kk = g.ci * g.kh * g.kw;
-    let mut out = match residual {
-        Some(r) => r.to_vec(),
-        None => vec![0f32; g.b * g.co * opx],
-    };
-    if let Some(bias) = bias {
-        out.par_chunks_mut(opx.max(1))
-            .enumerate()
-            .for_each(|(i, ch)| {
-                let v = bias[i % g.co];
-                ch.iter_mut().for_each(|o| *o += v);
-            });
-    }
-    let read_dst = bias.is_some() || residual.is_some();
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
     let threads = candle_core::utils::get_num_threads().max(1);
     let rows = if pointwise {
@@ -416,7 +507,6 @@ pub(crate) fn conv2d<T: Element>(
             run(t, &mut col, super::parallelism());
         }
     }
-    out
 }
 
 /// Unfolds output rows `y0 .. y0 + rows` of one image into `col` [ci*kh*kw, rows*ow].
@@ -561,6 +651,7 @@ mod tests {
             padding: k / 2,
             stride: 1,
             dilation: 1,
+            winograd: Largest::F2,
         }
     }
 

@@ -10,6 +10,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::kernels::linear::{linear, Linear};
 
+use crate::kernels::winograd::Largest;
 use crate::kernels::{Conv2d, GroupNorm};
 
 /// Sizes of one block.
@@ -25,6 +26,9 @@ pub struct ResnetConfig {
     pub eps: f64,
     /// The sum is divided by this (1 everywhere but some mid blocks).
     pub output_scale_factor: f64,
+    /// The largest Winograd tile the 3x3 convolutions may use (F(2x2) in the UNet, whose output
+    /// feeds back into the sampler; F(4x4) in the VAE decoder).
+    pub winograd: Largest,
 }
 
 /// One ResNet block.
@@ -64,10 +68,11 @@ impl ResnetBlock2D {
         };
         Ok(Self {
             norm1: GroupNorm::load(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?,
-            conv1: Conv2d::load(in_channels, out, 3, pad1, vb.pp("conv1"))?,
+            conv1: Conv2d::load(in_channels, out, 3, pad1, vb.pp("conv1"))?
+                .with_winograd(cfg.winograd),
             time_emb_proj,
             norm2: GroupNorm::load(cfg.groups, out, cfg.eps, vb.pp("norm2"))?,
-            conv2: Conv2d::load(out, out, 3, pad1, vb.pp("conv2"))?,
+            conv2: Conv2d::load(out, out, 3, pad1, vb.pp("conv2"))?.with_winograd(cfg.winograd),
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
         })

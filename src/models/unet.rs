@@ -14,6 +14,7 @@ use candle_transformers::models::stable_diffusion::embeddings::TimestepEmbedding
 use super::attention::{SpatialTransformer, TransformerConfig};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::config::{UNetBlock, UNetConfig};
+use crate::kernels::winograd::Largest;
 use crate::kernels::{Conv2d, GroupNorm};
 
 /// diffusers' `get_timestep_embedding`, always in f32, then cast to `dtype`.
@@ -88,6 +89,7 @@ fn resnet_config(cfg: &UNetConfig, out: usize, temb: usize, scale: f64) -> Resne
         groups: cfg.norm_num_groups,
         eps: cfg.norm_eps,
         output_scale_factor: scale,
+        winograd: Largest::F2,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::kernels::linear::Linear;
 use super::attention::attend;
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::config::VaeConfig;
+use crate::kernels::winograd::Largest;
 use crate::kernels::{Conv2d, GroupNorm};
 
 const EPS: f64 = 1e-6;
@@ -129,6 +130,7 @@ impl VaeDecoder {
             groups,
             eps: EPS,
             output_scale_factor: 1.0,
+            winograd: Largest::F4,
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
             Some(Conv2d::load(
@@ -162,13 +164,10 @@ impl VaeDecoder {
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 let upsample = if i + 1 < n {
-                    Some(Conv2d::load(
-                        out,
-                        out,
-                        3,
-                        pad1(),
-                        u.pp("upsamplers.0.conv"),
-                    )?)
+                    Some(
+                        Conv2d::load(out, out, 3, pad1(), u.pp("upsamplers.0.conv"))?
+                            .with_winograd(Largest::F4),
+                    )
                 } else {
                     None
                 };
@@ -177,11 +176,13 @@ impl VaeDecoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             post_quant_conv,
-            conv_in: Conv2d::load(cfg.latent_channels, last, 3, pad1(), d.pp("conv_in"))?,
+            conv_in: Conv2d::load(cfg.latent_channels, last, 3, pad1(), d.pp("conv_in"))?
+                .with_winograd(Largest::F4),
             mid,
             up,
             norm_out: GroupNorm::load(groups, ch[0], EPS, d.pp("conv_norm_out"))?,
-            conv_out: Conv2d::load(ch[0], cfg.out_channels, 3, pad1(), d.pp("conv_out"))?,
+            conv_out: Conv2d::load(ch[0], cfg.out_channels, 3, pad1(), d.pp("conv_out"))?
+                .with_winograd(Largest::F4),
         })
     }
 

@@ -24,8 +24,14 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Runs the real binary with `args`.
 pub fn altdiff(args: &[&str]) -> Output {
+    altdiff_with_env(args, &[])
+}
+
+/// Runs the binary with extra environment variables.
+pub fn altdiff_with_env(args: &[&str], vars: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_altdiff"))
         .args(args)
+        .envs(vars.iter().copied())
         .env_remove("ALTDIFF_LOG")
         // Errors must stay one line even when a user has backtraces switched on.
         .env("RUST_BACKTRACE", "1")

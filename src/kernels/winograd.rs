@@ -1,0 +1,743 @@
+//! Winograd convolution (Lavin & Gray 2015, F(4x4, 3x3) and F(2x2, 3x3)) for the f32 3x3,
+//! stride-1, padding-1 convolutions that carry most of the UNet's and the VAE decoder's arithmetic.
+//!
+//! Each output tile of m x m pixels is `A^T [(G g G^T) . (B^T d B)] A` for the (m + 2)^2 input
+//! patch `d` and the 3x3 kernel `g`: the sum over input channels becomes one gemm per transformed
+//! position, `M_p[co, tile] = U_p[co, ci] x V_p[ci, tile]`, with (m + 2)^2 / (m^2 * 9) of the
+//! direct convolution's multiplications: 4x fewer for F(4x4, 3x3), 2.25x for F(2x2, 3x3). The
+//! transforms are additions of whole rows (vectorised at run time through pulp: AVX-512, AVX2 or
+//! scalar), so their cost is small beside the gemms once a layer has enough tiles; small layers stay
+//! on the im2col kernel ([`choose`]).
+//!
+//! Memory stays bounded whatever the image size: the tiles are taken in bands of tile rows whose
+//! transformed input fits [`BAND_FLOATS`], and the transformed weights are made for a block of
+//! output channels at a time (no per-layer copy kept at load: it would be 1.8-4x the weights).
+//!
+//! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
+//! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
+//! an f64 direct convolution; the README's Precision section and BENCHMARKS.md give the figures on
+//! the full-size models and the parity suite. bf16 keeps the im2col kernel: bf16 values would
+//! lose too much in the transforms.
+
+use rayon::prelude::*;
+
+use super::conv2d::Geometry;
+use super::SendPtr;
+
+/// Floats of transformed input and output per band (16 MiB each at most).
+const BAND_FLOATS: usize = 1 << 22;
+/// Floats of transformed weights per block of output channels (32 MiB).
+const WEIGHT_FLOATS: usize = 1 << 23;
+
+/// One Winograd variant: output tile `m` x `m`, input tile `a` = m + 2, and its matrices (row-major
+/// `B^T` a x a, `G` a x 3, `A^T` m x a).
+#[derive(Debug)]
+pub(crate) struct Tiling {
+    pub m: usize,
+    a: usize,
+    bt: &'static [f32],
+    g: &'static [f32],
+    at: &'static [f32],
+    pub name: &'static str,
+}
+
+/// F(2x2, 3x3), points 0, 1, -1 and infinity.
+pub(crate) const F2: Tiling = Tiling {
+    m: 2,
+    a: 4,
+    #[rustfmt::skip]
+    bt: &[
+        1.0, 0.0, -1.0, 0.0,
+        0.0, 1.0, 1.0, 0.0,
+        0.0, -1.0, 1.0, 0.0,
+        0.0, 1.0, 0.0, -1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0, 0.0, 0.0,
+        0.5, 0.5, 0.5,
+        0.5, -0.5, 0.5,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, -1.0,
+    ],
+    name: "F(2x2,3x3)",
+};
+
+/// F(4x4, 3x3), points 0, 1, -1, 2, -2 and infinity.
+pub(crate) const F4: Tiling = Tiling {
+    m: 4,
+    a: 6,
+    #[rustfmt::skip]
+    bt: &[
+        4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
+        0.0, -4.0, -4.0, 1.0, 1.0, 0.0,
+        0.0, 4.0, -4.0, -1.0, 1.0, 0.0,
+        0.0, -2.0, -1.0, 2.0, 1.0, 0.0,
+        0.0, 2.0, -1.0, -2.0, 1.0, 0.0,
+        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    g: &[
+        1.0 / 4.0, 0.0, 0.0,
+        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
+        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0,
+        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0,
+        0.0, 0.0, 1.0,
+    ],
+    #[rustfmt::skip]
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, 2.0, -2.0, 0.0,
+        0.0, 1.0, 1.0, 4.0, 4.0, 0.0,
+        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
+    ],
+    name: "F(4x4,3x3)",
+};
+
+/// The largest Winograd tile a layer allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Largest {
+    /// F(2x2, 3x3): its error is that of the direct sum (the parity suite's worst case moves from
+    /// 0.483 to 0.487 of the tolerance); for layers whose output feeds back into the sampler.
+    F2,
+    /// F(4x4, 3x3): about three more bits lost (the parity suite's worst latents reach 1.17x the
+    /// tolerance when the UNet uses it); for the VAE decoder, whose output is the image.
+    F4,
+}
+
+/// Which 3x3 kernel runs: `ALTDIFF_CONV3X3=auto|im2col|f2|f4` (read once; a diagnostic for
+/// measuring precision and speed, `auto` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// By layer size (see [`choose`]).
+    Auto,
+    /// Always the im2col kernel.
+    Im2col,
+    /// F(2x2, 3x3) for every eligible layer.
+    F2,
+    /// F(4x4, 3x3) for every eligible layer.
+    F4,
+}
+
+impl Mode {
+    /// Parses the variable's value (`None` for an unknown one).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Some(Self::Auto),
+            "im2col" | "direct" => Some(Self::Im2col),
+            "f2" => Some(Self::F2),
+            "f4" => Some(Self::F4),
+            _ => None,
+        }
+    }
+
+    /// The process's mode (an unknown value falls back to `auto` with a warning).
+    pub fn get() -> Self {
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("ALTDIFF_CONV3X3") {
+            Err(_) => Self::Auto,
+            Ok(v) => Self::parse(&v).unwrap_or_else(|| {
+                tracing::warn!("ALTDIFF_CONV3X3={v:?} is not auto, im2col, f2 or f4: using auto");
+                Self::Auto
+            }),
+        })
+    }
+}
+
+/// Tiles of `m` x `m` output pixels in the whole batch.
+fn tiles(g: &Geometry, m: usize) -> usize {
+    g.b * g.h.div_ceil(m) * g.w.div_ceil(m)
+}
+
+/// The Winograd variant for this convolution, or `None` for the im2col kernel: only 3x3,
+/// stride 1, padding 1, dilation 1; in `auto`, F(4x4) when the layer allows it and the batch has at
+/// least [`MIN_TILES`] 4x4 tiles, else F(2x2) when it has that many 2x2 tiles. Fewer tiles do not pay
+/// for transforming the weights on every call (measured by `winograd_speed` on the UNet's and
+/// the VAE decoder's shapes: the UNet's 1280-channel levels stay on im2col at 512x512).
+pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
+    let eligible = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1 && g.dilation == 1;
+    if !eligible || g.b * g.h * g.w == 0 || g.ci == 0 || g.co == 0 {
+        return None;
+    }
+    match mode {
+        Mode::Im2col => None,
+        Mode::F2 => Some(&F2),
+        Mode::F4 => Some(&F4),
+        Mode::Auto if g.winograd == Largest::F4 && tiles(g, 4) >= MIN_TILES => Some(&F4),
+        Mode::Auto if tiles(g, 2) >= MIN_TILES => Some(&F2),
+        Mode::Auto => None,
+    }
+}
+
+/// The fewest tiles for which `auto` picks a Winograd variant.
+pub(crate) const MIN_TILES: usize = 256;
+
+/// `dst += c * src`, elementwise (vectorised by the caller's pulp dispatch).
+#[inline(always)]
+fn axpy(dst: &mut [f32], src: &[f32], c: f32) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += c * s;
+    }
+}
+
+/// Work that runs with the best SIMD instructions of the CPU (pulp's run-time dispatch: AVX-512,
+/// AVX2 + FMA or scalar). `run` must be `#[inline(always)]`, and so must everything it calls, so
+/// that it is compiled inside the dispatcher's `target_feature` function.
+trait Vectorized {
+    fn run(self);
+}
+
+/// Adapts a [`Vectorized`] task to pulp (a closure would be compiled outside the target features).
+struct Dispatch<K>(K);
+
+impl<K: Vectorized> pulp::WithSimd for Dispatch<K> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        self.0.run()
+    }
+}
+
+/// The shapes shared by the transforms of one convolution.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    t: &'a Tiling,
+    g: &'a Geometry,
+    /// Tiles per tile row, tile rows per image.
+    ntx: usize,
+    nty: usize,
+}
+
+/// `out += conv3x3(x, w)` with padding 1 (NCHW `x`, [co, ci, 3, 3] `w`, NCHW `out` already holding
+/// the bias and residual, or zeros).
+pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &Geometry) {
+    let a = t.a;
+    let plan = Plan {
+        t,
+        g,
+        ntx: g.w.div_ceil(t.m),
+        nty: g.h.div_ceil(t.m),
+    };
+    let rows_total = g.b * plan.nty;
+    // Output channels per block of transformed weights (a multiple of 16, gemm's row blocking),
+    // then tile rows per band so that the transformed input and output fit the band budget.
+    let cob = ((WEIGHT_FLOATS / (a * a * g.ci)) / 16 * 16).clamp(16, g.co.next_multiple_of(16));
+    let cob = cob.min(g.co);
+    let band_rows = (BAND_FLOATS / (a * a * plan.ntx * (g.ci + cob))).clamp(1, rows_total);
+    let arch = pulp::Arch::new();
+    let mut buffers = Scratch::take();
+    let [v, mv, u] = &mut buffers.0;
+    let dst = SendPtr(out.as_mut_ptr());
+    for co0 in (0..g.co).step_by(cob) {
+        let nco = cob.min(g.co - co0);
+        // U[p][col][ci]: every element is written.
+        let u = grow(u, a * a * nco * g.ci);
+        let up = SendPtr(u.as_mut_ptr());
+        (0..nco)
+            .into_par_iter()
+            .for_each_init(Vec::new, |scratch, col| {
+                arch.dispatch(Dispatch(WeightTask {
+                    plan,
+                    w,
+                    co: co0 + col,
+                    col,
+                    nco,
+                    u: up,
+                    scratch,
+                }))
+            });
+        for r0 in (0..rows_total).step_by(band_rows) {
+            let rows = r0..(r0 + band_rows).min(rows_total);
+            let nt = rows.len() * plan.ntx;
+            // V[p][ci][tile]: every element is written.
+            let v = grow(v, a * a * g.ci * nt);
+            let vp = SendPtr(v.as_mut_ptr());
+            (0..g.ci)
+                .into_par_iter()
+                .for_each_init(Vec::new, |scratch, ci| {
+                    arch.dispatch(Dispatch(InputTask {
+                        plan,
+                        x,
+                        ci,
+                        rows: rows.clone(),
+                        nt,
+                        v: vp,
+                        scratch,
+                    }))
+                });
+            let mv = grow(mv, a * a * nco * nt);
+            let mp = SendPtr(mv.as_mut_ptr());
+            (0..a * a).into_par_iter().for_each(|p| {
+                // SAFETY: M_p (nco x nt) is this task's own part of `mv`; U_p (nco x ci) and V_p
+                // (ci x nt) are inside `u` and `v`, which nobody writes meanwhile.
+                unsafe {
+                    gemm::gemm(
+                        nco,
+                        nt,
+                        g.ci,
+                        mp.get().add(p * nco * nt),
+                        1,
+                        nt as isize,
+                        false,
+                        u.as_ptr().add(p * nco * g.ci),
+                        1,
+                        g.ci as isize,
+                        v.as_ptr().add(p * g.ci * nt),
+                        1,
+                        nt as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            let mv = &*mv;
+            (0..nco)
+                .into_par_iter()
+                .for_each_init(Vec::new, |scratch, col| {
+                    arch.dispatch(Dispatch(OutputTask {
+                        plan,
+                        mv,
+                        co: co0 + col,
+                        col,
+                        nco,
+                        rows: rows.clone(),
+                        nt,
+                        out: dst,
+                        scratch,
+                    }))
+                });
+        }
+    }
+    buffers.give_back();
+}
+
+/// `buf`'s first `n` elements, growing it (with zeros) when it is shorter: the callers write every
+/// element they read, so old values are never seen.
+fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// The transformed input, output and weights, kept between convolutions: fresh buffers of this size
+/// for every layer cost page faults and TLB flushes that took as long as the transforms themselves.
+/// They are bounded by [`BAND_FLOATS`] and [`WEIGHT_FLOATS`] (64 MiB in all) and freed by
+/// [`release_scratch`].
+struct Scratch([Vec<f32>; 3]);
+
+static POOL: std::sync::Mutex<Option<Scratch>> = std::sync::Mutex::new(None);
+
+impl Scratch {
+    fn take() -> Self {
+        let pooled = POOL.lock().ok().and_then(|mut p| p.take());
+        pooled.unwrap_or(Scratch([Vec::new(), Vec::new(), Vec::new()]))
+    }
+}
+
+impl Scratch {
+    fn give_back(self) {
+        if let Ok(mut p) = POOL.lock() {
+            *p = Some(self);
+        }
+    }
+}
+
+/// Frees the buffers kept between convolutions (when a model is unloaded).
+pub fn release_scratch() {
+    drop(POOL.lock().ok().and_then(|mut p| p.take()));
+}
+
+/// The input transform of channel `ci` for a band's tile rows into V[p][ci][..].
+struct InputTask<'a> {
+    plan: Plan<'a>,
+    x: &'a [f32],
+    ci: usize,
+    rows: std::ops::Range<usize>,
+    nt: usize,
+    v: SendPtr<f32>,
+    scratch: &'a mut Vec<f32>,
+}
+
+impl Vectorized for InputTask<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let Plan { t, g, ntx, nty } = self.plan;
+        let (m, a, ci) = (t.m, t.a, self.ci);
+        // tmp: a rows over the padded input columns (-1 .. m*ntx + m - 1); ph: one tmp row split
+        // by column phase mod m, so that each tile's k-th column is ph[k % m][tile + k / m].
+        let tl = m * (ntx + 1);
+        let pl = ntx + 1;
+        self.scratch.clear();
+        self.scratch.resize(a * tl + m * pl, 0.0);
+        let (tmp, ph) = self.scratch.split_at_mut(a * tl);
+        for (ri, r) in self.rows.enumerate() {
+            let (b, ty) = (r / nty, r % nty);
+            let plane = &self.x[(b * g.ci + ci) * g.h * g.w..][..g.h * g.w];
+            tmp.fill(0.0);
+            // B^T d down the columns: each input row of the tile row is added into the rows it feeds.
+            for k in 0..a {
+                let y = (ty * m + k) as isize - 1;
+                if y < 0 || y >= g.h as isize {
+                    continue;
+                }
+                let src = &plane[y as usize * g.w..][..g.w];
+                for i in 0..a {
+                    let c = t.bt[i * a + k];
+                    if c != 0.0 {
+                        axpy(&mut tmp[i * tl + 1..][..g.w], src, c);
+                    }
+                }
+            }
+            // (B^T d) B along the rows, for all tiles of the row at once.
+            for i in 0..a {
+                let row = &tmp[i * tl..][..tl];
+                for q in 0..m {
+                    for (s, d) in ph[q * pl..][..pl].iter_mut().enumerate() {
+                        *d = row[s * m + q];
+                    }
+                }
+                for j in 0..a {
+                    // SAFETY: row ((i*a + j) * ci_total + ci) of V, tiles ri*ntx .. +ntx: this
+                    // channel's task alone writes it, and it lies inside V (a*a*ci rows of nt).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            self.v
+                                .get()
+                                .add(((i * a + j) * g.ci + ci) * self.nt + ri * ntx),
+                            ntx,
+                        )
+                    };
+                    dst.fill(0.0);
+                    for k in 0..a {
+                        let c = t.bt[j * a + k];
+                        if c != 0.0 {
+                            axpy(dst, &ph[(k % m) * pl + k / m..][..ntx], c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// U[p][col][ci] = (G g G^T)[p] for one output channel and every input channel at once.
+struct WeightTask<'a> {
+    plan: Plan<'a>,
+    w: &'a [f32],
+    co: usize,
+    col: usize,
+    nco: usize,
+    u: SendPtr<f32>,
+    scratch: &'a mut Vec<f32>,
+}
+
+impl Vectorized for WeightTask<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let Plan { t, g, .. } = self.plan;
+        let (a, n) = (t.a, g.ci);
+        // k[l]: kernel element l of every input channel; gg[i*3 + c]: (G g)[i][c] of every one.
+        self.scratch.clear();
+        self.scratch.resize((9 + 3 * a) * n, 0.0);
+        let (k, gg) = self.scratch.split_at_mut(9 * n);
+        let wk = &self.w[self.co * n * 9..][..n * 9];
+        for (ci, kernel) in wk.chunks_exact(9).enumerate() {
+            for (l, v) in kernel.iter().enumerate() {
+                k[l * n + ci] = *v;
+            }
+        }
+        for i in 0..a {
+            for c in 0..3 {
+                let d = &mut gg[(i * 3 + c) * n..][..n];
+                for l in 0..3 {
+                    let coef = t.g[i * 3 + l];
+                    if coef != 0.0 {
+                        axpy(d, &k[(l * 3 + c) * n..][..n], coef);
+                    }
+                }
+            }
+        }
+        for i in 0..a {
+            for j in 0..a {
+                // SAFETY: row `col` of U_(i*a + j) (nco x ci): written by this channel's task
+                // alone, inside U (a*a x nco x ci).
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.u.get().add(((i * a + j) * self.nco + self.col) * n),
+                        n,
+                    )
+                };
+                d.fill(0.0);
+                for c in 0..3 {
+                    let coef = t.g[j * 3 + c];
+                    if coef != 0.0 {
+                        axpy(d, &gg[(i * 3 + c) * n..][..n], coef);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output transform of one output channel for a band's tile rows, added into `out`.
+struct OutputTask<'a> {
+    plan: Plan<'a>,
+    mv: &'a [f32],
+    co: usize,
+    col: usize,
+    nco: usize,
+    rows: std::ops::Range<usize>,
+    nt: usize,
+    out: SendPtr<f32>,
+    scratch: &'a mut Vec<f32>,
+}
+
+impl Vectorized for OutputTask<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let Plan { t, g, ntx, nty } = self.plan;
+        let (m, a) = (t.m, t.a);
+        let (oh, ow) = (g.h, g.w);
+        self.scratch.clear();
+        self.scratch.resize(a * m * ntx + m * ntx, 0.0);
+        let (s, y) = self.scratch.split_at_mut(a * m * ntx);
+        for (ri, r) in self.rows.enumerate() {
+            let (b, ty) = (r / nty, r % nty);
+            // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once.
+            for i in 0..a {
+                for c in 0..m {
+                    let d = &mut s[(i * m + c) * ntx..][..ntx];
+                    d.fill(0.0);
+                    for j in 0..a {
+                        let coef = t.at[c * a + j];
+                        if coef != 0.0 {
+                            let src = ((i * a + j) * self.nco + self.col) * self.nt + ri * ntx;
+                            axpy(d, &self.mv[src..][..ntx], coef);
+                        }
+                    }
+                }
+            }
+            for rr in 0..m {
+                let oy = ty * m + rr;
+                if oy >= oh {
+                    break;
+                }
+                // y[c] = sum_i A^T[rr][i] s[i][c].
+                for c in 0..m {
+                    let d = &mut y[c * ntx..][..ntx];
+                    d.fill(0.0);
+                    for i in 0..a {
+                        let coef = t.at[rr * a + i];
+                        if coef != 0.0 {
+                            axpy(d, &s[(i * m + c) * ntx..][..ntx], coef);
+                        }
+                    }
+                }
+                // SAFETY: output row oy of channel `co` of image b: written by this channel's
+                // task alone (bands run one after another), inside `out` (b x co x oh x ow).
+                let orow = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.out.get().add(((b * g.co + self.co) * oh + oy) * ow),
+                        ow,
+                    )
+                };
+                // Interleave the m column phases back into the row.
+                let full = ow / m;
+                for (tx, o) in orow[..full * m].chunks_exact_mut(m).enumerate() {
+                    for (c, o) in o.iter_mut().enumerate() {
+                        *o += y[c * ntx + tx];
+                    }
+                }
+                for (c, o) in orow[full * m..].iter_mut().enumerate() {
+                    *o += y[c * ntx + full];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, phase: f64) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f64 * 0.731 + phase).sin() * 1.3 + 0.05) as f32)
+            .collect()
+    }
+
+    /// Direct 3x3 padding-1 convolution in f64, and the sum of |products| per output (the scale
+    /// that rounding errors are measured against).
+    fn direct(x: &[f32], w: &[f32], g: &Geometry) -> (Vec<f64>, Vec<f64>) {
+        let (h, wd) = (g.h, g.w);
+        let mut y = vec![0f64; g.b * g.co * h * wd];
+        let mut s = vec![0f64; y.len()];
+        for b in 0..g.b {
+            for co in 0..g.co {
+                for oy in 0..h {
+                    for ox in 0..wd {
+                        let (mut acc, mut mag) = (0f64, 0f64);
+                        for ci in 0..g.ci {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    if iy == 0 || ix == 0 || iy > h || ix > wd {
+                                        continue;
+                                    }
+                                    let xv = x[((b * g.ci + ci) * h + iy - 1) * wd + ix - 1] as f64;
+                                    let wv = w[((co * g.ci + ci) * 3 + ky) * 3 + kx] as f64;
+                                    acc += xv * wv;
+                                    mag += (xv * wv).abs();
+                                }
+                            }
+                        }
+                        let o = ((b * g.co + co) * h + oy) * wd + ox;
+                        y[o] = acc;
+                        s[o] = mag;
+                    }
+                }
+            }
+        }
+        (y, s)
+    }
+
+    fn geom(b: usize, ci: usize, h: usize, w: usize, co: usize) -> Geometry {
+        Geometry {
+            b,
+            ci,
+            h,
+            w,
+            co,
+            kh: 3,
+            kw: 3,
+            padding: 1,
+            stride: 1,
+            dilation: 1,
+            winograd: Largest::F4,
+        }
+    }
+
+    /// Largest error relative to the sum of |products|, for `out` started at `start`.
+    fn worst_error(t: &Tiling, g: &Geometry) -> f64 {
+        let x = values(g.b * g.ci * g.h * g.w, 0.2);
+        let w = values(g.co * g.ci * 9, 1.7);
+        let start = values(g.b * g.co * g.h * g.w, 3.1);
+        let mut out = start.clone();
+        accumulate(t, &x, &w, &mut out, g);
+        let (want, mag) = direct(&x, &w, g);
+        out.iter()
+            .zip(&start)
+            .zip(want.iter().zip(&mag))
+            .map(|((o, s), (y, m))| ((*o as f64 - *s as f64) - y).abs() / (m + 1.0))
+            .fold(0.0, f64::max)
+    }
+
+    /// Both variants against the f64 direct convolution: sizes that are and are not multiples of
+    /// the tile, one pixel wide, batches, more output channels than one weight block, and bands of
+    /// a single tile row (a wide, many-channel layer).
+    #[test]
+    fn matches_direct_convolution() {
+        for t in [&F2, &F4] {
+            for g in [
+                geom(1, 1, 1, 1, 1),
+                geom(2, 3, 7, 5, 4),
+                geom(1, 8, 9, 12, 6),
+                geom(1, 5, 8, 8, 3),
+                geom(3, 2, 1, 9, 2),
+                geom(1, 4, 13, 1, 5),
+                geom(1, 3, 6, 6, 40),
+                geom(1, 300, 5, 70, 2),
+            ] {
+                let err = worst_error(t, &g);
+                // f32 rounding of the transforms: about 2^-24 x (the transforms' gain).
+                let bound = if t.m == 4 { 2e-6 } else { 5e-7 };
+                assert!(err < bound, "{} {g:?}: relative error {err:e}", t.name);
+            }
+        }
+    }
+
+    #[test]
+    fn auto_picks_by_tile_count_and_only_eligible_layers() {
+        // UNet at 64x64 latents (batch 2): F(4x4) where allowed, else F(2x2); 32x32: F(2x2);
+        // 16x16 and 8x8: im2col.
+        assert_eq!(choose(&geom(2, 320, 64, 64, 320), Mode::Auto).unwrap().m, 4);
+        let only_f2 = Geometry {
+            winograd: Largest::F2,
+            ..geom(2, 320, 64, 64, 320)
+        };
+        assert_eq!(choose(&only_f2, Mode::Auto).unwrap().m, 2);
+        assert_eq!(choose(&geom(2, 640, 32, 32, 640), Mode::Auto).unwrap().m, 2);
+        assert!(choose(&geom(2, 1280, 16, 16, 1280), Mode::Auto).is_none());
+        assert!(choose(&geom(2, 1280, 8, 8, 1280), Mode::Auto).is_none());
+        assert!(choose(&geom(2, 320, 64, 64, 320), Mode::Im2col).is_none());
+        assert_eq!(choose(&geom(1, 2, 3, 3, 1), Mode::F4).unwrap().m, 4);
+        let strided = Geometry {
+            stride: 2,
+            ..geom(2, 320, 64, 64, 320)
+        };
+        let one_by_one = Geometry {
+            kh: 1,
+            kw: 1,
+            padding: 0,
+            ..geom(2, 320, 64, 64, 320)
+        };
+        for g in [strided, one_by_one] {
+            assert!(choose(&g, Mode::F4).is_none(), "{g:?}");
+        }
+        assert_eq!(Mode::parse(" F4 "), Some(Mode::F4));
+        assert_eq!(Mode::parse("winograd"), None);
+    }
+
+    /// Per-layer times of im2col, F(2x2) and F(4x4) on the UNet's and VAE decoder's shapes:
+    /// `cargo test --release --lib winograd_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn winograd_speed() {
+        use crate::kernels::conv2d::{im2col_conv, initial_output};
+        let shapes = [
+            geom(2, 320, 64, 64, 320),
+            geom(2, 640, 32, 32, 640),
+            geom(2, 1280, 16, 16, 1280),
+            geom(2, 1280, 8, 8, 1280),
+            geom(1, 512, 64, 64, 512),
+            geom(1, 512, 128, 128, 512),
+            geom(1, 256, 256, 256, 256),
+            geom(1, 128, 512, 512, 128),
+        ];
+        for g in shapes {
+            let x = values(g.b * g.ci * g.h * g.w, 0.2);
+            let w = values(g.co * g.ci * 9, 1.7);
+            let flop = 2.0 * (g.b * g.co * g.ci * 9 * g.h * g.w) as f64;
+            let mut line = format!("b{} {}->{} {}x{}:", g.b, g.ci, g.co, g.h, g.w);
+            for mode in [Mode::Im2col, Mode::F2, Mode::F4] {
+                let time = || {
+                    let start = std::time::Instant::now();
+                    let mut out = initial_output(None, None, g.b * g.co, g.h * g.w);
+                    match choose(&g, mode) {
+                        Some(t) => accumulate(t, &x, &w, &mut out, &g),
+                        None => im2col_conv(&x, &w, &mut out, &g, 1 << 21, false),
+                    }
+                    std::hint::black_box(&out);
+                    start.elapsed().as_secs_f64()
+                };
+                let best = (0..3).map(|_| time()).fold(f64::INFINITY, f64::min);
+                line += &format!(
+                    "  {mode:?} {:.1} ms ({:.0} GFLOP/s direct-equivalent)",
+                    best * 1e3,
+                    flop / best / 1e9
+                );
+            }
+            println!("{line}");
+        }
+    }
+}
