@@ -15,11 +15,12 @@
 //!   vectorised exponential (candle calls libm's scalar `expf` per score).
 //! - [`winograd`]: F(2x2, 3x3) and F(4x4, 3x3) Winograd convolution for the large f32 3x3 layers
 //!   (2.25-4x fewer multiplications than im2col), chosen per layer by size and allowed error.
+//! - [`attention`]: attention fused per block of query rows (scores, softmax and the product with
+//!   `v` while the block is in cache), f32 and bf16.
 //! - [`gemm_bf16`]: bf16 x bf16 -> f32 matrix multiply (AVX512-BF16 `vdpbf16ps`, or a portable
-//!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers and the
-//!   [`attention_bf16`] that use it.
+//!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers that use it.
 
-pub mod attention_bf16;
+pub mod attention;
 pub mod conv2d;
 pub mod gemm_bf16;
 pub mod group_norm;

@@ -4,7 +4,7 @@
 //! approximation of GELU where diffusers uses the exact erf form, which moves outputs well past the
 //! parity tolerance. Attention scores and softmax are computed in f32 whatever the model dtype
 //! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16); bf16 on the CPU
-//! sums its bf16 products in f32 in [`crate::kernels::attention_bf16`], as PyTorch does.
+//! sums its bf16 products in f32 in [`crate::kernels::attention`], as PyTorch does.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -52,7 +52,7 @@ impl Attention {
             .reshape((b, l, self.heads, c / self.heads))?
             .transpose(1, 2)?
             .contiguous()?;
-        if crate::kernels::attention_bf16::applies(&heads) {
+        if crate::kernels::attention::applies(&heads) {
             Ok(heads)
         } else {
             heads.to_dtype(DType::F32)
@@ -81,9 +81,9 @@ impl Attention {
 /// that fit; blocks of a few hundred rows keep the matmuls efficient.
 pub(crate) const MAX_SCORE_ELEMENTS: usize = 8 << 20;
 
-/// softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D], in blocks of query rows so that
-/// at most `max_elements` scores exist at a time. Each row's softmax only involves its own scores, so
-/// blocking changes nothing but the memory used.
+/// softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D]: the fused CPU kernel for f32
+/// and bf16 on the CPU (its blocks of query rows bound the scores' memory), else
+/// [`attend_blocked`].
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -91,10 +91,22 @@ pub(crate) fn attend(
     scale: f64,
     max_elements: usize,
 ) -> candle_core::Result<Tensor> {
-    if crate::kernels::attention_bf16::applies(q) {
-        // Blocks of query rows inside the kernel already bound the scores' memory.
-        return crate::kernels::attention_bf16::attend(q, k, v, scale);
+    if crate::kernels::attention::applies(q) {
+        return crate::kernels::attention::attend(q, k, v, scale);
     }
+    attend_blocked(q, k, v, scale, max_elements)
+}
+
+/// [`attend`] with candle's ops, in blocks of query rows so that at most `max_elements` scores
+/// exist at a time. Each row's softmax only involves its own scores, so blocking changes nothing
+/// but the memory used. Other devices run this, and the CPU kernel's tests compare with it.
+pub(crate) fn attend_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_elements: usize,
+) -> candle_core::Result<Tensor> {
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
     // K^T made contiguous once: gemm packs it faster than the transposed view (about 10 %).
@@ -167,7 +179,7 @@ mod tests {
                 .unwrap()
         };
         for max in [1, 2 * 3 * 29 * 5, 2 * 3 * 29 * 36, usize::MAX] {
-            let blocked = attend(&q, &k, &v, 0.3, max).unwrap();
+            let blocked = attend_blocked(&q, &k, &v, 0.3, max).unwrap();
             let d = max_abs_diff(&blocked, &plain);
             assert!(d < 1e-6, "max elements {max}: {d}");
         }
