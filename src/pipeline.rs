@@ -358,18 +358,30 @@ impl Pipeline {
                 .and_then(|t| t.reshape((p * n, l, d)))
                 .context(what)
         };
-        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let (ids, cond, dropped) = self.encode(&prompts, r.max_length)?;
+        // The prompts and the negative prompt in one batch through the encoder (one pass over its
+        // weights, wider matmuls); every row is computed on its own, so batching changes nothing
+        // in the numbers. diffusers encodes `[negative_prompt] * P`: identical rows, so one is
+        // encoded and repeated.
+        let mut texts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let p = texts.len();
+        let guided = req.sampling.guidance > 1.0;
+        if guided {
+            texts.push(req.sampling.negative_prompt.as_deref().unwrap_or(""));
+        }
+        let (ids, embeds, dropped) = self.encode(&texts, r.max_length)?;
         let truncated = dropped
             .into_iter()
+            .take(p)
             .enumerate()
             .filter_map(|(i, d)| d.map(|d| (i, d)))
             .collect();
-        let cond = per_image(cond)?;
-        let uncond = if req.sampling.guidance > 1.0 {
-            let neg = req.sampling.negative_prompt.as_deref().unwrap_or("");
-            let (_, uncond, _) = self.encode(&vec![neg; prompts.len()], r.max_length)?;
-            Some(per_image(uncond)?)
+        let ids = ids.narrow(0, 0, p).context(what)?;
+        let cond = per_image(embeds.narrow(0, 0, p).context(what)?)?;
+        let uncond = if guided {
+            let neg = embeds.narrow(0, p, 1).context(what)?;
+            let (_, l, d) = neg.dims3().context(what)?;
+            let negs = neg.broadcast_as((p, l, d)).and_then(|t| t.contiguous());
+            Some(per_image(negs.context(what)?)?)
         } else {
             None
         };
