@@ -1,23 +1,33 @@
-//! Linear layers (PyTorch's `nn.Linear`: `y = x W^T + b`, weight `[out, in]`) with a bf16 CPU path.
+//! Linear layers (PyTorch's `nn.Linear`: `y = x W^T + b`, weight `[out, in]`) with CPU kernels.
 //!
 //! candle 0.11 multiplies bf16 matrices on the CPU by widening both to f32 on every call, so
-//! `--dtype bf16` would gain nothing in the transformer blocks. Here a bf16 input on the CPU goes
-//! through [`super::gemm_bf16`] (bf16 products, f32 sums, the bias added in f32, one rounding), as
-//! PyTorch's CPU autocast does; everything else (f32, GPUs) is candle-nn's `Linear`, which the tests
-//! use as the reference.
+//! `--dtype bf16` would gain nothing in the transformer blocks; and for an f32 input [B, L, in] it
+//! runs one gemm per batch row, each packing the whole weight again, then adds the bias in another
+//! pass. Here, on the CPU, the input is one [B*L, in] matrix and one gemm starts from the bias: f32
+//! through gemm's kernel, bf16 through [`super::gemm_bf16`] (bf16 products, f32 sums, the bias
+//! added in f32, one rounding, as PyTorch's CPU autocast does). Other devices and dtypes use
+//! candle-nn's `Linear`, which the tests use as the reference.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::gemm_bf16::{gemm_bf16, Bf16Kernel, Matrix};
 
 /// A linear layer with PyTorch's weight names (`weight` `[out, in]`, optional `bias` `[out]`).
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The weight `[out, in]` and bias; for the f32 CPU kernel the weight's square blocks are
+    /// transposed in place (`blocks`), and only that kernel may read it.
     inner: candle_nn::Linear,
-    /// The bias in f32 for the bf16 kernel (added before rounding).
+    /// The bias in f32 for the CPU kernels (bf16 adds it before rounding).
     bias_f32: Option<Vec<f32>>,
+    /// f32 on the CPU: the side of the square blocks of the weight that were transposed at load.
+    blocks: Option<usize>,
 }
+
+/// The smallest block side worth transposing (smaller layers keep the strided read).
+const MIN_BLOCK: usize = 64;
 
 /// Loads `weight` and `bias` of an `in_dim -> out_dim` layer.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -32,24 +42,101 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 impl Linear {
     /// Wraps candle-nn's layer.
     pub fn new(inner: candle_nn::Linear) -> Result<Self> {
-        let fast = inner.weight().device().is_cpu() && inner.weight().dtype() == DType::BF16;
+        let w = inner.weight();
+        let fast = w.device().is_cpu() && matches!(w.dtype(), DType::BF16 | DType::F32);
         let bias_f32 = match inner.bias() {
             Some(b) if fast => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             _ => None,
         };
-        Ok(Self { inner, bias_f32 })
+        // gemm reads W^T straight from W [out, in] only through a scalar transposing copy, which
+        // took more time than the products for the text encoder's 77-row inputs (3x slower than a
+        // row-major W^T, measured on its 1024 x 1024 and 1024 x 4096 layers). The transpose is made
+        // once here, in place (a copy would double the layer's memory while loading): W is cut into
+        // square blocks along its longer side, each transposed where it lies.
+        let (n, k) = w.dims2()?;
+        let side = n.min(k);
+        let blocks = (fast
+            && w.dtype() == DType::F32
+            && w.is_contiguous()
+            && side >= MIN_BLOCK
+            && n.max(k) % side == 0)
+            .then_some(side);
+        if let Some(side) = blocks {
+            w.inplace_op1(&TransposeBlocks { side })?;
+        }
+        Ok(Self {
+            inner,
+            bias_f32,
+            blocks,
+        })
+    }
+}
+
+/// Transposes, in place, the square `side` x `side` blocks of a row-major [n, k] matrix whose
+/// longer dimension is a multiple of `side`: rows b*side.. (n > k) or columns b*side.. (n < k).
+struct TransposeBlocks {
+    side: usize,
+}
+
+impl candle_core::InplaceOp1 for TransposeBlocks {
+    fn name(&self) -> &'static str {
+        "altdiff-transpose-blocks"
     }
 
-    /// The weight `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (n, k) = layout.shape().dims2()?;
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("linear: only f32 weights are transposed");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("linear: the weight must be contiguous");
+        };
+        let w = &mut data[start..end];
+        let s = self.side;
+        // Block b starts at `origin(b)`; its rows are `k` apart.
+        let origin = |b: usize| if n >= k { b * s * k } else { b * s };
+        let ptr = super::SendPtr(w.as_mut_ptr());
+        const TILE: usize = 32;
+        let tiles = s.div_ceil(TILE);
+        // One task per (block, tile row): tile (ti, tj >= ti) is swapped with tile (tj, ti), so the
+        // tasks touch disjoint elements.
+        (0..n.max(k) / s * tiles).into_par_iter().for_each(|task| {
+            let (b, ti) = (task / tiles, task % tiles);
+            let base = origin(b);
+            for tj in ti..tiles {
+                for i in ti * TILE..((ti + 1) * TILE).min(s) {
+                    let j0 = if ti == tj { i + 1 } else { tj * TILE };
+                    for j in j0..((tj + 1) * TILE).min(s) {
+                        // SAFETY: (i, j) and (j, i) lie in block b (inside w), and only this task
+                        // touches tile (ti, tj) and its mirror (tj, ti).
+                        unsafe {
+                            std::ptr::swap(
+                                ptr.get().add(base + i * k + j),
+                                ptr.get().add(base + j * k + i),
+                            );
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        if !(x.device().is_cpu() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16) {
+        let kernel = x.device().is_cpu()
+            && x.dtype() == w.dtype()
+            && matches!(w.dtype(), DType::BF16 | DType::F32);
+        if !kernel && self.blocks.is_some() {
+            candle_core::bail!(
+                "linear: this layer's weights are laid out for f32 on the CPU, not {:?} on {:?}",
+                x.dtype(),
+                x.device()
+            );
+        }
+        if !kernel {
             return self.inner.forward(x);
         }
         let dims = x.dims().to_vec();
@@ -57,8 +144,9 @@ impl Module for Linear {
             return self.inner.forward(x);
         };
         let m: usize = lead.iter().product();
-        let op = LinearBf16 {
-            bias: self.bias_f32.clone(),
+        let op = LinearOp {
+            bias: self.bias_f32.as_deref(),
+            blocks: self.blocks,
         };
         let y = x
             .reshape((m, k))?
@@ -70,14 +158,16 @@ impl Module for Linear {
     }
 }
 
-/// `x [m, k] x w^T [k, n] + bias` for bf16 `x` and `w [n, k]`, into bf16.
-struct LinearBf16 {
-    bias: Option<Vec<f32>>,
+/// `x [m, k] x w^T [k, n] + bias` for `x` and `w [n, k]` both f32 or both bf16, into that dtype.
+struct LinearOp<'a> {
+    bias: Option<&'a [f32]>,
+    /// The f32 weight's square blocks are transposed (see [`Linear::new`]).
+    blocks: Option<usize>,
 }
 
-impl CustomOp2 for LinearBf16 {
+impl CustomOp2 for LinearOp<'_> {
     fn name(&self) -> &'static str {
-        "altdiff-linear-bf16"
+        "altdiff-linear"
     }
 
     fn cpu_fwd(
@@ -87,21 +177,84 @@ impl CustomOp2 for LinearBf16 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (s1, s2) else {
-            candle_core::bail!("linear: the bf16 kernel takes bf16 input and weight");
-        };
-        let x = super::contiguous(x, l1, "linear: the input")?;
-        let w = super::contiguous(w, l2, "linear: the weight")?;
         let (m, k) = l1.shape().dims2()?;
         let (n, wk) = l2.shape().dims2()?;
         if wk != k {
             candle_core::bail!("linear: input has {k} features, the weight expects {wk}");
         }
-        let mut out = match &self.bias {
+        let mut out = match self.bias {
             Some(b) if b.len() == n => b.repeat(m),
             Some(b) => candle_core::bail!("linear: bias of {} for {n} outputs", b.len()),
             None => vec![0f32; m * n],
         };
+        let (x, w) = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => (x, w),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+                let x = super::contiguous(x, l1, "linear: the input")?;
+                let w = super::contiguous(w, l2, "linear: the weight")?;
+                self.bf16((m, n, k), x, w, &mut out);
+                let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
+                return Ok((CpuStorage::BF16(out), Shape::from((m, n))));
+            }
+            _ => candle_core::bail!("linear: input and weight must both be f32 or both bf16"),
+        };
+        let x = super::contiguous(x, l1, "linear: the input")?;
+        let w = super::contiguous(w, l2, "linear: the weight")?;
+        // Each product: (columns, depth, output column offset, input column offset, rhs offset,
+        // rhs (row stride, column stride)).
+        type Part = (usize, usize, usize, usize, usize, (usize, usize));
+        let parts: Vec<Part> = match self.blocks {
+            // W^T's element (p, j) is w[j * k + p].
+            None => vec![(n, k, 0, 0, 0, (1, k))],
+            // Output columns b*s..: block b (rows b*s.. of w) holds their W^T, row-major.
+            Some(s) if n >= k => (0..n / s)
+                .map(|b| (s, k, b * s, 0, b * s * k, (s, 1)))
+                .collect(),
+            // Input columns b*s..: block b (columns b*s.. of w) holds their rows of W^T.
+            Some(s) => (0..k / s)
+                .map(|b| (n, s, 0, b * s, b * s, (k, 1)))
+                .collect(),
+        };
+        for (i, &(cols, depth, o, xo, wo, (rs, cs))) in parts.iter().enumerate() {
+            // SAFETY: out is m x n (row stride n), columns o..o + cols inside it; x is m x k (row
+            // stride k), columns xo..xo + depth inside it; the rhs is depth x cols at (rs, cs)
+            // from wo, inside w (n x k) by the block layout above.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    depth,
+                    out.as_mut_ptr().add(o),
+                    1,
+                    n as isize,
+                    self.bias.is_some() || i > 0,
+                    x.as_ptr().add(xo),
+                    1,
+                    k as isize,
+                    w.as_ptr().add(wo),
+                    cs as isize,
+                    rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    super::parallelism(),
+                );
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+impl LinearOp<'_> {
+    fn bf16(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        x: &[half::bf16],
+        w: &[half::bf16],
+        out: &mut [f32],
+    ) {
         gemm_bf16(
             Bf16Kernel::detect(),
             (m, n, k),
@@ -112,13 +265,11 @@ impl CustomOp2 for LinearBf16 {
                 rs: 1,
                 cs: k,
             },
-            &mut out,
+            out,
             n,
             self.bias.is_some(),
             candle_core::utils::get_num_threads(),
         );
-        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
-        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }
 
@@ -171,23 +322,35 @@ mod tests {
         }
     }
 
+    /// The f32 kernel against candle-nn's layer: the same products, summed in gemm's order.
     #[test]
-    fn f32_goes_through_candle_nn() {
-        let x = tensor(&[4, 6], 0.0);
-        let w = tensor(&[3, 6], 0.5);
-        let ours = Linear::new(candle_nn::Linear::new(w.clone(), None))
-            .unwrap()
-            .forward(&x)
-            .unwrap();
-        let theirs = candle_nn::Linear::new(w, None).forward(&x).unwrap();
-        let d = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+    fn f32_linear_matches_candle_nn() {
+        // Strided W^T (small or indivisible) and square blocks: one, along the rows, along the
+        // columns, with a tile that does not divide the side.
+        for (shape, out, bias) in [
+            (vec![4, 6], 3, false),
+            (vec![2, 77, 64], 96, true),
+            (vec![2, 3, 10, 33], 40, true),
+            (vec![2, 7, 64], 64, true),
+            (vec![5, 96], 288, true),
+            (vec![3, 2, 256], 64, false),
+            (vec![9, 70], 140, true),
+        ] {
+            let k = *shape.last().unwrap();
+            let x = tensor(&shape, 0.0);
+            let w = tensor(&[out, k], 0.5);
+            let b = bias.then(|| tensor(&[out], 2.0));
+            // The reference first: the layer rearranges its own copy of the weight in place.
+            let theirs = candle_nn::Linear::new(w.copy().unwrap(), b.clone())
+                .forward(&x)
+                .unwrap();
+            let ours = Linear::new(candle_nn::Linear::new(w, b))
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            assert_eq!((ours.dtype(), ours.dims()), (DType::F32, theirs.dims()));
+            let d = crate::test_support::max_abs_diff(&ours, &theirs);
+            assert!(d < 1e-5 * k as f32, "{shape:?} -> {out}: {d}");
+        }
     }
 }
