@@ -62,44 +62,6 @@ trait Element: Copy + Send + Sync + 'static {
     fn storage(out: Vec<Self>) -> CpuStorage;
 }
 
-/// `dst` (m x n, row stride n) = a (m x k, strides ars / acs) b (k x n, strides brs / bcs), f32.
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    a: &[f32],
-    (ars, acs): (usize, usize),
-    b: &[f32],
-    (brs, bcs): (usize, usize),
-) {
-    assert!(dst.len() >= m * n);
-    // SAFETY: dst is m x n with row stride n (checked); a and b hold the m x k and k x n
-    // operands at these strides (the callers pass whole blocks of q, k, v and the scores).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            acs as isize,
-            ars as isize,
-            b.as_ptr(),
-            bcs as isize,
-            brs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 impl Element for f32 {
     const ROWS: usize = 32;
     type Scratch = ();
@@ -111,7 +73,8 @@ impl Element for f32 {
     }
     fn scores((rows, m, d): (usize, usize, usize), q: &[f32], k: &[f32], scores: &mut [f32]) {
         // k [M, D] read as its transpose: element (p, j) is k[j * d + p].
-        sgemm((rows, m, d), scores, q, (d, 1), k, (1, d));
+        let none = gemm::Parallelism::None;
+        super::sgemm((rows, m, d), scores, m, false, q, (d, 1), k, (1, d), none);
     }
     fn weighted(
         (rows, d, m): (usize, usize, usize),
@@ -120,7 +83,8 @@ impl Element for f32 {
         acc: &mut [f32],
         _: &mut (),
     ) {
-        sgemm((rows, d, m), acc, probs, (m, 1), v, (d, 1));
+        let none = gemm::Parallelism::None;
+        super::sgemm((rows, d, m), acc, d, false, probs, (m, 1), v, (d, 1), none);
     }
     fn store(acc: &[f32], out: &mut [f32]) {
         out.copy_from_slice(acc);

@@ -311,25 +311,22 @@ impl Element for f32 {
         rhs_rs: usize,
         par: gemm::Parallelism,
     ) {
-        gemm::gemm(
-            co,
-            n,
-            kk,
+        if co == 0 || n == 0 || kk == 0 {
+            return;
+        }
+        // SAFETY (the caller's promise): dst covers co rows of ldc with n columns, written by
+        // nobody else meanwhile; rhs covers kk rows of rhs_rs with n columns.
+        let dst = std::slice::from_raw_parts_mut(dst, (co - 1) * ldc + n);
+        let rhs = std::slice::from_raw_parts(rhs, (kk - 1) * rhs_rs + n);
+        super::sgemm(
+            (co, n, kk),
             dst,
-            1,
-            ldc as isize,
+            ldc,
             read_dst,
-            w.as_ptr(),
-            1,
-            kk as isize,
+            w,
+            (kk, 1),
             rhs,
-            1,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+            (rhs_rs, 1),
             par,
         );
     }

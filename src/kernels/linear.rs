@@ -215,33 +215,21 @@ impl CustomOp2 for LinearOp<'_> {
                 .map(|b| (n, s, 0, b * s, b * s, (k, 1)))
                 .collect(),
         };
-        for (i, &(cols, depth, o, xo, wo, (rs, cs))) in parts.iter().enumerate() {
-            // SAFETY: out is m x n (row stride n), columns o..o + cols inside it; x is m x k (row
-            // stride k), columns xo..xo + depth inside it; the rhs is depth x cols at (rs, cs)
-            // from wo, inside w (n x k) by the block layout above.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    cols,
-                    depth,
-                    out.as_mut_ptr().add(o),
-                    1,
-                    n as isize,
-                    self.bias.is_some() || i > 0,
-                    x.as_ptr().add(xo),
-                    1,
-                    k as isize,
-                    w.as_ptr().add(wo),
-                    cs as isize,
-                    rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    super::parallelism(),
-                );
-            }
+        for (i, &(cols, depth, o, xo, wo, strides)) in parts.iter().enumerate() {
+            let accumulate = self.bias.is_some() || i > 0;
+            let (dst, x, w) = (&mut out[o..], &x[xo..], &w[wo..]);
+            let par = super::parallelism();
+            super::sgemm(
+                (m, cols, depth),
+                dst,
+                n,
+                accumulate,
+                x,
+                (k, 1),
+                w,
+                strides,
+                par,
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }

@@ -7,10 +7,10 @@
 //! direct convolution's multiplications: 4x fewer for F(4x4, 3x3), 2.25x for F(2x2, 3x3). The
 //! transforms are additions of whole rows (vectorised at run time through pulp: AVX-512, AVX2 or
 //! scalar), so their cost is small beside the gemms once a layer has enough tiles; small layers stay
-//! on the im2col kernel ([`choose`]).
+//! on the im2col kernel (`choose`).
 //!
 //! Memory stays bounded whatever the image size: the tiles are taken in bands of tile rows whose
-//! transformed input fits [`BAND_FLOATS`], and the transformed weights are made for a block of
+//! transformed input fits `BAND_FLOATS`, and the transformed weights are made for a block of
 //! output channels at a time (no per-layer copy kept at load: it would be 1.8-4x the weights).
 //!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
@@ -114,7 +114,7 @@ pub enum Largest {
 /// measuring precision and speed, `auto` by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// By layer size (see [`choose`]).
+    /// By layer size (see `choose`).
     Auto,
     /// Always the im2col kernel.
     Im2col,
@@ -156,7 +156,7 @@ fn tiles(g: &Geometry, m: usize) -> usize {
 
 /// The Winograd variant for this convolution, or `None` for the im2col kernel: only 3x3,
 /// stride 1, padding 1, dilation 1; in `auto`, F(4x4) when the layer allows it and the batch has at
-/// least [`MIN_TILES`] 4x4 tiles, else F(2x2) when it has that many 2x2 tiles. Fewer tiles do not pay
+/// least `MIN_TILES` 4x4 tiles, else F(2x2) when it has that many 2x2 tiles. Fewer tiles do not pay
 /// for transforming the weights on every call (measured by `winograd_speed` on the UNet's and
 /// the VAE decoder's shapes: the UNet's 1280-channel levels stay on im2col at 512x512).
 pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
@@ -271,34 +271,26 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
                     }))
                 });
             let mv = grow(mv, a * a * nco * nt);
-            let mp = SendPtr(mv.as_mut_ptr());
-            (0..a * a).into_par_iter().for_each(|p| {
-                // SAFETY: M_p (nco x nt) is this task's own part of `mv`; U_p (nco x ci) and V_p
-                // (ci x nt) are inside `u` and `v`, which nobody writes meanwhile.
-                unsafe {
-                    gemm::gemm(
-                        nco,
+            let (u, v) = (&*u, &*v);
+            // M_p = U_p (nco x ci) x V_p (ci x nt), one position per task.
+            mv.par_chunks_mut(nco * nt)
+                .enumerate()
+                .for_each(|(p, m_p)| {
+                    let u_p = &u[p * nco * g.ci..][..nco * g.ci];
+                    let v_p = &v[p * g.ci * nt..][..g.ci * nt];
+                    let none = gemm::Parallelism::None;
+                    super::sgemm(
+                        (nco, nt, g.ci),
+                        m_p,
                         nt,
-                        g.ci,
-                        mp.get().add(p * nco * nt),
-                        1,
-                        nt as isize,
                         false,
-                        u.as_ptr().add(p * nco * g.ci),
-                        1,
-                        g.ci as isize,
-                        v.as_ptr().add(p * g.ci * nt),
-                        1,
-                        nt as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        u_p,
+                        (g.ci, 1),
+                        v_p,
+                        (nt, 1),
+                        none,
                     );
-                }
-            });
+                });
             let mv = &*mv;
             (0..nco)
                 .into_par_iter()
@@ -331,7 +323,7 @@ fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// The transformed input, output and weights, kept between convolutions: fresh buffers of this size
 /// for every layer cost page faults and TLB flushes that took as long as the transforms themselves.
-/// They are bounded by [`BAND_FLOATS`] and [`WEIGHT_FLOATS`] (64 MiB in all) and freed by
+/// They are bounded by `BAND_FLOATS` and `WEIGHT_FLOATS` (64 MiB in all) and freed by
 /// [`release_scratch`].
 struct Scratch([Vec<f32>; 3]);
 
