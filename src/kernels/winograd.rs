@@ -261,13 +261,10 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
                 .into_par_iter()
                 .for_each_init(Vec::new, |scratch, ci| {
                     arch.dispatch(Dispatch(InputTask {
-                        plan,
+                        band: Band::new(plan, &rows, scratch),
                         x,
                         ci,
-                        rows: rows.clone(),
-                        nt,
                         v: vp,
-                        scratch,
                     }))
                 });
             let mv = grow(mv, a * a * nco * nt);
@@ -296,15 +293,12 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
                 .into_par_iter()
                 .for_each_init(Vec::new, |scratch, col| {
                     arch.dispatch(Dispatch(OutputTask {
-                        plan,
+                        band: Band::new(plan, &rows, scratch),
                         mv,
                         co: co0 + col,
                         col,
                         nco,
-                        rows: rows.clone(),
-                        nt,
                         out: dst,
-                        scratch,
                     }))
                 });
         }
@@ -349,30 +343,52 @@ pub fn release_scratch() {
     drop(POOL.lock().ok().and_then(|mut p| p.take()));
 }
 
+/// A band's tile rows as one transform task sees them, with the task's scratch.
+struct Band<'a> {
+    plan: Plan<'a>,
+    rows: std::ops::Range<usize>,
+    /// Tiles in the band (its columns in V and M).
+    nt: usize,
+    scratch: &'a mut Vec<f32>,
+}
+
+impl<'a> Band<'a> {
+    fn new(plan: Plan<'a>, rows: &std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> Self {
+        Self {
+            plan,
+            rows: rows.clone(),
+            nt: rows.len() * plan.ntx,
+            scratch,
+        }
+    }
+}
+
 /// The input transform of channel `ci` for a band's tile rows into V[p][ci][..].
 struct InputTask<'a> {
-    plan: Plan<'a>,
+    band: Band<'a>,
     x: &'a [f32],
     ci: usize,
-    rows: std::ops::Range<usize>,
-    nt: usize,
     v: SendPtr<f32>,
-    scratch: &'a mut Vec<f32>,
 }
 
 impl Vectorized for InputTask<'_> {
     #[inline(always)]
     fn run(self) {
-        let Plan { t, g, ntx, nty } = self.plan;
+        let Band {
+            plan: Plan { t, g, ntx, nty },
+            rows,
+            nt,
+            scratch,
+        } = self.band;
         let (m, a, ci) = (t.m, t.a, self.ci);
         // tmp: a rows over the padded input columns (-1 .. m*ntx + m - 1); ph: one tmp row split
         // by column phase mod m, so that each tile's k-th column is ph[k % m][tile + k / m].
         let tl = m * (ntx + 1);
         let pl = ntx + 1;
-        self.scratch.clear();
-        self.scratch.resize(a * tl + m * pl, 0.0);
-        let (tmp, ph) = self.scratch.split_at_mut(a * tl);
-        for (ri, r) in self.rows.enumerate() {
+        scratch.clear();
+        scratch.resize(a * tl + m * pl, 0.0);
+        let (tmp, ph) = scratch.split_at_mut(a * tl);
+        for (ri, r) in rows.enumerate() {
             let (b, ty) = (r / nty, r % nty);
             let plane = &self.x[(b * g.ci + ci) * g.h * g.w..][..g.h * g.w];
             tmp.fill(0.0);
@@ -403,9 +419,7 @@ impl Vectorized for InputTask<'_> {
                     // channel's task alone writes it, and it lies inside V (a*a*ci rows of nt).
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            self.v
-                                .get()
-                                .add(((i * a + j) * g.ci + ci) * self.nt + ri * ntx),
+                            self.v.get().add(((i * a + j) * g.ci + ci) * nt + ri * ntx),
                             ntx,
                         )
                     };
@@ -483,27 +497,29 @@ impl Vectorized for WeightTask<'_> {
 
 /// The output transform of one output channel for a band's tile rows, added into `out`.
 struct OutputTask<'a> {
-    plan: Plan<'a>,
+    band: Band<'a>,
     mv: &'a [f32],
     co: usize,
     col: usize,
     nco: usize,
-    rows: std::ops::Range<usize>,
-    nt: usize,
     out: SendPtr<f32>,
-    scratch: &'a mut Vec<f32>,
 }
 
 impl Vectorized for OutputTask<'_> {
     #[inline(always)]
     fn run(self) {
-        let Plan { t, g, ntx, nty } = self.plan;
+        let Band {
+            plan: Plan { t, g, ntx, nty },
+            rows,
+            nt,
+            scratch,
+        } = self.band;
         let (m, a) = (t.m, t.a);
         let (oh, ow) = (g.h, g.w);
-        self.scratch.clear();
-        self.scratch.resize(a * m * ntx + m * ntx, 0.0);
-        let (s, y) = self.scratch.split_at_mut(a * m * ntx);
-        for (ri, r) in self.rows.enumerate() {
+        scratch.clear();
+        scratch.resize(a * m * ntx + m * ntx, 0.0);
+        let (s, y) = scratch.split_at_mut(a * m * ntx);
+        for (ri, r) in rows.enumerate() {
             let (b, ty) = (r / nty, r % nty);
             // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once.
             for i in 0..a {
@@ -513,7 +529,7 @@ impl Vectorized for OutputTask<'_> {
                     for j in 0..a {
                         let coef = t.at[c * a + j];
                         if coef != 0.0 {
-                            let src = ((i * a + j) * self.nco + self.col) * self.nt + ri * ntx;
+                            let src = ((i * a + j) * self.nco + self.col) * nt + ri * ntx;
                             axpy(d, &self.mv[src..][..ntx], coef);
                         }
                     }
