@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::gemm_bf16::{gemm_bf16, Bf16Kernel, Matrix};
+use super::gemm_bf16::{gemm_bf16_packed, Bf16Kernel, Matrix, PackedB};
 
 /// Query rows per task (bf16; f32 scores take twice the cache per row, so half as many).
 pub const ROWS: usize = 64;
@@ -41,20 +41,26 @@ struct FusedAttention {
     scale: f32,
 }
 
-/// The element-specific parts of a task: the two products into f32 and the final store.
+/// The element-specific parts of a task: the two products into f32, the softmax, the store.
 trait Element: Copy + Send + Sync + 'static {
     /// Query rows per task.
     const ROWS: usize;
+    /// One head's `k` and `v` as the products read them (bf16: packed once for all its tasks).
+    type Head<'a>: Send + Sync;
     /// Per-task scratch (bf16 keeps its rounded probabilities there).
     type Scratch: Default + Send;
     fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [Self]>;
-    /// `scores` (rows x m) = q (rows x d) k^T, k being m x d.
-    fn scores(dims: (usize, usize, usize), q: &[Self], k: &[Self], scores: &mut [f32]);
-    /// `acc` (rows x d) = probs (rows x m) v, v being m x d.
+    /// `k` and `v`, each m x d.
+    fn head<'a>(k: &'a [Self], v: &'a [Self], dims: (usize, usize)) -> Self::Head<'a>;
+    /// `scores` (rows x m) = q (rows x d) k^T.
+    fn scores(dims: (usize, usize, usize), q: &[Self], head: &Self::Head<'_>, scores: &mut [f32]);
+    /// The softmax of every row of `scores` (rows of m), times `scale`.
+    fn probabilities(scores: &mut [f32], m: usize, scale: f32, scratch: &mut Self::Scratch);
+    /// `acc` (rows x d) = probabilities (rows x m) v.
     fn weighted(
         dims: (usize, usize, usize),
         probs: &[f32],
-        v: &[Self],
+        head: &Self::Head<'_>,
         acc: &mut [f32],
         scratch: &mut Self::Scratch,
     );
@@ -62,8 +68,15 @@ trait Element: Copy + Send + Sync + 'static {
     fn storage(out: Vec<Self>) -> CpuStorage;
 }
 
+/// An f32 head: `k` and `v` where they lie (gemm packs its own panels).
+struct F32Head<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
 impl Element for f32 {
     const ROWS: usize = 32;
+    type Head<'a> = F32Head<'a>;
     type Scratch = ();
     fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
         let CpuStorage::F32(v) = s else {
@@ -71,20 +84,38 @@ impl Element for f32 {
         };
         super::contiguous(v, l, &format!("attention: {what}"))
     }
-    fn scores((rows, m, d): (usize, usize, usize), q: &[f32], k: &[f32], scores: &mut [f32]) {
+    fn head<'a>(k: &'a [f32], v: &'a [f32], _: (usize, usize)) -> F32Head<'a> {
+        F32Head { k, v }
+    }
+    fn scores((rows, m, d): (usize, usize, usize), q: &[f32], h: &F32Head, scores: &mut [f32]) {
         // k [M, D] read as its transpose: element (p, j) is k[j * d + p].
         let none = gemm::Parallelism::None;
-        super::sgemm((rows, m, d), scores, m, false, q, (d, 1), k, (1, d), none);
+        super::sgemm((rows, m, d), scores, m, false, q, (d, 1), h.k, (1, d), none);
+    }
+    fn probabilities(scores: &mut [f32], m: usize, scale: f32, _: &mut ()) {
+        for row in scores.chunks_mut(m.max(1)) {
+            super::softmax::softmax_row(row, scale);
+        }
     }
     fn weighted(
         (rows, d, m): (usize, usize, usize),
         probs: &[f32],
-        v: &[f32],
+        h: &F32Head,
         acc: &mut [f32],
         _: &mut (),
     ) {
         let none = gemm::Parallelism::None;
-        super::sgemm((rows, d, m), acc, d, false, probs, (m, 1), v, (d, 1), none);
+        super::sgemm(
+            (rows, d, m),
+            acc,
+            d,
+            false,
+            probs,
+            (m, 1),
+            h.v,
+            (d, 1),
+            none,
+        );
     }
     fn store(acc: &[f32], out: &mut [f32]) {
         out.copy_from_slice(acc);
@@ -94,8 +125,15 @@ impl Element for f32 {
     }
 }
 
+/// A bf16 head: `k^T` and `v` packed for the bf16 kernel once, for all of the head's tasks.
+struct Bf16Head {
+    kt: PackedB,
+    v: PackedB,
+}
+
 impl Element for bf16 {
     const ROWS: usize = ROWS;
+    type Head<'a> = Bf16Head;
     type Scratch = Vec<bf16>;
     fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [bf16]> {
         let CpuStorage::BF16(v) = s else {
@@ -103,41 +141,40 @@ impl Element for bf16 {
         };
         super::contiguous(v, l, &format!("attention: {what}"))
     }
-    fn scores((rows, m, d): (usize, usize, usize), q: &[bf16], k: &[bf16], scores: &mut [f32]) {
+    fn head(k: &[bf16], v: &[bf16], (m, d): (usize, usize)) -> Bf16Head {
+        let kernel = Bf16Kernel::detect();
         // k [M, D] read as its transpose (element (p, j) is k[j, p]).
         let kt = Matrix {
             data: k,
             rs: 1,
             cs: d,
         };
-        let kernel = Bf16Kernel::detect();
-        gemm_bf16(
-            kernel,
-            (rows, m, d),
-            Matrix::rows(q, d),
-            kt,
-            scores,
-            m,
-            false,
-            1,
-        );
+        Bf16Head {
+            kt: PackedB::new(kernel, kt, (d, m)),
+            v: PackedB::new(kernel, Matrix::rows(v, d), (m, d)),
+        }
+    }
+    fn scores((rows, m, d): (usize, usize, usize), q: &[bf16], h: &Bf16Head, scores: &mut [f32]) {
+        gemm_bf16_packed(rows, Matrix::rows(q, d), &h.kt, scores, m, false);
+    }
+    fn probabilities(scores: &mut [f32], m: usize, scale: f32, rounded: &mut Vec<bf16>) {
+        rounded.resize(scores.len(), bf16::ZERO);
+        let m = m.max(1);
+        for (row, out) in scores.chunks_mut(m).zip(rounded.chunks_mut(m)) {
+            super::softmax::softmax_row_bf16(row, scale, out);
+        }
     }
     fn weighted(
         (rows, d, m): (usize, usize, usize),
-        probs: &[f32],
-        v: &[bf16],
+        _: &[f32],
+        h: &Bf16Head,
         acc: &mut [f32],
         rounded: &mut Vec<bf16>,
     ) {
-        rounded.clear();
-        rounded.extend(probs.iter().map(|&p| bf16::from_f32(p)));
-        let (a, b) = (Matrix::rows(rounded, m), Matrix::rows(v, d));
-        gemm_bf16(Bf16Kernel::detect(), (rows, d, m), a, b, acc, d, false, 1);
+        gemm_bf16_packed(rows, Matrix::rows(rounded, m), &h.v, acc, d, false);
     }
     fn store(acc: &[f32], out: &mut [bf16]) {
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = bf16::from_f32(*a);
-        }
+        super::convert::round_into(acc, out);
     }
     fn storage(out: Vec<bf16>) -> CpuStorage {
         CpuStorage::BF16(out)
@@ -172,6 +209,13 @@ impl FusedAttention {
         }
         let heads: usize = qd[..rank - 2].iter().product();
         let mut out = vec![T::default(); heads * n * d];
+        let packed: Vec<T::Head<'_>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let part = h * m * d..(h + 1) * m * d;
+                T::head(&k[part.clone()], &v[part], (m, d))
+            })
+            .collect();
         let tasks: Vec<(usize, usize)> = (0..heads)
             .flat_map(|h| (0..n).step_by(T::ROWS).map(move |r| (h, r)))
             .collect();
@@ -182,15 +226,12 @@ impl FusedAttention {
             |(scores, acc, scratch), (h, r0)| {
                 let rows = T::ROWS.min(n - r0);
                 let qh = &q[(h * n + r0) * d..(h * n + r0 + rows) * d];
-                let kh = &k[h * m * d..(h + 1) * m * d];
-                let vh = &v[h * m * d..(h + 1) * m * d];
+                let head = &packed[h];
                 scores.resize(rows * m, 0.0);
-                T::scores((rows, m, d), qh, kh, scores);
-                for row in scores.chunks_mut(m.max(1)) {
-                    super::softmax::softmax_row(row, scale);
-                }
+                T::scores((rows, m, d), qh, head, scores);
+                T::probabilities(scores, m, scale, scratch);
                 acc.resize(rows * d, 0.0);
-                T::weighted((rows, d, m), scores, vh, acc, scratch);
+                T::weighted((rows, d, m), scores, head, acc, scratch);
                 // SAFETY: rows [r0, r0 + rows) of head h are this task's alone, inside `out`.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(dst.get().add((h * n + r0) * d), rows * d)

@@ -209,11 +209,9 @@ impl CustomOp3 for Conv2dOp {
         } else if l3.shape().dims() == [b, co, oh, ow] {
             Some(match s3 {
                 CpuStorage::F32(v) => contiguous(v, l3, "conv2d: the residual")?.into(),
-                CpuStorage::BF16(v) => contiguous(v, l3, "conv2d: the residual")?
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect::<Vec<f32>>()
-                    .into(),
+                CpuStorage::BF16(v) => {
+                    super::convert::to_f32(contiguous(v, l3, "conv2d: the residual")?).into()
+                }
                 _ => candle_core::bail!("conv2d: the residual must be f32 or bf16"),
             })
         } else {
@@ -241,8 +239,7 @@ impl CustomOp3 for Conv2dOp {
                     contiguous(w, l2, "conv2d: the weight")?,
                 );
                 let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
-                let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
-                Ok((CpuStorage::BF16(out), shape))
+                Ok((CpuStorage::BF16(super::convert::to_bf16(&out)), shape))
             }
             _ => candle_core::bail!("conv2d: input and weight must both be f32 or both bf16"),
         }

@@ -167,6 +167,100 @@ pub unsafe fn gemm_bf16_raw(
     }
 }
 
+/// B laid out once for many products with the same right-hand side (attention's `k^T` and `v`,
+/// shared by every block of query rows of a head): the AVX512-BF16 kernel's panels, or the values
+/// widened to f32 for the portable kernel. Packing B per call cost attention as much as its
+/// products.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Packing,
+}
+
+enum Packing {
+    /// k-pair words in panels of [`NR`] columns, one block of [`KC`] pairs after another.
+    Panels(Vec<u32>),
+    /// Row-major k x n.
+    F32(Vec<f32>),
+}
+
+impl PackedB {
+    /// Packs the k x n matrix `b` for `kernel`.
+    ///
+    /// # Panics
+    /// When `b` is too short for its shape (a caller's bug).
+    pub fn new(kernel: Bf16Kernel, b: Matrix<'_, bf16>, (k, n): (usize, usize)) -> Self {
+        assert!(b.holds(k, n), "B is too short");
+        let data = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 => {
+                let (kp, panels) = (k.div_ceil(2), n.div_ceil(NR));
+                let mut words = vec![0u32; kp * panels * NR];
+                for pc in (0..kp).step_by(KC) {
+                    let kc = KC.min(kp - pc);
+                    let block = &mut words[pc * panels * NR..][..kc * panels * NR];
+                    avx512::pack_b(b, k, pc, kc, 0, n, block);
+                }
+                Packing::Panels(words)
+            }
+            _ => Packing::F32(dense(b, k, n)),
+        };
+        Self { k, n, data }
+    }
+}
+
+/// `c = a x b` (`accumulate`: `c += a x b`) for `a` [m, k] and a packed `b` [k, n], on the calling
+/// thread (for callers that run many small products in parallel).
+///
+/// # Panics
+/// When `a` or `c` is too short for its shape (a caller's bug).
+pub fn gemm_bf16_packed(
+    m: usize,
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.holds(m, k), "A is too short");
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too short");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    match &b.data {
+        // SAFETY: `c` holds m rows of ldc >= n (checked above) and is borrowed mutably; the
+        // panels were made by the AVX512-BF16 kernel, so this CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        Packing::Panels(words) => unsafe {
+            let source = avx512::Source::Packed(words, n.div_ceil(NR));
+            avx512::block(
+                (0, m),
+                (0, n),
+                k,
+                a,
+                source,
+                c.as_mut_ptr(),
+                ldc,
+                accumulate,
+            )
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        Packing::Panels(_) => unreachable!("panels are only made on x86_64"),
+        // SAFETY: as above; b32 is k x n.
+        Packing::F32(b32) => unsafe {
+            let a32 = dense(a, m, k);
+            portable_f32((m, n, k), &a32, b32, c.as_mut_ptr(), ldc, accumulate, 1)
+        },
+    }
+}
+
 /// The portable kernel: both operands to f32, then gemm's f32 kernels.
 ///
 /// # Safety
@@ -180,14 +274,34 @@ unsafe fn portable(
     accumulate: bool,
     threads: usize,
 ) {
-    let dense = |x: Matrix<'_, bf16>, rows: usize, cols: usize| -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows * cols);
-        for i in 0..rows {
-            out.extend((0..cols).map(|j| x.at(i, j).to_f32()));
-        }
-        out
-    };
     let (a32, b32) = (dense(a, m, k), dense(b, k, n));
+    portable_f32((m, n, k), &a32, &b32, c, ldc, accumulate, threads)
+}
+
+/// `x` (rows x cols, any strides) as a row-major f32 matrix.
+fn dense(x: Matrix<'_, bf16>, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend((0..cols).map(|j| x.at(i, j).to_f32()));
+    }
+    out
+}
+
+/// The portable kernel's product of the widened operands (row-major m x k and k x n).
+///
+/// # Safety
+/// As [`gemm_bf16_raw`] for `c`; `a32` and `b32` hold m x k and k x n values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_f32(
+    (m, n, k): (usize, usize, usize),
+    a32: &[f32],
+    b32: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    debug_assert!(a32.len() >= m * k && b32.len() >= k * n);
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -223,6 +337,15 @@ unsafe fn portable(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{bf16, Matrix, KC, MC, MR, NC, NR};
+
+    /// Where a block's B panels come from.
+    #[derive(Clone, Copy)]
+    pub(super) enum Source<'a> {
+        /// Packed by the block, one (k block, column block) at a time.
+        Pack(Matrix<'a, bf16>),
+        /// Packed beforehand ([`super::PackedB`]): the words and the number of column panels.
+        Packed(&'a [u32], usize),
+    }
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -260,6 +383,7 @@ mod avx512 {
             // SAFETY: this block writes only rows [i0, i1) x columns [j0, j1) of C, inside `c`
             // (checked by the caller); the other blocks are disjoint from it; the caller checked
             // the CPU's features.
+            let b = Source::Pack(b);
             unsafe { block((i0, i1), (j0, j1), k, a, b, cptr.get(), ldc, accumulate) }
         };
         if blocks.len() > 1 && (m * n * k) >= (1 << 18) {
@@ -269,26 +393,31 @@ mod avx512 {
         }
     }
 
-    /// C[i0..i1, j0..j1] (+)= A[i0..i1, :] x B[:, j0..j1], blocked; B packed, A packed too unless
-    /// its rows are contiguous with an even k (then each k-pair word is read where it lies).
+    /// C[i0..i1, j0..j1] (+)= A[i0..i1, :] x B[:, j0..j1], blocked; B packed (here or
+    /// beforehand), A packed too unless its rows are contiguous with an even k (then each k-pair
+    /// word is read where it lies).
     ///
     /// # Safety
     /// `c` points at a matrix of row stride ldc whose block [i0, i1) x [j0, j1) this call alone
-    /// writes; the CPU has AVX512-BF16.
+    /// writes; prepacked panels cover k x j1 of B with j0 a multiple of NC; the CPU has
+    /// AVX512-BF16.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
+    pub(super) unsafe fn block(
         (i0, i1): (usize, usize),
         (j0, j1): (usize, usize),
         k: usize,
         a: Matrix<'_, bf16>,
-        b: Matrix<'_, bf16>,
+        b: Source<'_>,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
     ) {
         let kp = k.div_ceil(2);
         let direct = a.cs == 1 && k.is_multiple_of(2);
-        let mut bpack = vec![0u32; KC * NC.min((j1 - j0).div_ceil(NR) * NR)];
+        let mut bpack = match b {
+            Source::Pack(_) => vec![0u32; KC * NC.min((j1 - j0).div_ceil(NR) * NR)],
+            Source::Packed(..) => Vec::new(),
+        };
         let mut apack = if direct {
             Vec::new()
         } else {
@@ -300,7 +429,17 @@ mod avx512 {
             let nc = NC.min(j1 - jc);
             for pc in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - pc);
-                pack_b(b, k, pc, kc, jc, nc, &mut bpack);
+                // This (k block, column block)'s panels: panel p at p * NR * kc.
+                let panels = match b {
+                    Source::Pack(b) => {
+                        pack_b(b, k, pc, kc, jc, nc, &mut bpack);
+                        bpack.as_ptr()
+                    }
+                    Source::Packed(words, total) => {
+                        debug_assert!(words.len() >= (pc + kc) * total * NR);
+                        words.as_ptr().add(pc * total * NR + jc * kc)
+                    }
+                };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     if !direct {
@@ -324,9 +463,13 @@ mod avx512 {
                         };
                         for jr in (0..nc).step_by(NR) {
                             let cols = NR.min(nc - jr);
-                            let bp = bpack.as_ptr().add(jr * kc);
+                            let bp = panels.add(jr * kc);
                             let cp = c.add((i0 + ic + ir) * ldc + jc + jr);
-                            tile(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                            if cols <= NR / 2 {
+                                tile::<1>(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                            } else {
+                                tile::<2>(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                            }
                         }
                     }
                 }
@@ -374,7 +517,7 @@ mod avx512 {
 
     /// Packs k-pairs [p0, p0 + kc) x columns [j0, j0 + nc) of B into panels of NR columns: panel c
     /// holds, for each pair, NR words (B[2p, j] low, B[2p + 1, j] high; zero past the ends).
-    fn pack_b(
+    pub(super) fn pack_b(
         b: Matrix<'_, bf16>,
         k: usize,
         p0: usize,
@@ -447,16 +590,17 @@ mod avx512 {
         }
     }
 
-    /// One MR x NR tile of C over `kc` k-pairs: `rows` x `cols` of it are real (the rest is zero
-    /// padding); `add`: add to C instead of replacing it.
+    /// One MR x (16 H) tile of C over `kc` k-pairs (H = 2: a whole panel; H = 1: its first 16
+    /// columns, for a last panel that has no more): `rows` x `cols` of it are real (the rest is
+    /// zero padding); `add`: add to C instead of replacing it.
     ///
     /// # Safety
     /// Each `arows[r]` points at kc k-pair words `astep` words apart (possibly unaligned), `bp` at
-    /// kc x NR words; `cp` points at `rows` rows of `cols` f32 with row stride `ldc`; the CPU has
-    /// AVX512-BF16.
+    /// kc x NR words; `cp` points at `rows` rows of `cols <= 16 H` f32 with row stride `ldc`; the
+    /// CPU has AVX512-BF16.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile(
+    unsafe fn tile<const H: usize>(
         kc: usize,
         arows: &[*const u32; MR],
         astep: usize,
@@ -467,18 +611,23 @@ mod avx512 {
         cols: usize,
         add: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); H]; MR];
         for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR).cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+            let zero: __m512bh = std::mem::transmute(_mm512_setzero_ps());
+            let mut b = [zero; H];
+            for (h, b) in b.iter_mut().enumerate() {
+                let words = _mm512_loadu_si512(bp.add(p * NR + 16 * h).cast());
+                *b = std::mem::transmute::<__m512i, __m512bh>(words);
+            }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let word = arows[r].add(p * astep).read_unaligned();
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
-                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
-                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+                for (acc, b) in acc_r.iter_mut().zip(&b) {
+                    *acc = _mm512_dpbf16_ps(*acc, av, *b);
+                }
             }
         }
-        if rows == MR && cols == NR {
+        if rows == MR && cols == 16 * H {
             for (r, acc_r) in acc.iter().enumerate() {
                 let row = cp.add(r * ldc);
                 for (h, v) in acc_r.iter().enumerate() {
@@ -494,8 +643,9 @@ mod avx512 {
         } else {
             let mut buf = [[0f32; NR]; MR];
             for (r, acc_r) in acc.iter().enumerate() {
-                _mm512_storeu_ps(buf[r].as_mut_ptr(), acc_r[0]);
-                _mm512_storeu_ps(buf[r].as_mut_ptr().add(16), acc_r[1]);
+                for (h, v) in acc_r.iter().enumerate() {
+                    _mm512_storeu_ps(buf[r].as_mut_ptr().add(16 * h), *v);
+                }
             }
             for (r, vals) in buf.iter().enumerate().take(rows) {
                 let row = cp.add(r * ldc);
@@ -556,10 +706,18 @@ mod tests {
             (a_views[1], b_views[1]),
             (a_views[0], b_views[1]),
         ] {
-            for accumulate in [false, true] {
+            // B packed per call, and packed once beforehand ([`PackedB`], one thread).
+            let packed = PackedB::new(kernel, b, (k, n));
+            for (accumulate, prepacked) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
                 let start: Vec<f32> = values(m * ldc, 99).iter().map(|v| v.to_f32()).collect();
                 let mut c = start.clone();
-                gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
+                if prepacked {
+                    gemm_bf16_packed(m, a, &packed, &mut c, ldc, accumulate);
+                } else {
+                    gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let (mut exact, mut size) = (0f64, 0f64);
@@ -575,7 +733,7 @@ mod tests {
                         let got = c[i * ldc + j] as f64;
                         assert!(
                             (got - exact).abs() <= 4e-6 * size + 1e-6,
-                            "{kernel:?} {m}x{n}x{k} (a.cs {}, b.cs {}, accumulate {accumulate}) at ({i}, {j}): {got} vs {exact}",
+                            "{kernel:?} {m}x{n}x{k} (a.cs {}, b.cs {}, accumulate {accumulate}, prepacked {prepacked}) at ({i}, {j}): {got} vs {exact}",
                             a.cs,
                             b.cs
                         );
@@ -629,6 +787,17 @@ mod tests {
                 let (a, b) = (Matrix::rows(&[], 0), Matrix::rows(&[], 3));
                 gemm_bf16(kernel, (2, 3, 0), a, b, &mut c, 3, accumulate, 1);
                 assert_eq!(c, [want; 6], "accumulate {accumulate}");
+                c.fill(1.5);
+                gemm_bf16_packed(
+                    2,
+                    a,
+                    &PackedB::new(kernel, b, (0, 3)),
+                    &mut c,
+                    3,
+                    accumulate,
+                );
+                assert_eq!(c, [want; 6], "prepacked, accumulate {accumulate}");
+                c.fill(1.5);
             }
         }
     }

@@ -127,8 +127,8 @@ impl CustomOp1 for GroupNormOp {
             // bf16 (`--dtype bf16`): statistics and arithmetic in f32, as PyTorch's CPU autocast
             // does for GroupNorm; rounded to bf16 once.
             CpuStorage::BF16(v) => {
-                let x: Vec<f32> = v[a..b].iter().map(|v| v.to_f32()).collect();
-                CpuStorage::BF16(run(&x).into_iter().map(half::bf16::from_f32).collect())
+                let x = super::convert::to_f32(&v[a..b]);
+                CpuStorage::BF16(super::convert::to_bf16(&run(&x)))
             }
             _ => candle_core::bail!("group_norm: input must be f32 or bf16"),
         };

@@ -193,7 +193,7 @@ impl CustomOp2 for LinearOp<'_> {
                 let x = super::contiguous(x, l1, "linear: the input")?;
                 let w = super::contiguous(w, l2, "linear: the weight")?;
                 self.bf16((m, n, k), x, w, &mut out);
-                let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
+                let out = super::convert::to_bf16(&out);
                 return Ok((CpuStorage::BF16(out), Shape::from((m, n))));
             }
             _ => candle_core::bail!("linear: input and weight must both be f32 or both bf16"),

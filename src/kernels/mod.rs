@@ -22,6 +22,8 @@
 
 pub mod attention;
 pub mod conv2d;
+pub mod convert;
+pub mod geglu;
 pub mod gemm_bf16;
 pub mod group_norm;
 pub mod linear;
@@ -33,10 +35,11 @@ pub use group_norm::GroupNorm;
 pub use softmax::softmax_scaled_last_dim;
 
 /// The CPU kernels this machine runs, for `generate -v` and benchmarks: gemm's f32 kernel family
-/// (it picks AVX-512, AVX2 + FMA or a generic one at run time), the bf16 kernel, the softmax rows.
+/// (it picks AVX-512, AVX2 + FMA or a generic one at run time), the bf16 kernel, and the width the
+/// crate's own vectorised loops (softmax, GEGLU, conversions, Winograd transforms) run at.
 pub fn describe_cpu_kernels() -> String {
     #[cfg(target_arch = "x86_64")]
-    let (f32_kernel, softmax) = {
+    let (f32_kernel, simd) = {
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
@@ -48,11 +51,17 @@ pub fn describe_cpu_kernels() -> String {
             } else {
                 "generic"
             },
-            if avx2 { "avx2+fma" } else { "generic" },
+            if pulp::x86::V4::try_new().is_some() {
+                "avx512"
+            } else if pulp::x86::V3::try_new().is_some() {
+                "avx2+fma"
+            } else {
+                "generic"
+            },
         )
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let (f32_kernel, softmax) = ("gemm's (neon / generic)", "generic");
+    let (f32_kernel, simd) = ("gemm's (neon / generic)", "generic");
     let conv3x3 = match winograd::Mode::get() {
         winograd::Mode::Auto => format!(
             "Winograd {} (UNet) / {} (VAE decoder) from {} tiles, else im2col",
@@ -65,7 +74,8 @@ pub fn describe_cpu_kernels() -> String {
         winograd::Mode::F4 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F4.name),
     };
     format!(
-        "CPU kernels: f32 gemm {f32_kernel}, f32 3x3 conv {conv3x3}; bf16 {}; softmax {softmax}",
+        "CPU kernels: f32 gemm {f32_kernel}, f32 3x3 conv {conv3x3}; bf16 {}; softmax, GEGLU \
+         and conversions {simd}",
         gemm_bf16::Bf16Kernel::detect().name()
     )
 }
@@ -77,6 +87,31 @@ pub fn bf16_hint() -> Option<&'static str> {
          UNet about 1.1x faster (the VAE decode slower: f32 has Winograd convolutions), at bf16 \
          precision (see the README's Precision section)",
     )
+}
+
+/// Work compiled for the best SIMD instructions of the CPU it runs on (pulp's run-time dispatch:
+/// AVX-512, AVX2 + FMA or portable code). `run` must be `#[inline(always)]`, and so must
+/// everything it calls, so that it is compiled inside the dispatcher's `target_feature` function;
+/// plain loops over slices are then vectorised by the compiler at that width.
+pub(crate) trait Vectorized {
+    fn run(self);
+}
+
+/// Adapts a [`Vectorized`] task to pulp (a closure would be compiled outside the target features).
+struct Dispatch<K>(K);
+
+impl<K: Vectorized> pulp::WithSimd for Dispatch<K> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        self.0.run()
+    }
+}
+
+/// Runs `task` with the best SIMD instructions of this CPU.
+#[inline]
+pub(crate) fn vectorized<K: Vectorized>(task: K) {
+    pulp::Arch::new().dispatch(Dispatch(task))
 }
 
 /// An output pointer shared by parallel tasks that each write their own disjoint part of it (a

@@ -6,13 +6,18 @@
 //! attention matmuls together. Here each row is done in three passes over data that stays in cache
 //! (max, exponentials, normalisation), in place on the matmul's output, with the scale folded into
 //! the exponent and `exp` computed as `2^n * p(f)` (Cody-Waite reduction, degree-7 Taylor polynomial:
-//! relative error below 3e-7, i.e. a few ulps), written so that the compiler vectorises it; an
-//! AVX2 + FMA build of the row kernel is chosen at run time where the CPU has it.
+//! relative error below 3e-7, i.e. a few ulps), written so that the compiler vectorises it at the
+//! CPU's width (AVX-512, AVX2 + FMA or portable, through the crate's pulp dispatch). bf16
+//! attention takes its probabilities rounded to bf16 straight from the last pass.
 //!
 //! Other devices and dtypes use candle's ops, which the tests also use as the reference.
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use half::bf16;
 use rayon::prelude::*;
+
+use super::convert::round;
+use super::{vectorized, Vectorized};
 
 /// `softmax(xs * scale)` over the last dimension. On the CPU in f32 the work is done in place on
 /// `xs`, which must not be shared (e.g. a matmul's fresh output).
@@ -50,46 +55,56 @@ impl InplaceOp1 for SoftmaxOp {
 
 /// Softmax of `scale * row` for every row of `cols` values.
 pub(crate) fn softmax_rows(data: &mut [f32], cols: usize, scale: f32) {
-    let row_fn = row_kernel();
     data.par_chunks_mut(cols * 64)
-        .for_each(|rows| rows.chunks_mut(cols).for_each(|r| row_fn(r, scale)));
+        .for_each(|rows| rows.chunks_mut(cols).for_each(|r| softmax_row(r, scale)));
 }
 
-/// Softmax of `scale * row`, in place, with the row kernel chosen for this CPU.
+/// Softmax of `scale * row`, in place, vectorised for this CPU.
 pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
-    row_kernel()(row, scale)
+    vectorized(Row {
+        row,
+        scale,
+        out: None,
+    })
 }
 
-type RowFn = fn(&mut [f32], f32);
+/// Softmax of `scale * row` rounded to bf16 into `out` (as long as `row`); `row` is left holding
+/// the unnormalised exponentials. bf16 attention's probabilities, rounded once.
+pub(crate) fn softmax_row_bf16(row: &mut [f32], scale: f32, out: &mut [bf16]) {
+    assert_eq!(row.len(), out.len(), "softmax: lengths differ");
+    vectorized(Row {
+        row,
+        scale,
+        out: Some(out),
+    })
+}
 
-fn row_kernel() -> RowFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return |r, s| {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                unsafe { row_avx2(r, s) }
-            };
+/// One row's softmax, in place or into bf16.
+struct Row<'a> {
+    row: &'a mut [f32],
+    scale: f32,
+    out: Option<&'a mut [bf16]>,
+}
+
+impl Vectorized for Row<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let inv = exponentials(self.row, self.scale);
+        match self.out {
+            None => self.row.iter_mut().for_each(|v| *v *= inv),
+            Some(out) => {
+                for (o, v) in out.iter_mut().zip(self.row.iter()) {
+                    *o = round(*v * inv);
+                }
+            }
         }
     }
-    row_generic
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(row: &mut [f32], scale: f32) {
-    row_impl(row, scale)
-}
-
-fn row_generic(row: &mut [f32], scale: f32) {
-    row_impl(row, scale)
 }
 
 /// `exp(x)` for `x <= 0` (clamped below at -87, where it is ~1.6e-38 and no longer matters in a
 /// softmax row whose largest term is 1).
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -106,8 +121,10 @@ fn exp_neg(x: f32) -> f32 {
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
+/// Replaces `row` by `exp(scale * (row - max))` and returns the reciprocal of their sum: NaN for a
+/// row of -inf (fully masked) or one holding NaN / +inf, which candle's arithmetic makes all NaN.
 #[inline(always)]
-fn row_impl(row: &mut [f32], scale: f32) {
+fn exponentials(row: &mut [f32], scale: f32) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -121,9 +138,7 @@ fn row_impl(row: &mut [f32], scale: f32) {
         .chain(&m)
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     if !max.is_finite() {
-        // A row of -inf (fully masked) or holding NaN / +inf: candle's arithmetic gives NaN.
-        row.iter_mut().for_each(|v| *v = f32::NAN);
-        return;
+        return f32::NAN;
     }
     for v in row.iter_mut() {
         *v = exp_neg((*v - max) * scale);
@@ -136,10 +151,14 @@ fn row_impl(row: &mut [f32], scale: f32) {
         }
     }
     let sum: f32 = acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
+    1.0 / sum
+}
+
+/// The portable (not dispatched) build of a row, for the tests.
+#[cfg(test)]
+fn row_generic(row: &mut [f32], scale: f32) {
+    let inv = exponentials(row, scale);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 #[cfg(test)]
@@ -188,11 +207,28 @@ mod tests {
         let row: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).cos() * 12.0).collect();
         let (mut a, mut b) = (row.clone(), row);
         row_generic(&mut a, 0.3);
-        row_kernel()(&mut b, 0.3);
+        softmax_row(&mut b, 0.3);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-7 + 1e-6 * y.abs(), "{x} vs {y}");
         }
         assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    /// The bf16 probabilities are the f32 ones rounded once.
+    #[test]
+    fn bf16_rows_are_the_f32_rows_rounded() {
+        let row: Vec<f32> = (0..77).map(|i| (i as f32 * 0.53).sin() * 9.0).collect();
+        let mut f32_row = row.clone();
+        softmax_row(&mut f32_row, 0.7);
+        let (mut scratch, mut out) = (row, vec![bf16::ZERO; 77]);
+        softmax_row_bf16(&mut scratch, 0.7, &mut out);
+        for (o, p) in out.iter().zip(&f32_row) {
+            assert_eq!(o.to_bits(), bf16::from_f32(*p).to_bits());
+        }
+        let mut masked = [f32::NEG_INFINITY; 3];
+        let mut out = [bf16::ZERO; 3];
+        softmax_row_bf16(&mut masked, 1.0, &mut out);
+        assert!(out.iter().all(|v| v.is_nan()));
     }
 
     #[test]

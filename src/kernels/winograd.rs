@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::Geometry;
-use super::SendPtr;
+use super::{vectorized, SendPtr, Vectorized};
 
 /// Floats of transformed input and output per band (16 MiB each at most).
 const BAND_FLOATS: usize = 1 << 22;
@@ -185,24 +185,6 @@ fn axpy(dst: &mut [f32], src: &[f32], c: f32) {
     }
 }
 
-/// Work that runs with the best SIMD instructions of the CPU (pulp's run-time dispatch: AVX-512,
-/// AVX2 + FMA or scalar). `run` must be `#[inline(always)]`, and so must everything it calls, so
-/// that it is compiled inside the dispatcher's `target_feature` function.
-trait Vectorized {
-    fn run(self);
-}
-
-/// Adapts a [`Vectorized`] task to pulp (a closure would be compiled outside the target features).
-struct Dispatch<K>(K);
-
-impl<K: Vectorized> pulp::WithSimd for Dispatch<K> {
-    type Output = ();
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        self.0.run()
-    }
-}
-
 /// The shapes shared by the transforms of one convolution.
 #[derive(Clone, Copy)]
 struct Plan<'a> {
@@ -229,7 +211,6 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
     let cob = ((WEIGHT_FLOATS / (a * a * g.ci)) / 16 * 16).clamp(16, g.co.next_multiple_of(16));
     let cob = cob.min(g.co);
     let band_rows = (BAND_FLOATS / (a * a * plan.ntx * (g.ci + cob))).clamp(1, rows_total);
-    let arch = pulp::Arch::new();
     let mut buffers = Scratch::take();
     let [v, mv, u] = &mut buffers.0;
     let dst = SendPtr(out.as_mut_ptr());
@@ -241,7 +222,7 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
         (0..nco)
             .into_par_iter()
             .for_each_init(Vec::new, |scratch, col| {
-                arch.dispatch(Dispatch(WeightTask {
+                vectorized(WeightTask {
                     plan,
                     w,
                     co: co0 + col,
@@ -249,7 +230,7 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
                     nco,
                     u: up,
                     scratch,
-                }))
+                })
             });
         for r0 in (0..rows_total).step_by(band_rows) {
             let rows = r0..(r0 + band_rows).min(rows_total);
@@ -260,12 +241,12 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
             (0..g.ci)
                 .into_par_iter()
                 .for_each_init(Vec::new, |scratch, ci| {
-                    arch.dispatch(Dispatch(InputTask {
+                    vectorized(InputTask {
                         band: Band::new(plan, &rows, scratch),
                         x,
                         ci,
                         v: vp,
-                    }))
+                    })
                 });
             let mv = grow(mv, a * a * nco * nt);
             let (u, v) = (&*u, &*v);
@@ -292,14 +273,14 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
             (0..nco)
                 .into_par_iter()
                 .for_each_init(Vec::new, |scratch, col| {
-                    arch.dispatch(Dispatch(OutputTask {
+                    vectorized(OutputTask {
                         band: Band::new(plan, &rows, scratch),
                         mv,
                         co: co0 + col,
                         col,
                         nco,
                         out: dst,
-                    }))
+                    })
                 });
         }
     }

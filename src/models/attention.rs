@@ -6,7 +6,7 @@
 //! (diffusers' `upcast_attention` / `upcast_softmax` behaviour, and safe in f16); bf16 on the CPU
 //! sums its bf16 products in f32 in [`crate::kernels::attention`], as PyTorch does.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::kernels::linear::{linear, linear_no_bias, Linear};
@@ -211,10 +211,7 @@ const FF_CHUNK_TOKENS: usize = 2048;
 impl FeedForward {
     fn forward_chunk(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.proj_out.forward(&(value * gate)?)
+        self.proj_out.forward(&crate::kernels::geglu::geglu(&h)?)
     }
 
     /// The feed-forward over `xs` [B, N, C] in chunks of at most `max_tokens` tokens.
