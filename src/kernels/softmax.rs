@@ -111,14 +111,19 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let f = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + f * (1.0
             + f * (0.5
                 + f * (1.0 / 6.0
-                    + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f / 5040.0))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    // n (in [-126, 0]) sits in the low mantissa bits of t: integer arithmetic on the bits gives
+    // 2^n without a float-to-int conversion, which Rust's saturating `as` would leave scalar.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    f32::from_bits(((n_int + 127) as u32) << 23) * p
 }
 
 /// Replaces `row` by `exp(scale * (row - max))` and returns the reciprocal of their sum: NaN for a
