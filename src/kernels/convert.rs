@@ -32,6 +32,35 @@ pub(crate) fn round(x: f32) -> bf16 {
     bf16::from_bits(bits as u16)
 }
 
+/// An element type the f32-computing kernels read and write (GEGLU, GroupNorm): f32 itself, or
+/// bf16 widened on reading and rounded ([`round`]) on writing.
+pub(crate) trait Value: Copy + Default + Send + Sync {
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Value for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Value for bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn put(v: f32) -> bf16 {
+        round(v)
+    }
+}
+
 /// Rounds `src` into `dst` (the same length).
 struct Round<'a> {
     src: &'a [f32],
@@ -57,7 +86,7 @@ impl Vectorized for Widen<'_> {
     #[inline(always)]
     fn run(self) {
         for (d, s) in self.dst.iter_mut().zip(self.src) {
-            d.write(f32::from_bits((s.to_bits() as u32) << 16));
+            d.write(s.get());
         }
     }
 }
@@ -78,21 +107,27 @@ fn chunked<S: Sync, D: Send>(
     }
 }
 
-/// A vector of `n` values whose every element `fill` writes.
-fn filled<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+/// A vector of `n` values whose every element `fill` writes (a fresh buffer's pages are then faulted
+/// in by writes alone, without zeroing them first in user space).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given (or panic).
+pub(crate) unsafe fn filled<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     fill(&mut out.spare_capacity_mut()[..n]);
-    // SAFETY: `fill` wrote all of the first n elements (each caller's `chunked` covers the whole
-    // slice it is given, or panics before this line).
+    // SAFETY: `fill` wrote all of the first n elements (the caller's promise).
     unsafe { out.set_len(n) };
     out
 }
 
 /// `src` rounded to bf16 (as half's `bf16::from_f32`).
 pub fn to_bf16(src: &[f32]) -> Vec<bf16> {
-    filled(src.len(), |dst| {
-        chunked(src, dst, |src, dst| vectorized(Round { src, dst }))
-    })
+    // SAFETY: `chunked` covers the whole slice (or panics) and `Round` writes each element.
+    unsafe {
+        filled(src.len(), |dst| {
+            chunked(src, dst, |src, dst| vectorized(Round { src, dst }))
+        })
+    }
 }
 
 /// `src` rounded to bf16 into `dst`, which has the same length.
@@ -104,9 +139,12 @@ pub fn round_into(src: &[f32], dst: &mut [bf16]) {
 
 /// `src` widened to f32 (exact).
 pub fn to_f32(src: &[bf16]) -> Vec<f32> {
-    filled(src.len(), |dst| {
-        chunked(src, dst, |src, dst| vectorized(Widen { src, dst }))
-    })
+    // SAFETY: as in `to_bf16`.
+    unsafe {
+        filled(src.len(), |dst| {
+            chunked(src, dst, |src, dst| vectorized(Widen { src, dst }))
+        })
+    }
 }
 
 #[cfg(test)]

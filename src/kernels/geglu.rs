@@ -14,10 +14,9 @@
 //! Other devices and dtypes take candle's ops, which the tests also use as the reference.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
-use half::bf16;
 use rayon::prelude::*;
 
-use super::convert::round;
+use super::convert::Value;
 use super::{contiguous, vectorized, Vectorized};
 
 /// Rows per parallel task.
@@ -67,34 +66,6 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// An element the kernel reads and writes (computing in f32).
-trait Element: Copy + Default + Send + Sync {
-    fn get(self) -> f32;
-    fn put(v: f32) -> Self;
-}
-
-impl Element for f32 {
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn put(v: f32) -> f32 {
-        v
-    }
-}
-
-impl Element for bf16 {
-    #[inline(always)]
-    fn get(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    #[inline(always)]
-    fn put(v: f32) -> bf16 {
-        round(v)
-    }
-}
-
 /// Rows of `[value, gate]` (2n each) into rows of n.
 struct Rows<'a, T> {
     src: &'a [T],
@@ -102,7 +73,7 @@ struct Rows<'a, T> {
     n: usize,
 }
 
-impl<T: Element> Vectorized for Rows<'_, T> {
+impl<T: Value> Vectorized for Rows<'_, T> {
     #[inline(always)]
     fn run(self) {
         for (row, out) in self
@@ -118,7 +89,7 @@ impl<T: Element> Vectorized for Rows<'_, T> {
     }
 }
 
-fn run<T: Element>(src: &[T], n: usize) -> Vec<T> {
+fn run<T: Value>(src: &[T], n: usize) -> Vec<T> {
     let rows = src.len() / (2 * n);
     let mut out = vec![T::default(); rows * n];
     out.par_chunks_mut(ROWS * n)
@@ -155,6 +126,7 @@ impl CustomOp1 for Geglu {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use half::bf16;
 
     fn input(rows: usize, n: usize) -> Tensor {
         let v: Vec<f32> = (0..rows * 2 * n)
