@@ -154,6 +154,9 @@ struct MappedSafetensors {
 struct MappedFile {
     map: memmap2::Mmap,
     data_start: usize,
+    /// For private maps of single tensors (`alloc::mapped`).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    file: std::fs::File,
 }
 
 #[derive(Clone)]
@@ -243,12 +246,19 @@ impl MappedSafetensors {
                     ),
                 );
             }
-            files.push(MappedFile { map, data_start });
+            files.push(MappedFile {
+                map,
+                data_start,
+                file,
+            });
         }
         Ok(Self { files, index })
     }
 
-    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+    /// The tensor `name` on the CPU. When it is stored as `want`, a large one is a private map of
+    /// the file's pages (`alloc::mapped`: no copy, no fresh memory) where the platform allows;
+    /// otherwise it is copied out and the file's pages are handed back.
+    fn load(&self, name: &str, want: Option<DType>) -> candle_core::Result<Tensor> {
         let (i, e) = self
             .index
             .get(name)
@@ -257,6 +267,11 @@ impl MappedSafetensors {
             })?;
         let f = &self.files[*i];
         let (a, b) = (f.data_start + e.start, f.data_start + e.end);
+        if want == Some(e.dtype) {
+            if let Some(t) = map_tensor(f, a, e) {
+                return Ok(t);
+            }
+        }
         let t = Tensor::from_raw_buffer(&f.map[a..b], e.dtype, &e.shape, &Device::Cpu)?;
         #[cfg(unix)]
         // SAFETY: the map is private and read-only; dropped pages are read again from the file if
@@ -268,6 +283,27 @@ impl MappedSafetensors {
         }
         Ok(t)
     }
+}
+
+/// `e` (at byte `offset` of `f`) as a tensor over a private map of the file, or `None` where that
+/// is not possible (see `alloc::mapped::map_vec`).
+#[cfg(target_os = "linux")]
+fn map_tensor(f: &MappedFile, offset: usize, e: &TensorEntry) -> Option<Tensor> {
+    use crate::alloc::mapped::map_vec;
+    let n: usize = e.shape.iter().product();
+    let (offset, shape, cpu) = (offset as u64, e.shape.as_slice(), &Device::Cpu);
+    let t = match e.dtype {
+        DType::F32 => Tensor::from_vec(map_vec::<f32>(&f.file, offset, n)?, shape, cpu),
+        DType::BF16 => Tensor::from_vec(map_vec::<half::bf16>(&f.file, offset, n)?, shape, cpu),
+        DType::F16 => Tensor::from_vec(map_vec::<half::f16>(&f.file, offset, n)?, shape, cpu),
+        _ => return None,
+    };
+    t.ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn map_tensor(_: &MappedFile, _: usize, _: &TensorEntry) -> Option<Tensor> {
+    None
 }
 
 /// Where a weight backend finds a tensor by name; the `SimpleBackend` glue around it (the shape
@@ -305,7 +341,7 @@ impl<T: TensorSource> SimpleBackend for Backend<T> {
 
 impl TensorSource for MappedSafetensors {
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        converted(self.load(name)?, name, dtype, dev)
+        converted(self.load(name, None)?, name, dtype, dev)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -417,9 +453,8 @@ pub fn var_builder(
     };
     match weights.format {
         WeightFormat::Safetensors if device.is_cpu() => {
-            // On the CPU every tensor is copied out of the map now, in parallel: the copy (and the
-            // kernel zeroing the new pages) is the whole cost of loading, and two cores do it in
-            // about half the time. Tensors no network asks for (the VAE's encoder) are freed as
+            // On the CPU every tensor is read now, in parallel: those stored in the run's dtype
+            // are private maps of the file (no copy), the others are converted from the map. Tensors no network asks for (the VAE's encoder) are freed as
             // soon as the network is built.
             let mapped = MappedSafetensors::open(&weights.files)?;
             let tensors = mapped
@@ -428,7 +463,7 @@ pub fn var_builder(
                 .map(|(name, _)| {
                     // Non-float tensors (buffers such as position ids) stay as stored: the
                     // backend rejects them if a network asks for one as a weight.
-                    let t = mapped.load(name)?;
+                    let t = mapped.load(name, Some(dtype))?;
                     let t = if t.dtype().is_float() {
                         t.to_dtype(dtype)?
                     } else {
