@@ -130,7 +130,7 @@ fn checked(p: *mut u8, size: usize) -> *mut u8 {
 /// layers' block transposition at load) copies only the pages it touches, never the file.
 ///
 /// Only with this allocator installed as the global one (else the system allocator would be asked
-/// to free a map): [`map_vec`] returns `None` until it has served an allocation. Like every mmap
+/// to free a map): [`mapped::map_vec`] returns `None` until it has served an allocation. Like every mmap
 /// loader, this assumes the weight files are not truncated while altdiff runs (the hub cache's
 /// files never change).
 #[cfg(target_os = "linux")]
