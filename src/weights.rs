@@ -268,7 +268,7 @@ impl MappedSafetensors {
         let f = &self.files[*i];
         let (a, b) = (f.data_start + e.start, f.data_start + e.end);
         if want == Some(e.dtype) {
-            if let Some(t) = map_tensor(f, a, e) {
+            if let Some(t) = map_tensor(&f.file, a as u64, e.dtype, &e.shape) {
                 return Ok(t);
             }
         }
@@ -285,24 +285,26 @@ impl MappedSafetensors {
     }
 }
 
-/// `e` (at byte `offset` of `f`) as a tensor over a private map of the file, or `None` where that
-/// is not possible (see `alloc::mapped::map_vec`).
+/// The little-endian `dtype` tensor of `shape` at byte `offset` of `file` as a tensor over a
+/// private map of the file, or `None` where that is not possible (see `alloc::mapped::map_vec`).
 #[cfg(target_os = "linux")]
-fn map_tensor(f: &MappedFile, offset: usize, e: &TensorEntry) -> Option<Tensor> {
+fn map_tensor(file: &std::fs::File, offset: u64, dtype: DType, shape: &[usize]) -> Option<Tensor> {
     use crate::alloc::mapped::map_vec;
-    let n: usize = e.shape.iter().product();
-    let (offset, shape, cpu) = (offset as u64, e.shape.as_slice(), &Device::Cpu);
-    let t = match e.dtype {
-        DType::F32 => Tensor::from_vec(map_vec::<f32>(&f.file, offset, n)?, shape, cpu),
-        DType::BF16 => Tensor::from_vec(map_vec::<half::bf16>(&f.file, offset, n)?, shape, cpu),
-        DType::F16 => Tensor::from_vec(map_vec::<half::f16>(&f.file, offset, n)?, shape, cpu),
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    let (n, cpu) = (shape.iter().product::<usize>(), &Device::Cpu);
+    let t = match dtype {
+        DType::F32 => Tensor::from_vec(map_vec::<f32>(file, offset, n)?, shape, cpu),
+        DType::BF16 => Tensor::from_vec(map_vec::<half::bf16>(file, offset, n)?, shape, cpu),
+        DType::F16 => Tensor::from_vec(map_vec::<half::f16>(file, offset, n)?, shape, cpu),
         _ => return None,
     };
     t.ok()
 }
 
 #[cfg(not(target_os = "linux"))]
-fn map_tensor(_: &MappedFile, _: usize, _: &TensorEntry) -> Option<Tensor> {
+fn map_tensor(_: &std::fs::File, _: u64, _: DType, _: &[usize]) -> Option<Tensor> {
     None
 }
 
@@ -410,6 +412,36 @@ fn with_shape(t: Tensor, shape: Shape, name: &str) -> candle_core::Result<Tensor
 /// Several PyTorch pickles seen as one set of tensors (sharded `.bin` checkpoints).
 struct PickleShards {
     shards: Vec<PthTensors>,
+    /// Per shard: the file and, by zip entry name, where each stored (uncompressed) entry's bytes
+    /// start and how many there are; such tensors are mapped on the CPU instead of copied.
+    stored: Vec<Option<StoredEntries>>,
+}
+
+struct StoredEntries {
+    file: std::fs::File,
+    entries: HashMap<String, (u64, u64)>,
+}
+
+impl StoredEntries {
+    /// The stored entries of the zip `path` (PyTorch writes tensors uncompressed); `None` when the
+    /// file cannot be read as a zip here (the ordinary reader then reports what is wrong).
+    fn read(path: &Path) -> Option<Self> {
+        let file = std::fs::File::open(path).ok()?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file.try_clone().ok()?)).ok()?;
+        let mut entries = HashMap::new();
+        for i in 0..zip.len() {
+            let Ok(entry) = zip.by_index_raw(i) else {
+                continue;
+            };
+            if entry.compression() != zip::CompressionMethod::Stored {
+                continue;
+            }
+            if let (Ok(name), Some(start)) = (entry.name(), entry.data_start()) {
+                entries.insert(name.into_owned(), (start, entry.size()));
+            }
+        }
+        Some(Self { file, entries })
+    }
 }
 
 impl PickleShards {
@@ -425,8 +457,42 @@ impl PickleShards {
     }
 }
 
+impl PickleShards {
+    fn new(shards: Vec<PthTensors>, files: &[PathBuf]) -> Self {
+        let stored = files.iter().map(|f| StoredEntries::read(f)).collect();
+        Self { shards, stored }
+    }
+
+    /// `name` as a private map of its file (`alloc::mapped`), when it is stored uncompressed,
+    /// contiguous, from the start of its storage and in `dtype`.
+    fn mapped(&self, name: &str, dtype: DType) -> Option<Tensor> {
+        for (shard, stored) in self.shards.iter().zip(&self.stored) {
+            let Some(info) = shard.tensor_infos().get(name) else {
+                continue;
+            };
+            let layout = &info.layout;
+            if info.dtype != dtype || !layout.is_contiguous() || layout.start_offset() != 0 {
+                return None;
+            }
+            let stored = stored.as_ref()?;
+            let &(start, size) = stored.entries.get(&info.path)?;
+            let bytes = (layout.shape().elem_count() * dtype.size_in_bytes()) as u64;
+            if bytes > size {
+                return None;
+            }
+            return map_tensor(&stored.file, start, dtype, layout.dims());
+        }
+        None
+    }
+}
+
 impl TensorSource for PickleShards {
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if dev.is_cpu() {
+            if let Some(t) = self.mapped(name, dtype) {
+                return Ok(t);
+            }
+        }
         converted(self.find(name)?, name, dtype, dev)
     }
 
@@ -495,7 +561,7 @@ pub fn var_builder(
                 .map(|f| open_pickle(f))
                 .collect::<Result<Vec<_>>>()?;
             Ok(VarBuilder::from_backend(
-                Box::new(Backend(PickleShards { shards })),
+                Box::new(Backend(PickleShards::new(shards, &weights.files))),
                 dtype,
                 device.clone(),
             ))

@@ -83,3 +83,75 @@ fn misaligned_or_small_buffers_are_left_to_a_copy() {
     assert!(!is_mapped(plain.as_ptr().cast()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The address of a CPU tensor's first value.
+fn storage_ptr(t: &candle_core::Tensor) -> *const u8 {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        panic!("not on the CPU");
+    };
+    let at = layout.start_offset();
+    match cpu {
+        candle_core::CpuStorage::F32(v) => v[at..].as_ptr().cast(),
+        candle_core::CpuStorage::BF16(v) => v[at..].as_ptr().cast(),
+        _ => panic!("unexpected dtype"),
+    }
+}
+
+/// The weight loader on both formats (`tools/fixtures/weights.py`): large tensors stored in the
+/// run's dtype are maps, everything else (another dtype, a transposed or offset view, a tiny
+/// tensor) is copied, and every value is the one the copying reader gives.
+#[test]
+fn the_loader_maps_large_tensors_and_copies_the_rest() {
+    use altdiff::weights::{var_builder, WeightFormat, Weights};
+    use candle_core::{DType, Device};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights");
+    let pickle = candle_core::pickle::PthTensors::new(dir.join("pytorch_model.bin"), None).unwrap();
+    let reference = |name: &str| pickle.get(name).unwrap().unwrap();
+    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        let f = |t: &candle_core::Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(f(a), f(b));
+    };
+    for (format, file) in [
+        (WeightFormat::Pickle, "pytorch_model.bin"),
+        (WeightFormat::Safetensors, "model.safetensors"),
+    ] {
+        let weights = Weights {
+            format,
+            files: vec![dir.join(file)],
+        };
+        // f32: `big` is a map; `half` (bf16) is converted, so copied.
+        let vb = var_builder(&weights, DType::F32, &Device::Cpu).unwrap();
+        let big = vb.get((128, 129), "big").unwrap();
+        same(&big, &reference("big"));
+        assert!(is_mapped(storage_ptr(&big)), "{file}: big");
+        let half = vb.get((256, 130), "half").unwrap();
+        same(&half, &reference("half"));
+        assert!(!is_mapped(storage_ptr(&half)), "{file}: half");
+        let small = vb.get(3, "small").unwrap();
+        same(&small, &reference("small"));
+        assert!(!is_mapped(storage_ptr(&small)));
+        if format == WeightFormat::Pickle {
+            for (name, shape) in [("trans", (129, 128)), ("view", (128, 130))] {
+                let t = vb.get(shape, name).unwrap();
+                same(&t, &reference(name));
+                assert!(!is_mapped(storage_ptr(&t)), "{name}");
+            }
+        }
+        // bf16: now `half` is the map and `big` the converted copy.
+        let vb = var_builder(&weights, DType::BF16, &Device::Cpu).unwrap();
+        let half = vb.get((256, 130), "half").unwrap();
+        same(&half, &reference("half"));
+        assert!(is_mapped(storage_ptr(&half)), "{file}: bf16 half");
+        let big = vb.get((128, 129), "big").unwrap();
+        assert!(!is_mapped(storage_ptr(&big)), "{file}: bf16 big");
+    }
+}

@@ -203,25 +203,16 @@ impl CustomOp3 for Conv2dOp {
         let Some((oh, ow)) = g.out_hw() else {
             candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded {h}x{wd} input");
         };
-        // The residual (f32 for the f32 kernel; bf16 is widened once), or nothing.
-        let residual: Option<std::borrow::Cow<'_, [f32]>> = if l3.shape().elem_count() == 0 {
-            None
-        } else if l3.shape().dims() == [b, co, oh, ow] {
-            Some(match s3 {
-                CpuStorage::F32(v) => contiguous(v, l3, "conv2d: the residual")?.into(),
-                CpuStorage::BF16(v) => {
-                    super::convert::to_f32(contiguous(v, l3, "conv2d: the residual")?).into()
-                }
-                _ => candle_core::bail!("conv2d: the residual must be f32 or bf16"),
-            })
-        } else {
+        // The residual (same dtype as the input), or nothing.
+        let has_residual = l3.shape().elem_count() != 0;
+        if has_residual && l3.shape().dims() != [b, co, oh, ow] {
             candle_core::bail!(
                 "conv2d: residual {:?} does not match the output {:?}",
                 l3.shape(),
                 (b, co, oh, ow)
             );
-        };
-        let (bias, residual) = (self.bias.as_deref(), residual.as_deref());
+        }
+        let bias = self.bias.as_deref();
         let shape = Shape::from((b, co, oh, ow));
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
@@ -229,17 +220,27 @@ impl CustomOp3 for Conv2dOp {
                     contiguous(x, l1, "conv2d: the input")?,
                     contiguous(w, l2, "conv2d: the weight")?,
                 );
+                let residual = match s3 {
+                    _ if !has_residual => None,
+                    CpuStorage::F32(v) => Some(contiguous(v, l3, "conv2d: the residual")?),
+                    _ => candle_core::bail!("conv2d: the residual must be f32 like the input"),
+                };
                 let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
                 Ok((CpuStorage::F32(out), shape))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                // bf16 products, f32 sums (the output tile stays f32), one rounding at the end.
+                // bf16 products, f32 sums (each output tile stays f32), one rounding at the end.
                 let (x, w) = (
                     contiguous(x, l1, "conv2d: the input")?,
                     contiguous(w, l2, "conv2d: the weight")?,
                 );
-                let out = conv2d(x, w, bias, residual, &g, TILE_ELEMS);
-                Ok((CpuStorage::BF16(super::convert::to_bf16(&out)), shape))
+                let residual = match s3 {
+                    _ if !has_residual => None,
+                    CpuStorage::BF16(v) => Some(contiguous(v, l3, "conv2d: the residual")?),
+                    _ => candle_core::bail!("conv2d: the residual must be bf16 like the input"),
+                };
+                let out = conv2d_bf16(x, w, bias, residual, &g, TILE_ELEMS);
+                Ok((CpuStorage::BF16(out), shape))
             }
             _ => candle_core::bail!("conv2d: input and weight must both be f32 or both bf16"),
         }
@@ -435,14 +436,126 @@ pub(crate) fn im2col_conv<T: Element>(
         return;
     };
     let opx = oh * ow;
+    let dst = SendPtr(out.as_mut_ptr());
+    for_each_tile(
+        x,
+        g,
+        tile_elems,
+        false,
+        |(bi, y0, r), rhs, rhs_rs, par, _| {
+            // SAFETY: dst covers rows [0, co) x columns [y0*ow, y0*ow + r*ow) of image `bi` of `out`
+            // (row stride opx), inside `out` and disjoint from every other tile's; the tile's rhs is
+            // kk x n with row stride rhs_rs (`for_each_tile`'s promise).
+            unsafe {
+                T::gemm(
+                    (g.co, r * ow, g.ci * g.kh * g.kw),
+                    dst.get().add(bi * g.co * opx + y0 * ow),
+                    opx,
+                    read_dst,
+                    w,
+                    rhs,
+                    rhs_rs,
+                    par,
+                );
+            }
+        },
+    );
+}
+
+/// The bf16 convolution `residual + bias + conv(x, w)` rounded to bf16 tile by tile: each tile's
+/// f32 sums go to a per-thread scratch tile and are rounded straight into the bf16 output, so no
+/// f32 output as large as the bf16 one is ever made (for the VAE decoder's 512x512 layers that was
+/// 134 MB of fresh memory per convolution, most of whose cost was the kernel clearing its pages).
+pub(crate) fn conv2d_bf16(
+    x: &[half::bf16],
+    w: &[half::bf16],
+    bias: Option<&[f32]>,
+    residual: Option<&[half::bf16]>,
+    g: &Geometry,
+    tile_elems: usize,
+) -> Vec<half::bf16> {
+    use super::convert::Value;
+    let Some((oh, ow)) = g.out_hw() else {
+        return Vec::new();
+    };
+    let opx = oh * ow;
+    let len = g.b * g.co * opx;
+    let fill = |out: &mut [std::mem::MaybeUninit<half::bf16>]| {
+        let dst = SendPtr(out.as_mut_ptr());
+        for_each_tile(
+            x,
+            g,
+            tile_elems,
+            true,
+            |(bi, y0, r), rhs, rhs_rs, par, tile| {
+                let (n, p0) = (r * ow, y0 * ow);
+                tile.clear();
+                tile.reserve(g.co * n);
+                for c in 0..g.co {
+                    let b = bias.map_or(0.0, |b| b[c]);
+                    match residual {
+                        Some(res) => {
+                            let at = (bi * g.co + c) * opx + p0;
+                            tile.extend(res[at..at + n].iter().map(|v| v.get() + b));
+                        }
+                        None => tile.extend(std::iter::repeat_n(b, n)),
+                    }
+                }
+                // SAFETY: `tile` holds co x n f32 (row stride n), this task's alone; rhs is kk x n
+                // with row stride rhs_rs (`for_each_tile`'s promise).
+                unsafe {
+                    half::bf16::gemm(
+                        (g.co, n, g.ci * g.kh * g.kw),
+                        tile.as_mut_ptr(),
+                        n,
+                        true,
+                        w,
+                        rhs,
+                        rhs_rs,
+                        par,
+                    );
+                }
+                for (c, row) in tile.chunks_exact(n).enumerate() {
+                    // SAFETY: columns [p0, p0 + n) of channel c of image bi: this tile's alone, inside
+                    // the output (b x co x opx).
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add((bi * g.co + c) * opx + p0), n)
+                    };
+                    super::convert::round_into_uninit(row, o);
+                }
+            },
+        );
+    };
+    // SAFETY: the tiles cover every (image, channel, pixel) of the output once, and each writes
+    // all of its co x n values.
+    unsafe { super::convert::filled(len, fill) }
+}
+
+/// Runs `each(tile, rhs, rhs_rs, parallelism, scratch)` for every tile `(image, first output row,
+/// rows)` of the im2col kernel, with `rhs` the tile's unfolded input (kk x rows*ow, row stride
+/// `rhs_rs`; the input itself for a 1x1 stride-1 convolution) and a per-thread f32 scratch; tiles
+/// run in parallel when there are enough of them, else one after another with parallel gemms.
+/// `small`: also bound a 1x1 convolution's tiles by `tile_elems` output values (for callers that
+/// keep a tile's output in the scratch).
+fn for_each_tile<T, F>(x: &[T], g: &Geometry, tile_elems: usize, small: bool, each: F)
+where
+    T: Element,
+    F: Fn((usize, usize, usize), *const T, usize, gemm::Parallelism, &mut Vec<f32>) + Sync,
+{
+    let Some((oh, ow)) = g.out_hw() else {
+        return;
+    };
     let kk = g.ci * g.kh * g.kw;
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
     let threads = candle_core::utils::get_num_threads().max(1);
-    let rows = if pointwise {
+    let mut rows = if pointwise {
         oh.div_ceil(threads).max(1)
     } else {
         (tile_elems / (kk * ow).max(1)).clamp(1, oh.max(1))
     };
+    if small {
+        rows = rows.min((tile_elems / (g.co * ow).max(1)).max(1));
+    }
     // (image, first output row, rows) of every tile.
     let tiles: Vec<(usize, usize, usize)> = (0..g.b)
         .flat_map(|bi| {
@@ -452,12 +565,15 @@ pub(crate) fn im2col_conv<T: Element>(
         })
         .collect();
     let in_len = g.ci * g.h * g.w;
-    let dst = SendPtr(out.as_mut_ptr());
-    // One tile: unfold (unless pointwise) and multiply into the output.
-    let run = |(bi, y0, r): (usize, usize, usize), col: &mut Vec<T>, par: gemm::Parallelism| {
+    // One tile: unfold (unless pointwise), then `each`.
+    let run = |t: (usize, usize, usize),
+               (col, scratch): &mut (Vec<T>, Vec<f32>),
+               par: gemm::Parallelism| {
+        let (bi, y0, r) = t;
         let xb = &x[bi * in_len..(bi + 1) * in_len];
         let n = r * ow;
         let (rhs, rhs_rs) = if pointwise {
+            // n <= h*w - y0*ow: the tile's pixels lie inside the image.
             (xb[y0 * ow..].as_ptr(), g.h * g.w)
         } else {
             col.resize(kk * n, T::default());
@@ -472,33 +588,19 @@ pub(crate) fn im2col_conv<T: Element>(
             );
             (col.as_ptr(), n)
         };
-        // SAFETY: dst covers rows [0, co) x columns [y0*ow, y0*ow + n) of image `bi` of `out`
-        // (row stride opx), inside `out` and disjoint from every other tile's; lhs is co x kk with
-        // row stride kk inside `w`; rhs is kk x n with row stride rhs_rs inside `col` (n) or `xb`
-        // (h*w; pointwise, so n <= h*w - y0*ow).
-        unsafe {
-            T::gemm(
-                (g.co, n, kk),
-                dst.get().add(bi * g.co * opx + y0 * ow),
-                opx,
-                read_dst,
-                w,
-                rhs,
-                rhs_rs,
-                par,
-            );
-        }
+        each(t, rhs, rhs_rs, par, scratch);
     };
     if threads > 1 && tiles.len() >= 2 * threads {
         // Enough tiles: one tile per thread at a time, each gemm on one thread (a small output
         // channel count does not split well across threads inside one gemm).
-        tiles
-            .into_par_iter()
-            .for_each_init(Vec::new, |col, t| run(t, col, gemm::Parallelism::None));
+        tiles.into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |state, t| run(t, state, gemm::Parallelism::None),
+        );
     } else {
-        let mut col = Vec::new();
+        let mut state = (Vec::new(), Vec::new());
         for t in tiles {
-            run(t, &mut col, super::parallelism());
+            run(t, &mut state, super::parallelism());
         }
     }
 }
@@ -766,11 +868,41 @@ mod tests {
             let conv = Conv2d::new(w.clone(), Some(b.clone()), config);
             let conv32 = Conv2d::new(f32(&w), Some(f32(&b)), config);
             let want = conv32.forward(&f32(&x)).unwrap();
-            let res = bf(Tensor::ones(want.dims(), DType::F32, &dev).unwrap());
-            for (got, want) in [
-                (conv.forward(&x).unwrap(), want.clone()),
-                (conv.forward_add(&x, &res).unwrap(), (want + 1.0).unwrap()),
-            ] {
+            let n_out = want.elem_count();
+            let res = bf(Tensor::from_vec(values(n_out, 1.3), want.dims(), &dev).unwrap());
+            let with_res = (&want + f32(&res)).unwrap();
+            let tiled = conv.forward_add(&x, &res).unwrap();
+            // Tiles of a few output rows (several per image, each rounded on its own) give the
+            // same bits as one tile per image.
+            let (xs, ws, rs) = (
+                x.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                res.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+            );
+            let bias: Vec<f32> = f32(&b).to_vec1().unwrap();
+            let g = Geometry {
+                b: 2,
+                ci,
+                h: hw,
+                w: hw,
+                co,
+                kh: k,
+                kw: k,
+                padding: pad,
+                stride,
+                dilation: 1,
+                winograd: Largest::F2,
+            };
+            for tile in [1, 40, 1 << 20] {
+                let small = conv2d_bf16(&xs, &ws, Some(&bias), Some(&rs), &g, tile);
+                let whole = tiled
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap();
+                assert_eq!(small, whole, "tile {tile} ({ci}->{co}, {k}x{k})");
+            }
+            for (got, want) in [(conv.forward(&x).unwrap(), want.clone()), (tiled, with_res)] {
                 assert_eq!(got.dtype(), DType::BF16);
                 let got = f32(&got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -137,6 +137,12 @@ pub fn round_into(src: &[f32], dst: &mut [bf16]) {
     chunked(src, dst, |src, dst| vectorized(Round { src, dst }))
 }
 
+/// `src` rounded to bf16 into the uninitialised `dst` (the same length), on this thread.
+pub(crate) fn round_into_uninit(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(src.len(), dst.len(), "convert: lengths differ");
+    vectorized(Round { src, dst })
+}
+
 /// `src` widened to f32 (exact).
 pub fn to_f32(src: &[bf16]) -> Vec<f32> {
     // SAFETY: as in `to_bf16`.
