@@ -515,6 +515,26 @@ mod avx512 {
         }
     }
 
+    /// `dst[j] = lo[j] | hi[j] << 16` (hi: 0 without `hi`) for a panel's NR columns: one k-pair's
+    /// words, 16 at a time.
+    ///
+    /// # Safety
+    /// `lo` (and `hi`) point at NR readable values, `dst` at NR writable words; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn interleave(lo: *const bf16, hi: Option<*const bf16>, dst: *mut u32) {
+        for h in 0..NR / 16 {
+            let l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo.add(16 * h).cast()));
+            let w = match hi {
+                Some(hi) => {
+                    let hv = _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi.add(16 * h).cast()));
+                    _mm512_or_si512(l, _mm512_slli_epi32::<16>(hv))
+                }
+                None => l,
+            };
+            _mm512_storeu_si512(dst.add(16 * h).cast(), w);
+        }
+    }
+
     /// Packs k-pairs [p0, p0 + kc) x columns [j0, j0 + nc) of B into panels of NR columns: panel c
     /// holds, for each pair, NR words (B[2p, j] low, B[2p + 1, j] high; zero past the ends).
     pub(super) fn pack_b(
@@ -537,6 +557,14 @@ mod avx512 {
                 for (panel, jr) in (0..nc).step_by(NR).enumerate() {
                     let cols = NR.min(nc - jr);
                     let d = &mut out[panel * NR * kc + p * NR..][..NR];
+                    if cols == NR {
+                        let hi = r1.map(|r1| r1[jr..jr + NR].as_ptr());
+                        // SAFETY: r0 (and r1) hold NR values from jr and d holds NR words
+                        // (sliced just above); this module runs only on CPUs with AVX512-BF16,
+                        // which have AVX-512F.
+                        unsafe { interleave(r0[jr..jr + NR].as_ptr(), hi, d.as_mut_ptr()) };
+                        continue;
+                    }
                     let lo = &r0[jr..jr + cols];
                     match r1 {
                         Some(r1) => {
