@@ -15,7 +15,7 @@
 //!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
 //! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
-//! an f64 direct convolution; the README's Precision section and BENCHMARKS.md give the figures on
+//! an f64 direct convolution; the README's "Which precision on which CPU" and BENCHMARKS.md give the figures on
 //! the full-size models and the parity suite.
 //!
 //! bf16 keeps the im2col kernel. Tried (transforms in f32 on the widened values, the transformed
