@@ -272,6 +272,11 @@ impl MappedSafetensors {
                 return Ok(t);
             }
         }
+        if want == Some(DType::BF16) && e.dtype == DType::F32 {
+            if let Some(t) = f.narrowed(a, b, &e.shape) {
+                return Ok(t);
+            }
+        }
         let t = Tensor::from_raw_buffer(&f.map[a..b], e.dtype, &e.shape, &Device::Cpu)?;
         #[cfg(unix)]
         // SAFETY: the map is private and read-only; dropped pages are read again from the file if
@@ -282,6 +287,41 @@ impl MappedSafetensors {
                 .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
         }
         Ok(t)
+    }
+}
+
+impl MappedFile {
+    /// The f32 values in bytes [a, b) rounded to a bf16 tensor of `shape` straight from the map,
+    /// the file's pages handed back a chunk at a time: no f32 copy, and never more than a chunk of
+    /// the file resident (the text encoder's 1 GB embedding table used to be resident three times
+    /// over, file, f32 copy and bf16, which set bf16's peak memory). `None` if the bytes are not
+    /// aligned for f32.
+    fn narrowed(&self, a: usize, b: usize, shape: &[usize]) -> Option<Tensor> {
+        /// Values per chunk (16 MiB of f32).
+        const CHUNK: usize = 1 << 22;
+        let bytes = &self.map[a..b];
+        if !(bytes.as_ptr() as usize).is_multiple_of(4) || !bytes.len().is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: aligned for f32 and a whole number of them (checked above), inside the map,
+        // which lives as long as `self`; every bit pattern is an f32.
+        let src =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) };
+        let mut out = vec![half::bf16::ZERO; src.len()];
+        for (i, (s, d)) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK)).enumerate() {
+            crate::kernels::convert::round_into(s, d);
+            #[cfg(unix)]
+            // SAFETY: as in `load`: the map is private and read-only, dropped pages are read again
+            // from the file if touched (the next chunk's first page may be).
+            unsafe {
+                let _ = self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    a + i * CHUNK * 4,
+                    s.len() * 4,
+                );
+            }
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu).ok()
     }
 }
 
