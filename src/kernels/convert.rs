@@ -61,32 +61,17 @@ impl Value for bf16 {
     }
 }
 
-/// Rounds `src` into `dst` (the same length).
-struct Round<'a> {
-    src: &'a [f32],
-    dst: &'a mut [MaybeUninit<bf16>],
+/// Converts `src` into `dst` (the same length): rounds f32 to bf16, or widens bf16 to f32.
+struct Convert<'a, S, D> {
+    src: &'a [S],
+    dst: &'a mut [MaybeUninit<D>],
 }
 
-impl Vectorized for Round<'_> {
+impl<S: Value, D: Value> Vectorized for Convert<'_, S, D> {
     #[inline(always)]
     fn run(self) {
         for (d, s) in self.dst.iter_mut().zip(self.src) {
-            d.write(round(*s));
-        }
-    }
-}
-
-/// Widens `src` into `dst` (the same length).
-struct Widen<'a> {
-    src: &'a [bf16],
-    dst: &'a mut [MaybeUninit<f32>],
-}
-
-impl Vectorized for Widen<'_> {
-    #[inline(always)]
-    fn run(self) {
-        for (d, s) in self.dst.iter_mut().zip(self.src) {
-            d.write(s.get());
+            d.write(D::put(s.get()));
         }
     }
 }
@@ -122,10 +107,10 @@ pub(crate) unsafe fn filled<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>]
 
 /// `src` rounded to bf16 (as half's `bf16::from_f32`).
 pub fn to_bf16(src: &[f32]) -> Vec<bf16> {
-    // SAFETY: `chunked` covers the whole slice (or panics) and `Round` writes each element.
+    // SAFETY: `chunked` covers the whole slice (or panics) and `Convert` writes each element.
     unsafe {
         filled(src.len(), |dst| {
-            chunked(src, dst, |src, dst| vectorized(Round { src, dst }))
+            chunked(src, dst, |src, dst| vectorized(Convert { src, dst }))
         })
     }
 }
@@ -134,13 +119,13 @@ pub fn to_bf16(src: &[f32]) -> Vec<bf16> {
 pub fn round_into(src: &[f32], dst: &mut [bf16]) {
     // SAFETY: MaybeUninit<bf16> has bf16's layout, and only initialised values are written.
     let dst = unsafe { &mut *(dst as *mut [bf16] as *mut [MaybeUninit<bf16>]) };
-    chunked(src, dst, |src, dst| vectorized(Round { src, dst }))
+    chunked(src, dst, |src, dst| vectorized(Convert { src, dst }))
 }
 
 /// `src` rounded to bf16 into the uninitialised `dst` (the same length), on this thread.
 pub(crate) fn round_into_uninit(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     assert_eq!(src.len(), dst.len(), "convert: lengths differ");
-    vectorized(Round { src, dst })
+    vectorized(Convert { src, dst })
 }
 
 /// `src` widened to f32 (exact).
@@ -148,7 +133,7 @@ pub fn to_f32(src: &[bf16]) -> Vec<f32> {
     // SAFETY: as in `to_bf16`.
     unsafe {
         filled(src.len(), |dst| {
-            chunked(src, dst, |src, dst| vectorized(Widen { src, dst }))
+            chunked(src, dst, |src, dst| vectorized(Convert { src, dst }))
         })
     }
 }

@@ -107,6 +107,13 @@ struct GroupNormOp {
     silu: bool,
 }
 
+impl GroupNormOp {
+    /// The op on `x` ([B, C, spatial]: `shape` is (channels, spatial, groups)).
+    fn apply<T: Value>(&self, x: &[T], shape: (usize, usize, usize)) -> Vec<T> {
+        group_norm(x, shape, &self.gamma, &self.beta, self.eps, self.silu)
+    }
+}
+
 impl CustomOp1 for GroupNormOp {
     fn name(&self) -> &'static str {
         "altdiff-group-norm"
@@ -118,27 +125,12 @@ impl CustomOp1 for GroupNormOp {
         };
         let dims = l.shape().dims();
         let spatial: usize = dims[2..].iter().product();
-        let (channels, groups) = (dims[1], self.groups);
-        let (gamma, beta, eps, silu) = (&self.gamma[..], &self.beta[..], self.eps, self.silu);
+        let shape = (dims[1], spatial, self.groups);
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(group_norm(
-                &v[a..b],
-                (channels, spatial, groups),
-                gamma,
-                beta,
-                eps,
-                silu,
-            )),
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[a..b], shape)),
             // bf16 (`--dtype bf16`): statistics and arithmetic in f32, as PyTorch's CPU autocast
             // does for GroupNorm; each value widened as it is read and rounded once when written.
-            CpuStorage::BF16(v) => CpuStorage::BF16(group_norm(
-                &v[a..b],
-                (channels, spatial, groups),
-                gamma,
-                beta,
-                eps,
-                silu,
-            )),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.apply(&v[a..b], shape)),
             _ => candle_core::bail!("group_norm: input must be f32 or bf16"),
         };
         Ok((out, l.shape().clone()))
