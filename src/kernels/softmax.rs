@@ -8,7 +8,8 @@
 //! the exponent and `exp` computed as `2^n * p(f)` (Cody-Waite reduction, degree-7 Taylor polynomial:
 //! relative error below 3e-7, i.e. a few ulps), written so that the compiler vectorises it at the
 //! CPU's width (AVX-512, AVX2 + FMA or portable, through the crate's pulp dispatch). bf16
-//! attention takes its probabilities rounded to bf16 straight from the last pass.
+//! attention takes its unnormalised probabilities rounded to bf16 from the exponential pass (a
+//! shorter polynomial: the values are rounded anyway) and scales its output by their sum.
 //!
 //! Other devices and dtypes use candle's ops, which the tests also use as the reference.
 
@@ -61,43 +62,63 @@ pub(crate) fn softmax_rows(data: &mut [f32], cols: usize, scale: f32) {
 
 /// Softmax of `scale * row`, in place, vectorised for this CPU.
 pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
-    vectorized(Row {
-        row,
-        scale,
-        out: None,
-    })
+    vectorized(Row { row, scale })
 }
 
-/// Softmax of `scale * row` rounded to bf16 into `out` (as long as `row`); `row` is left holding
-/// the unnormalised exponentials. bf16 attention's probabilities, rounded once.
-pub(crate) fn softmax_row_bf16(row: &mut [f32], scale: f32, out: &mut [bf16]) {
+/// The unnormalised softmax of `scale * row` for bf16 attention: `exp(scale * (row - max))`
+/// rounded to bf16 into `out` (as long as `row`; `row` is left holding them in f32), and the
+/// reciprocal of their (f32) sum, by which
+/// the caller scales the product with `v` (as PyTorch's CPU flash attention does): one pass fewer
+/// than normalising every probability. NaN for a row of -inf or one holding NaN / +inf (`out` is
+/// then zeros).
+pub(crate) fn softmax_row_bf16(row: &mut [f32], scale: f32, out: &mut [bf16]) -> f32 {
     assert_eq!(row.len(), out.len(), "softmax: lengths differ");
-    vectorized(Row {
+    let mut inv = f32::NAN;
+    vectorized(Bf16Row {
         row,
         scale,
-        out: Some(out),
-    })
+        out,
+        inv: &mut inv,
+    });
+    inv
 }
 
-/// One row's softmax, in place or into bf16.
+/// One row's softmax, in place.
 struct Row<'a> {
     row: &'a mut [f32],
     scale: f32,
-    out: Option<&'a mut [bf16]>,
 }
 
 impl Vectorized for Row<'_> {
     #[inline(always)]
     fn run(self) {
         let inv = exponentials(self.row, self.scale);
-        match self.out {
-            None => self.row.iter_mut().for_each(|v| *v *= inv),
-            Some(out) => {
-                for (o, v) in out.iter_mut().zip(self.row.iter()) {
-                    *o = round(*v * inv);
-                }
+        self.row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// One row's unnormalised bf16 probabilities and the reciprocal of their sum.
+struct Bf16Row<'a> {
+    row: &'a mut [f32],
+    scale: f32,
+    out: &'a mut [bf16],
+    inv: &'a mut f32,
+}
+
+impl Vectorized for Bf16Row<'_> {
+    #[inline(always)]
+    fn run(self) {
+        // The exponentials (the shorter polynomial: they are rounded to bf16) and their sum in
+        // place, then rounded into `out`: two simple loops vectorise better than one that does both.
+        let inv = exponentials_to::<true>(self.row, self.scale);
+        if inv.is_nan() {
+            self.out.fill(bf16::ZERO);
+        } else {
+            for (o, v) in self.out.iter_mut().zip(self.row.iter()) {
+                *o = round(*v);
             }
         }
+        *self.inv = inv;
     }
 }
 
@@ -105,6 +126,13 @@ impl Vectorized for Row<'_> {
 /// softmax row whose largest term is 1).
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
+    exp_neg_to::<false>(x)
+}
+
+/// [`exp_neg`], or with `SHORT` a degree-5 polynomial (relative error below 4e-6, far inside a
+/// bf16 rounding) for results that are rounded to bf16.
+#[inline(always)]
+fn exp_neg_to<const SHORT: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -114,49 +142,68 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     let f = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0
-                    + f * (1.0 / 24.0
-                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let p = if SHORT {
+        1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0)))))
+    } else {
+        1.0 + f
+            * (1.0
+                + f * (0.5
+                    + f * (1.0 / 6.0
+                        + f * (1.0 / 24.0
+                            + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))))
+    };
     // n (in [-126, 0]) sits in the low mantissa bits of t: integer arithmetic on the bits gives
     // 2^n without a float-to-int conversion, which Rust's saturating `as` would leave scalar.
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     f32::from_bits(((n_int + 127) as u32) << 23) * p
 }
 
-/// Replaces `row` by `exp(scale * (row - max))` and returns the reciprocal of their sum: NaN for a
-/// row of -inf (fully masked) or one holding NaN / +inf, which candle's arithmetic makes all NaN.
+/// The largest value of `row` (-inf for an empty row).
 #[inline(always)]
-fn exponentials(row: &mut [f32], scale: f32) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
+fn row_max(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
         for (m, &v) in m.iter_mut().zip(c) {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(&m)
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Replaces `row` by `exp(scale * (row - max))` and returns the reciprocal of their sum: NaN for a
+/// row of -inf (fully masked) or one holding NaN / +inf, which candle's arithmetic makes all NaN.
+#[inline(always)]
+fn exponentials(row: &mut [f32], scale: f32) -> f32 {
+    exponentials_to::<false>(row, scale)
+}
+
+/// [`exponentials`] with [`exp_neg_to`]'s choice of polynomial.
+#[inline(always)]
+fn exponentials_to<const SHORT: bool>(row: &mut [f32], scale: f32) -> f32 {
+    let max = row_max(row);
     if !max.is_finite() {
         return f32::NAN;
     }
-    for v in row.iter_mut() {
-        *v = exp_neg((*v - max) * scale);
-    }
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
+    // The exponentials and their sum in one pass (sixteen lanes of partial sums).
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp_neg_to::<SHORT>((*v - max) * scale);
+            *a += *v;
         }
     }
-    let sum: f32 = acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    1.0 / sum
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_neg_to::<SHORT>((*v - max) * scale);
+        tail += *v;
+    }
+    1.0 / (acc.iter().sum::<f32>() + tail)
 }
 
 /// The portable (not dispatched) build of a row, for the tests.
@@ -219,21 +266,39 @@ mod tests {
         assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
 
-    /// The bf16 probabilities are the f32 ones rounded once.
+    /// The short exponential of bf16 rows is within its bound.
+    #[test]
+    fn short_exp_is_within_its_bound() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_neg_to::<true>(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 4e-6, "worst relative error {worst}");
+    }
+
+    /// The bf16 probabilities are the f32 ones rounded once, but for the shorter exponential: at
+    /// most one bf16 step apart, and nearly always equal.
     #[test]
     fn bf16_rows_are_the_f32_rows_rounded() {
-        let row: Vec<f32> = (0..77).map(|i| (i as f32 * 0.53).sin() * 9.0).collect();
+        let row: Vec<f32> = (0..1077).map(|i| (i as f32 * 0.53).sin() * 9.0).collect();
         let mut f32_row = row.clone();
         softmax_row(&mut f32_row, 0.7);
-        let (mut scratch, mut out) = (row, vec![bf16::ZERO; 77]);
-        softmax_row_bf16(&mut scratch, 0.7, &mut out);
+        let mut out = vec![bf16::ZERO; 1077];
+        let inv = softmax_row_bf16(&mut row.clone(), 0.7, &mut out);
         for (o, p) in out.iter().zip(&f32_row) {
-            assert_eq!(o.to_bits(), bf16::from_f32(*p).to_bits());
+            // One bf16 rounding of the exponential (2^-8 relative at most), the short
+            // polynomial, f32 sums.
+            let got = o.to_f32() * inv;
+            assert!((got - p).abs() <= 4e-3 * p + 1e-12, "{got} vs {p}");
         }
+        // The largest term is exactly 1 before scaling.
+        assert!(out.iter().any(|o| o.to_f32() == 1.0));
         let mut masked = [f32::NEG_INFINITY; 3];
-        let mut out = [bf16::ZERO; 3];
-        softmax_row_bf16(&mut masked, 1.0, &mut out);
-        assert!(out.iter().all(|v| v.is_nan()));
+        let mut out = [bf16::ONE; 3];
+        assert!(softmax_row_bf16(&mut masked, 1.0, &mut out).is_nan());
+        assert!(out.iter().all(|v| *v == bf16::ZERO));
     }
 
     #[test]
