@@ -498,8 +498,12 @@ impl PickleShards {
 }
 
 impl PickleShards {
-    fn new(shards: Vec<PthTensors>, files: &[PathBuf]) -> Self {
-        let stored = files.iter().map(|f| StoredEntries::read(f)).collect();
+    /// `map`: find the stored entries for mapping (the CPU only; elsewhere tensors are copied).
+    fn new(shards: Vec<PthTensors>, files: &[PathBuf], map: bool) -> Self {
+        let stored = files
+            .iter()
+            .map(|f| map.then(|| StoredEntries::read(f)).flatten())
+            .collect();
         Self { shards, stored }
     }
 
@@ -601,7 +605,11 @@ pub fn var_builder(
                 .map(|f| open_pickle(f))
                 .collect::<Result<Vec<_>>>()?;
             Ok(VarBuilder::from_backend(
-                Box::new(Backend(PickleShards::new(shards, &weights.files))),
+                Box::new(Backend(PickleShards::new(
+                    shards,
+                    &weights.files,
+                    device.is_cpu(),
+                ))),
                 dtype,
                 device.clone(),
             ))

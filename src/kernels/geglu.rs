@@ -107,12 +107,12 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let mut dims = l.dims().to_vec();
-        let last = dims.last().copied().unwrap_or(0);
-        if last == 0 || !last.is_multiple_of(2) {
+        let Some(last) = dims.last_mut().filter(|d| **d != 0 && d.is_multiple_of(2)) else {
+            let last = l.dims().last().copied().unwrap_or(0);
             candle_core::bail!("geglu: the last dimension ({last}) must be even and not zero");
-        }
-        let n = last / 2;
-        *dims.last_mut().expect("rank >= 1") = n;
+        };
+        *last /= 2;
+        let n = *last;
         let storage = match s {
             CpuStorage::F32(v) => CpuStorage::F32(run(contiguous(v, l, "geglu: input")?, n)),
             CpuStorage::BF16(v) => CpuStorage::BF16(run(contiguous(v, l, "geglu: input")?, n)),

@@ -15,8 +15,8 @@
 //!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
 //! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
-//! an f64 direct convolution; the README's "Which precision on which CPU" and BENCHMARKS.md give the figures on
-//! the full-size models and the parity suite.
+//! an f64 direct convolution; the README's "Which precision on which CPU" and BENCHMARKS.md give
+//! the figures on the full-size models and the parity suite.
 //!
 //! bf16 keeps the im2col kernel. Tried (transforms in f32 on the widened values, the transformed
 //! weights and input rounded to bf16 for the bf16 kernel), it was slower and less precise on Zen 5
@@ -361,12 +361,8 @@ struct InputTask<'a> {
 impl Vectorized for InputTask<'_> {
     #[inline(always)]
     fn run(self) {
-        let Band {
-            plan: Plan { t, g, ntx, nty },
-            rows,
-            nt,
-            scratch,
-        } = self.band;
+        let Plan { t, g, ntx, nty } = self.band.plan;
+        let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
         let (m, a, ci) = (t.m, t.a, self.ci);
         // tmp: a rows over the padded input columns (-1 .. m*ntx + m - 1); ph: one tmp row split
         // by column phase mod m, so that each tile's k-th column is ph[k % m][tile + k / m].
@@ -495,12 +491,8 @@ struct OutputTask<'a> {
 impl Vectorized for OutputTask<'_> {
     #[inline(always)]
     fn run(self) {
-        let Band {
-            plan: Plan { t, g, ntx, nty },
-            rows,
-            nt,
-            scratch,
-        } = self.band;
+        let Plan { t, g, ntx, nty } = self.band.plan;
+        let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
         let (m, a) = (t.m, t.a);
         let (oh, ow) = (g.h, g.w);
         scratch.clear();
