@@ -36,6 +36,8 @@
 //! | `seed` | integer, 0 to 2^64 - 1 |
 //! | `steps`, `width`, `height`, `num_images` | integer >= 0 |
 //! | `guidance` (or `cfg_scale`) | number >= 0 |
+//! | `init_image`, `mask` | string: a path, relative to the batch file's directory (the current one for stdin) |
+//! | `strength` (or `denoising_strength`) | number, more than 0 to 1 |
 //!
 //! A wrong type, a negative or fractional number where an integer is expected, a key given twice
 //! (including `guidance` with `cfg_scale`, or `scheduler` with `sampler`) and an unknown key (most
@@ -67,7 +69,7 @@
 //! | `--sampler_index NAME` | `scheduler`, as written; a number is an error (see below) |
 //! | `--batch_size N`, `--n_iter N` | `num_images` = batch_size × n_iter (each 1 when absent) |
 //! | `--outpath_samples DIR` | `output` |
-//! | altdiff's own: `--lang`, `--guidance`, `--scheduler`, `--num_images`, `--output` | the same |
+//! | altdiff's own: `--lang`, `--guidance`, `--scheduler`, `--num_images`, `--output`, `--init_image`, `--mask`, `--strength` (or webui's API name `--denoising_strength`) | the same |
 //!
 //! Any other option is an error listing the supported ones, including webui's options that
 //! altdiff cannot honour (`--sd_model`, `--styles`, `--subseed`, `--subseed_strength`,
@@ -145,6 +147,13 @@ pub struct Overrides {
     pub num_images: Option<usize>,
     /// Output file or directory.
     pub output: Option<String>,
+    /// Image-to-image: the init image's path (relative paths are taken from the batch file's
+    /// directory).
+    pub init_image: Option<String>,
+    /// Inpainting: the mask's path (as `init_image`).
+    pub mask: Option<String>,
+    /// Image-to-image strength, more than 0 to 1.
+    pub strength: Option<f64>,
 }
 
 impl Overrides {
@@ -186,6 +195,10 @@ pub const JSON_KEYS: &[&str] = &[
     "height",
     "num_images",
     "output",
+    "init_image",
+    "mask",
+    "strength",
+    "denoising_strength",
 ];
 
 /// The options a webui line may have (with `-` and `_` interchangeable).
@@ -207,6 +220,10 @@ pub const WEBUI_OPTIONS: &[&str] = &[
     "scheduler",
     "num_images",
     "output",
+    "init_image",
+    "mask",
+    "strength",
+    "denoising_strength",
 ];
 
 /// webui's "prompts from file" options that altdiff knows but cannot honour.
@@ -380,6 +397,7 @@ fn parse_json(text: &str, lead_chars: usize) -> Result<(String, Overrides), Stri
         let slot = match canonical {
             "cfg_scale" => "guidance",
             "sampler" => "scheduler",
+            "denoising_strength" => "strength",
             k => k,
         };
         if let Some(&(_, earlier)) = seen.iter().find(|(s, _)| *s == slot) {
@@ -413,6 +431,9 @@ fn parse_json(text: &str, lead_chars: usize) -> Result<(String, Overrides), Stri
             "height" => o.height = json_usize(canonical, value)?,
             "num_images" => o.num_images = json_usize(canonical, value)?,
             "guidance" | "cfg_scale" => o.guidance = json_f64(canonical, value)?,
+            "init_image" => o.init_image = json_string(canonical, value)?,
+            "mask" => o.mask = json_string(canonical, value)?,
+            "strength" | "denoising_strength" => o.strength = json_f64(canonical, value)?,
             _ => {}
         }
     }
@@ -613,6 +634,7 @@ fn parse_webui(text: &str, lead_chars: usize) -> Result<(String, Overrides), Str
             "cfg_scale" => "guidance",
             "sampler_name" | "sampler_index" => "scheduler",
             "outpath_samples" => "output",
+            "denoising_strength" => "strength",
             k => k,
         };
         if let Some(&(_, earlier)) = seen.iter().find(|(s, _)| *s == slot) {
@@ -685,6 +707,9 @@ fn parse_webui(text: &str, lead_chars: usize) -> Result<(String, Overrides), Str
             }
             "lang" => o.lang = Some(value.clone()),
             "output" | "outpath_samples" => o.output = Some(value.clone()),
+            "init_image" => o.init_image = Some(value.clone()),
+            "mask" => o.mask = Some(value.clone()),
+            "strength" | "denoising_strength" => o.strength = Some(word_f64(option, value)?),
             _ => {}
         }
     }

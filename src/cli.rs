@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::options::{
-    DeviceChoice, GenerateOptions, LoadPolicy, ModelChoice, OutputOptions, OutputTarget, Precision,
-    Sampling, SeedChoice, Shard,
+    DeviceChoice, GenerateOptions, InitSpec, LoadPolicy, ModelChoice, OutputOptions, OutputTarget,
+    Precision, Sampling, SeedChoice, Shard, DEFAULT_STRENGTH,
 };
 use crate::schedulers::{SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::source::ModelSource;
@@ -241,6 +241,18 @@ pub struct GenerateArgs {
     /// Initial noise: a safetensors file with one f32 tensor `latents` [B, 4, H/8, W/8], as diffusers' `latents=`.
     #[arg(long, value_name = "FILE")]
     pub latents: Option<PathBuf>,
+    /// Image-to-image: start from this picture (PNG, JPEG or WebP) instead of pure noise, resized to
+    /// --width x --height (default: its own size rounded down to a multiple of 8).
+    #[arg(long, value_name = "FILE", conflicts_with = "latents")]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting (with --init-image): repaint where this picture is white, keep where it is black
+    /// (grey is binarised at 0.5); resized to the image size if it differs.
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// How much of the init image is repainted, more than 0 to 1 [default: 0.8]: the last
+    /// int(steps x strength) steps of the schedule run, from the image noised to that level.
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
     /// Write the intermediate tensors (diffusers' names) to this safetensors file.
     #[arg(long, value_name = "FILE")]
     pub dump_tensors: Option<PathBuf>,
@@ -275,6 +287,33 @@ pub struct GenerateArgs {
     /// When to load and free the text encoder, UNet and VAE: per-stage (least memory), keep (no reloading between batches), auto (per-stage for one batch).
     #[arg(long, value_enum, default_value = "auto")]
     pub load_policy: LoadPolicy,
+}
+
+/// The `--init-image` / `--mask` / `--strength` of a run, or the image-to-image input recorded in
+/// a `--from-image` PNG (the flags override it; `--init-image` points at a moved file).
+fn init_spec(
+    image: Option<PathBuf>,
+    mask: Option<PathBuf>,
+    strength: Option<f64>,
+    rec: Option<&crate::metadata::ImageRecord>,
+) -> Result<Option<InitSpec>> {
+    let recorded = rec.and_then(|r| r.init.as_ref());
+    let image = image.or_else(|| recorded.map(|i| PathBuf::from(&i.image)));
+    let Some(image) = image else {
+        if mask.is_some() {
+            return Err(Error::usage(
+                "--mask needs --init-image: inpainting repaints part of an init image",
+            ));
+        }
+        return Ok(None);
+    };
+    Ok(Some(InitSpec {
+        image,
+        mask: mask.or_else(|| recorded.and_then(|i| i.mask.as_ref().map(PathBuf::from))),
+        strength: strength
+            .or(recorded.map(|i| i.strength))
+            .unwrap_or(DEFAULT_STRENGTH),
+    }))
 }
 
 /// A count (steps, images, batch size): a whole number; a negative one gets a range message
@@ -388,8 +427,10 @@ impl GenerateArgs {
                         (None, None) => None,
                     },
                 },
+                init: init_spec(self.init_image, self.mask, self.strength, rec)?,
             },
             seed: self.seed.unwrap_or_default(),
+            strength: self.strength,
             per_image_seeds: self.per_image_seeds,
             from_image: record.clone(),
             latents: self.latents,

@@ -23,6 +23,7 @@ pub mod models;
 pub mod noise;
 pub mod options;
 pub mod output;
+pub mod picture;
 pub mod pipeline;
 pub mod progress;
 pub mod rng;

@@ -47,6 +47,23 @@ pub struct ModelRecord {
     pub variant: Option<String>,
 }
 
+/// The picture(s) an image-to-image or inpainting result started from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitRecord {
+    /// The init image's path, as it was read.
+    pub image: String,
+    /// SHA-256 of the init image file (lower-case hex).
+    pub image_sha256: String,
+    /// The mask's path (inpainting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// SHA-256 of the mask file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_sha256: Option<String>,
+    /// diffusers' `strength` (webui's "Denoising strength").
+    pub strength: f64,
+}
+
 /// Everything needed to regenerate one image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -87,6 +104,9 @@ pub struct ImageRecord {
     pub model: ModelRecord,
     /// Compute precision.
     pub dtype: String,
+    /// Image-to-image / inpainting input, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitRecord>,
 }
 
 impl ImageRecord {
@@ -126,6 +146,9 @@ impl ImageRecord {
             if batch > 1 {
                 s.push_str(&format!(", Batch size: {batch}, Batch pos: {index}"));
             }
+        }
+        if let Some(init) = &self.init {
+            s.push_str(&format!(", Denoising strength: {}", init.strength));
         }
         if let Some(eta) = self.eta {
             s.push_str(&format!(", Eta: {eta}"));

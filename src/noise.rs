@@ -103,8 +103,44 @@ impl NoiseStreams {
         out
     }
 
+    /// One draw of `per_image` values per generator, repeated over the images that generator
+    /// covers, in batch order: what diffusers draws when it encodes the one init image of a call
+    /// (`retrieve_latents(vae.encode(image), generator)` samples `randn((1, C, h, w))`, then the
+    /// latents are repeated over the batch). A `--from-image` slice draws it as the whole call did;
+    /// with one generator per image (`--per-image-seeds`) each generator draws its own, so that
+    /// every image is the one a single-image run with its seed makes (diffusers' list-of-generators
+    /// path encodes the init image with the first generator only).
+    pub fn draw_per_generator(&mut self, per_image: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.images() * per_image);
+        for s in &mut self.segments {
+            let one = s.generator.randn(per_image);
+            for _ in s.keep.clone() {
+                out.extend_from_slice(&one);
+            }
+        }
+        out
+    }
+
     /// The next draw as a tensor of `shape` (`[B, ...]` with B the images covered) on `device`.
     pub fn draw_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.tensor_of(shape, device, Self::draw)
+    }
+
+    /// [`draw_per_generator`](Self::draw_per_generator) as a tensor of `shape` (`[B, ...]`).
+    pub fn draw_per_generator_tensor(
+        &mut self,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.tensor_of(shape, device, Self::draw_per_generator)
+    }
+
+    fn tensor_of(
+        &mut self,
+        shape: &[usize],
+        device: &Device,
+        draw: fn(&mut Self, usize) -> Vec<f32>,
+    ) -> Result<Tensor> {
         let images = self.images();
         if shape.first() != Some(&images) {
             return Err(Error::Numerics(format!(
@@ -112,7 +148,7 @@ impl NoiseStreams {
             )));
         }
         let per_image = shape[1..].iter().product();
-        let data = self.draw(per_image);
+        let data = draw(self, per_image);
         Tensor::from_vec(data, shape, &Device::Cpu)
             .and_then(|t| t.to_device(device))
             .context(|| "drawing noise".into())
@@ -165,6 +201,28 @@ mod tests {
             assert_eq!(one.draw(17), all[17..34].to_vec());
         }
         assert!(Segment::slice(3, 3, 3).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn per_generator_draws_once_per_generator() -> Result<()> {
+        let mut shared = NoiseStreams::shared(5, 3);
+        let d = shared.draw_per_generator(20);
+        let mut g = TorchGenerator::new(5);
+        let one = g.randn(20);
+        assert_eq!(d, [one.clone(), one.clone(), one].concat());
+        // The next ordinary draw continues after the single one.
+        assert_eq!(shared.draw(20), g.randn(60));
+        let mut slice = NoiseStreams::new(vec![Segment::slice(5, 3, 2)?]);
+        let d = slice.draw_per_generator(20);
+        assert_eq!(d, TorchGenerator::new(5).randn(20));
+        let mut each = NoiseStreams::per_image([1, 2]);
+        let d = each.draw_per_generator(17);
+        let (a, b) = (
+            TorchGenerator::new(1).randn(17),
+            TorchGenerator::new(2).randn(17),
+        );
+        assert_eq!(d, [a, b].concat());
         Ok(())
     }
 

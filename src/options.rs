@@ -135,6 +135,22 @@ pub struct Sampling {
     pub max_length: Option<usize>,
     /// `--eta`, `--karras`, `--timestep-spacing`.
     pub schedule: SchedulerOptions,
+    /// Image-to-image or inpainting (`--init-image`, `--mask`, `--strength`).
+    pub init: Option<InitSpec>,
+}
+
+/// diffusers' default `strength` for image-to-image.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// Where image-to-image starts from: files, read when their batch runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitSpec {
+    /// The init image (PNG, JPEG or WebP).
+    pub image: PathBuf,
+    /// Inpainting: white = repaint, black = keep.
+    pub mask: Option<PathBuf>,
+    /// 0 < strength <= 1.
+    pub strength: f64,
 }
 
 impl Default for Sampling {
@@ -150,6 +166,7 @@ impl Default for Sampling {
             num_images: 1,
             max_length: None,
             schedule: SchedulerOptions::default(),
+            init: None,
         }
     }
 }
@@ -250,6 +267,8 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// `--seed`. With `--latents` it seeds the step noise only (0 when unset).
     pub seed: SeedChoice,
+    /// `--strength`: for `--init-image`, and the default of batch lines that give `init_image`.
+    pub strength: Option<f64>,
     /// `--per-image-seeds`: one generator per image, seeded seed + i (diffusers' list of
     /// generators), so each image can be regenerated alone.
     pub per_image_seeds: bool,
@@ -323,6 +342,9 @@ impl Sampling {
         if let Some(kind) = self.scheduler {
             self.schedule.check(kind)?;
         }
+        if let Some(init) = &self.init {
+            crate::schedulers::img2img_start(self.steps, init.strength, 1)?;
+        }
         if let Some(m) = self.max_length {
             if !(2..=512).contains(&m) {
                 return Err(Error::usage(format!(
@@ -363,6 +385,14 @@ impl GenerateOptions {
             }
         }
         self.sampling.validate()?;
+        if let Some(s) = self.strength {
+            if self.sampling.init.is_none() && self.prompt_file.is_none() {
+                return Err(Error::usage(format!(
+                    "--strength {s} needs --init-image (or a batch file whose lines give init_image)"
+                )));
+            }
+            crate::schedulers::img2img_start(self.sampling.steps, s, 1)?;
+        }
         if self.batch_size == 0 {
             return Err(Error::usage("--batch-size must be at least 1"));
         }

@@ -1,5 +1,8 @@
-//! The text-to-image pipeline: tokenizer -> text encoder -> (uncond, cond) -> scheduler loop over the
-//! UNet -> VAE decode, as diffusers' `AltDiffusionPipeline` does it.
+//! The pipeline: tokenizer -> text encoder -> (uncond, cond) -> scheduler loop over the UNet -> VAE
+//! decode, as diffusers' `AltDiffusionPipeline` does it; with an init image, diffusers'
+//! `AltDiffusionImg2ImgPipeline` (the image encoded, noised to the first timestep that `strength`
+//! leaves, then the rest of the schedule) and, with a mask too, `StableDiffusionInpaintPipeline`
+//! for a 4-channel UNet (the kept region re-noised and blended back after every step).
 //!
 //! No files, no prints: the pipeline takes loaded components and a request, reports progress through
 //! [`Progress`], and returns images and (on request) the intermediate tensors.
@@ -11,9 +14,10 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result, TensorContext};
 use crate::model::{ModelConfig, ModelFiles};
-use crate::models::{TextEncoder, UNet, VaeDecoder};
+use crate::models::{TextEncoder, UNet, VaeDecoder, VaeEncoder};
 use crate::noise::NoiseStreams;
 use crate::options::{LoadPolicy, Sampling};
+use crate::picture::Picture;
 use crate::schedulers::{self, SchedulerKind};
 use crate::tokenizer::PromptTokenizer;
 
@@ -78,6 +82,22 @@ pub struct Request {
     pub noise: Noise,
     /// Keep the intermediate tensors for `--dump-tensors`.
     pub keep_tensors: bool,
+    /// Image-to-image or inpainting: the picture every image of the request starts from.
+    pub init: Option<Init>,
+}
+
+/// What image-to-image and inpainting start from (diffusers' `image=`, `mask_image=`, `strength=`).
+#[derive(Debug, Clone)]
+pub struct Init {
+    /// The init image (grey or RGB), at any size: it is resized to the output size as diffusers'
+    /// `VaeImageProcessor` does (Pillow's Lanczos).
+    pub image: Picture,
+    /// Inpainting: white = repaint, black = keep (grey or RGB, resized to the output size, then
+    /// binarised at 0.5 as diffusers does).
+    pub mask: Option<Picture>,
+    /// How much of the schedule runs, 0 < strength <= 1: `int(steps * strength)` steps, started
+    /// from the init image noised to that level (1 = from the noise level of the first step).
+    pub strength: f64,
 }
 
 /// An 8-bit RGB image.
@@ -114,6 +134,18 @@ pub struct Resolved {
     pub width: usize,
     /// Token length.
     pub max_length: usize,
+    /// With an init image: what was resized to the output size.
+    pub resized: Option<Resized>,
+}
+
+/// The sizes (width, height) an init image and its mask had before they were resized to the
+/// output size; `None` for one that already had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    /// The init image's size.
+    pub image: Option<(usize, usize)>,
+    /// The mask's size.
+    pub mask: Option<(usize, usize)>,
 }
 
 /// The model: configuration and tokenizer, and the three networks, loaded at start-up or stage
@@ -125,6 +157,8 @@ pub struct Pipeline {
     text_encoder: RefCell<Option<TextEncoder>>,
     unet: RefCell<Option<UNet>>,
     vae: RefCell<Option<VaeDecoder>>,
+    /// Loaded when a request first needs it (image-to-image, inpainting).
+    vae_encoder: RefCell<Option<VaeEncoder>>,
     per_stage: bool,
     device: Device,
     dtype: DType,
@@ -180,6 +214,7 @@ impl Pipeline {
             text_encoder: RefCell::new(None),
             unet: RefCell::new(None),
             vae: RefCell::new(None),
+            vae_encoder: RefCell::new(None),
             per_stage,
             device: device.clone(),
             dtype,
@@ -211,6 +246,11 @@ impl Pipeline {
     fn build_vae(&self, vb: VarBuilder) -> Result<VaeDecoder> {
         let built = VaeDecoder::new(vb, &self.config.vae);
         model_error(built, "VAE", &self.files.vae_weights)
+    }
+
+    fn load_vae_encoder(&self) -> Result<VaeEncoder> {
+        let built = VaeEncoder::new(self.weights(&self.files.vae_weights)?, &self.config.vae);
+        model_error(built, "VAE encoder", &self.files.vae_weights)
     }
 
     fn weights(&self, w: &crate::weights::Weights) -> Result<VarBuilder<'static>> {
@@ -262,8 +302,26 @@ impl Pipeline {
         sampling.validate()?;
         let f = self.vae_scale_factor();
         let default_px = self.config.unet.sample_size * f;
-        let height = sampling.height.unwrap_or(default_px);
-        let width = sampling.width.unwrap_or(default_px);
+        let (default_w, default_h) = match &req.init {
+            None => (default_px, default_px),
+            Some(init) => {
+                if req.noise.latents.is_some() {
+                    return Err(Error::usage(
+                        "--latents cannot be combined with --init-image: the init image gives \
+                         the starting latents",
+                    ));
+                }
+                init.image.default_size(f).ok_or_else(|| {
+                    Error::usage(format!(
+                        "the init image is {}x{} pixels, smaller than the VAE's {f}-pixel \
+                         blocks; give --width and --height to resize it",
+                        init.image.width, init.image.height
+                    ))
+                })?
+            }
+        };
+        let height = sampling.height.unwrap_or(default_h);
+        let width = sampling.width.unwrap_or(default_w);
         for (name, v) in [("height", height), ("width", width)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::usage(format!(
@@ -303,18 +361,32 @@ impl Pipeline {
         // The scheduler is built here once to check it (options that do not apply to it, a
         // config it cannot take, a step count its schedule cannot give) before any work: it is
         // cheap, and `generate` builds the one it steps with.
-        schedulers::build(
+        let built = schedulers::build(
             scheduler,
             &self.config.scheduler,
             &self.files.scheduler_config,
             sampling.steps,
             &sampling.schedule,
         )?;
+        let resized = match &req.init {
+            None => None,
+            Some(init) => {
+                schedulers::img2img_start(sampling.steps, init.strength, built.order())?;
+                let from = |p: &Picture| {
+                    ((p.width, p.height) != (width, height)).then_some((p.width, p.height))
+                };
+                Some(Resized {
+                    image: from(&init.image),
+                    mask: init.mask.as_ref().and_then(from),
+                })
+            }
+        };
         Ok(Resolved {
             scheduler,
             height,
             width,
             max_length,
+            resized,
         })
     }
 
@@ -514,11 +586,84 @@ impl Pipeline {
         Ok((images, tensor))
     }
 
+    /// The init image [1, 3, H, W] in [-1, 1] and, with a mask, the mask [1, 1, H, W] (1 =
+    /// repaint) at the output size, as diffusers' `VaeImageProcessor.preprocess` makes them:
+    /// Pillow's Lanczos resize in the picture's own mode, `x / 255` in float32, then `2x - 1` for
+    /// the image; grey conversion after the resize and `x >= 0.5` for the mask.
+    fn init_tensors(&self, init: &Init, r: &Resolved) -> Result<(Tensor, Option<Tensor>)> {
+        let (w, h) = (r.width, r.height);
+        let fit = |p: &Picture| {
+            if (p.width, p.height) == (w, h) {
+                p.clone()
+            } else {
+                p.resized(w, h)
+            }
+        };
+        let what = || "preparing the init image".to_string();
+        let image = fit(&init.image).to_rgb();
+        let plane = h * w;
+        let mut data = vec![0f32; 3 * plane];
+        for (i, px) in image.pixels.chunks_exact(3).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                data[c * plane + i] = 2.0 * (f32::from(v) / 255.0) - 1.0;
+            }
+        }
+        let image = Tensor::from_vec(data, (1, 3, h, w), &self.device).context(what)?;
+        let mask = match &init.mask {
+            None => None,
+            Some(m) => {
+                let m = fit(m).to_gray();
+                let data: Vec<f32> = m
+                    .pixels
+                    .iter()
+                    .map(|&v| if f32::from(v) / 255.0 < 0.5 { 0.0 } else { 1.0 })
+                    .collect();
+                let t = Tensor::from_vec(data, (1, 1, h, w), &self.device);
+                Some(t.context(|| "preparing the mask".into())?)
+            }
+        };
+        Ok((image, mask))
+    }
+
+    /// `scaling_factor * latent_dist.sample(generator)` of the init image for each of `b` images
+    /// (`[b, C, h, w]`): one encoding, one sample per generator ([`NoiseStreams::draw_per_generator`]).
+    fn image_latents(
+        &self,
+        image: &Tensor,
+        b: usize,
+        generators: &mut NoiseStreams,
+    ) -> Result<Tensor> {
+        let what = || "encoding the init image".to_string();
+        let encoder = self.vae_encoder.borrow();
+        let Some(encoder) = encoder.as_ref() else {
+            return Err(Error::Numerics("the VAE encoder is not loaded".into()));
+        };
+        let dist = image
+            .to_dtype(self.dtype)
+            .and_then(|x| encoder.encode(&x))
+            .context(what)?;
+        let (mean, std) = (
+            dist.mean.to_dtype(DType::F32).context(what)?,
+            dist.std.to_dtype(DType::F32).context(what)?,
+        );
+        let (_, c, h, w) = mean.dims4().context(what)?;
+        let sample = generators.draw_per_generator_tensor(&[b, c, h, w], &self.device)?;
+        std.broadcast_mul(&sample)
+            .and_then(|x| x.broadcast_add(&mean))
+            .and_then(|x| x * self.config.vae.scaling_factor)
+            .context(what)
+    }
+
     /// Runs a request.
     pub fn generate(&self, req: &Request, progress: &mut dyn Progress) -> Result<Generation> {
         let r = self.resolve(req)?;
         let mut tensors = Vec::new();
         let keep = req.keep_tensors;
+        let init = req
+            .init
+            .as_ref()
+            .map(|i| self.init_tensors(i, &r).map(|t| (i, t)))
+            .transpose()?;
 
         progress.stage("encode");
         load_component(&self.text_encoder, progress, "encode", || {
@@ -535,12 +680,76 @@ impl Pipeline {
             req.sampling.steps,
             &req.sampling.schedule,
         )?;
-        let timesteps = scheduler.timesteps().to_vec();
+        let all_timesteps = scheduler.timesteps().to_vec();
         let what = || "initialising the latents".to_string();
         let mut generators = req.noise.generators.clone();
-        let mut latents = (self.initial_noise(req, &r, &mut generators)?
-            * scheduler.init_noise_sigma())
-        .context(what)?;
+        // With an init image: where the run starts, the image's latents, the noise they were
+        // noised with and (inpainting) the mask over the latents.
+        let mut inpaint = None;
+        let (start, mut latents) = match &init {
+            None => {
+                let noise = self.initial_noise(req, &r, &mut generators)?;
+                (0, (noise * scheduler.init_noise_sigma()).context(what)?)
+            }
+            Some((init, (image, mask))) => {
+                let start = schedulers::img2img_start(
+                    req.sampling.steps,
+                    init.strength,
+                    scheduler.order(),
+                )?;
+                progress.stage("encode_image");
+                load_component(&self.vae_encoder, progress, "encode_image", || {
+                    self.load_vae_encoder()
+                })?;
+                let b = req.prompts.len() * req.sampling.num_images;
+                let image_latents = self.image_latents(image, b, &mut generators);
+                self.release(&self.vae_encoder);
+                let image_latents = image_latents?;
+                let noise = generators.draw_tensor(image_latents.dims(), &self.device)?;
+                if keep {
+                    tensors.push(("init_image".into(), image.clone()));
+                    tensors.push(("image_latents".into(), image_latents.clone()));
+                }
+                let latents = match mask {
+                    // AltDiffusionImg2ImgPipeline: add_noise at the first timestep left; the
+                    // scheduler finds its place by `index_for_timestep`.
+                    None => {
+                        let at =
+                            schedulers::index_for_timestep(&all_timesteps, all_timesteps[start])
+                                .unwrap_or(start);
+                        scheduler.begin_at(at);
+                        scheduler.add_noise(&image_latents, &noise, at)?
+                    }
+                    // StableDiffusionInpaintPipeline: `set_begin_index(start)`; strength 1 starts
+                    // from pure noise; the masked image is encoded too (its latents feed only a
+                    // 9-channel UNet, but its sample is drawn from the generator: drawn here).
+                    Some(mask) => {
+                        scheduler.begin_at(start);
+                        let latents = if init.strength >= 1.0 {
+                            (&noise * scheduler.init_noise_sigma()).context(what)?
+                        } else {
+                            scheduler.add_noise(&image_latents, &noise, start)?
+                        };
+                        generators.draw_per_generator(image_latents.elem_count() / b.max(1));
+                        let (_, _, h, w) = image_latents.dims4().context(what)?;
+                        // F.interpolate(mask, size=(h, w)), nearest: every f-th pixel.
+                        let f = self.vae_scale_factor();
+                        let m = mask
+                            .reshape((r.height / f, f, r.width / f, f))
+                            .and_then(|m| m.narrow(1, 0, 1))
+                            .and_then(|m| m.narrow(3, 0, 1))
+                            .and_then(|m| m.reshape((1, 1, h, w)))
+                            .and_then(|m| m.broadcast_as(image_latents.shape()))
+                            .and_then(|m| m.ne(0f32))
+                            .context(what)?;
+                        inpaint = Some((m, image_latents, noise));
+                        latents
+                    }
+                };
+                (start, latents)
+            }
+        };
+        let timesteps = all_timesteps[start..].to_vec();
         if keep {
             let n = timesteps.len();
             tensors.push((
@@ -554,6 +763,7 @@ impl Pipeline {
         load_component(&self.unet, progress, "denoise", || self.load_unet())?;
         let guidance = (req.sampling.guidance > 1.0).then_some(req.sampling.guidance);
         let denoised = (|| {
+            let n = timesteps.len();
             for (i, &t) in timesteps.iter().enumerate() {
                 check_cancelled(progress)?;
                 latents = self.denoise_step(
@@ -564,8 +774,20 @@ impl Pipeline {
                     scheduler.as_mut(),
                     &mut generators,
                 )?;
-                check_finite(&latents, i + 1, timesteps.len())?;
-                progress.step(i + 1, timesteps.len());
+                // Inpainting: the kept region back from the init image, noised to the next
+                // timestep's level (clean after the last step).
+                if let Some((mask, image_latents, noise)) = &inpaint {
+                    let known = if i + 1 < n {
+                        scheduler.add_noise(image_latents, noise, start + i + 1)?
+                    } else {
+                        image_latents.clone()
+                    };
+                    latents = mask
+                        .where_cond(&latents, &known)
+                        .context(|| format!("blending the kept region after step {}", i + 1))?;
+                }
+                check_finite(&latents, i + 1, n)?;
+                progress.step(i + 1, n);
             }
             Ok::<(), Error>(())
         })();

@@ -216,9 +216,33 @@ fn json_every_key() {
             height: Some(384),
             num_images: Some(3),
             output: Some("out/fox.png".into()),
+            init_image: None,
+            mask: None,
+            strength: None,
         }
     );
     assert!(!j.overrides.is_empty());
+}
+
+#[test]
+fn json_and_webui_init_image_keys() {
+    let j = job(
+        r#"{"prompt": "a fox", "init_image": "in/fox.png", "mask": "in/m.png", "strength": 0.6}"#,
+    );
+    assert_eq!(j.overrides.init_image.as_deref(), Some("in/fox.png"));
+    assert_eq!(j.overrides.mask.as_deref(), Some("in/m.png"));
+    assert_eq!(j.overrides.strength, Some(0.6));
+    let j = job(r#"{"prompt": "a fox", "init_image": "a.png", "denoising_strength": 0.3}"#);
+    assert_eq!(j.overrides.strength, Some(0.3));
+    let e = error(r#"{"prompt": "a fox", "strength": 0.3, "denoising_strength": 0.3}"#);
+    assert!(e.contains("same setting"), "{e}");
+    let e = error(r#"{"prompt": "a fox", "strength": "high"}"#);
+    assert!(e.contains("`strength` must be a number"), "{e}");
+    let j =
+        job("--prompt 'a fox' --init_image 'in/fox 1.png' --denoising_strength 0.45 --mask m.png");
+    assert_eq!(j.overrides.init_image.as_deref(), Some("in/fox 1.png"));
+    assert_eq!(j.overrides.strength, Some(0.45));
+    assert_eq!(j.overrides.mask.as_deref(), Some("m.png"));
 }
 
 #[test]
@@ -954,11 +978,17 @@ fn overrides() -> impl Strategy<Value = Overrides> {
             maybe(0usize..100),
             maybe(text),
         ),
+        (
+            maybe(text),
+            maybe(text),
+            maybe((1u32..=100).prop_map(|n| f64::from(n) / 100.0)),
+        ),
     )
         .prop_map(
             |(
                 (negative_prompt, lang, seed, steps),
                 (guidance, scheduler, width, height, num_images, output),
+                (init_image, mask, strength),
             )| {
                 Overrides {
                     negative_prompt,
@@ -971,6 +1001,9 @@ fn overrides() -> impl Strategy<Value = Overrides> {
                     height,
                     num_images,
                     output,
+                    init_image,
+                    mask,
+                    strength,
                 }
             },
         )
@@ -994,6 +1027,9 @@ fn json_line(prompt: &str, o: &Overrides) -> String {
     put("height", serde_json::json!(o.height));
     put("num_images", serde_json::json!(o.num_images));
     put("output", serde_json::json!(o.output));
+    put("init_image", serde_json::json!(o.init_image));
+    put("mask", serde_json::json!(o.mask));
+    put("strength", serde_json::json!(o.strength));
     serde_json::Value::Object(m).to_string()
 }
 
@@ -1014,6 +1050,9 @@ fn webui_line(prompt: &str, o: &Overrides) -> String {
     put("height", o.height.map(|v| v.to_string()));
     put("num_images", o.num_images.map(|v| v.to_string()));
     put("output", o.output.clone());
+    put("init_image", o.init_image.clone());
+    put("mask", o.mask.clone());
+    put("denoising_strength", o.strength.map(|v| v.to_string()));
     line
 }
 

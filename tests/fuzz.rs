@@ -1636,6 +1636,13 @@ fn sample_record() -> ImageRecord {
             variant: None,
         },
         dtype: "f16".into(),
+        init: Some(altdiff::metadata::InitRecord {
+            image: "photos/fox, 1.png".into(),
+            image_sha256: "ab".repeat(32),
+            mask: Some("masks/fox.png".into()),
+            mask_sha256: Some("cd".repeat(32)),
+            strength: 0.75,
+        }),
     }
 }
 

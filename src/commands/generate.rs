@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::engine::init::Pictures;
 use crate::engine::plan::{group, plan, Failure, Group, Job, Plan};
 use crate::error::{Error, Result, TensorContext};
 use crate::lang::{self, ModelLanguages};
-use crate::metadata::{ImageRecord, ModelRecord, NoiseRecord};
+use crate::metadata::{ImageRecord, InitRecord, ModelRecord, NoiseRecord};
 use crate::model::ModelFiles;
 use crate::noise::{NoiseStreams, Segment};
 use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, SeedChoice};
@@ -91,6 +92,8 @@ struct Run<'a> {
     /// A random seed to report once the first batch is about to be generated (so it never comes
     /// before an error found while setting the batch up).
     seed_note: std::cell::Cell<Option<u64>>,
+    /// The init images and masks read so far.
+    pictures: Pictures,
 }
 
 impl Run<'_> {
@@ -100,6 +103,7 @@ impl Run<'_> {
         r: &crate::pipeline::Resolved,
         noise: NoiseRecord,
         lang: Option<&str>,
+        init: Option<&InitRecord>,
     ) -> ImageRecord {
         let (source, revision, commit) = match self.identity {
             ModelIdentity::Local(p) => (p.display().to_string(), None, None),
@@ -140,6 +144,7 @@ impl Run<'_> {
                 variant: self.opts.model.variant.clone(),
             },
             dtype: format!("{:?}", self.dtype).to_lowercase(),
+            init: init.cloned(),
         }
     }
 
@@ -235,6 +240,9 @@ impl Run<'_> {
                 "width": record.width,
                 "height": record.height,
                 "size": format!("{}x{}", record.width, record.height),
+                "init_image": record.init.as_ref().map(|i| &i.image),
+                "mask": record.init.as_ref().and_then(|i| i.mask.as_ref()),
+                "strength": record.init.as_ref().map(|i| i.strength),
                 "model": self.identity.to_string(),
                 "timings": timings,
             });
@@ -347,8 +355,14 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         shared_seed,
     } = plan(opts, default_lang)?;
 
-    // An output that cannot be written is found now, not after the first image's work.
+    // An output that cannot be written, or a command-line init image or mask that cannot be read,
+    // is found now, before the model loads.
     crate::output::check_target(&opts.output.target)?;
+    let pictures = Pictures::default();
+    if let Some(spec) = &opts.sampling.init {
+        pictures.init(spec)?;
+        check_recorded_init(opts, spec, &pictures)?;
+    }
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
     let fetched = super::fetch_model(&opts.model, crate::source::Scope::Generation, progress)?;
@@ -397,6 +411,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         base_seed,
         summary: std::cell::RefCell::new(None),
         seed_note: std::cell::Cell::new(report_seed.then_some(base_seed)),
+        pictures,
     };
 
     if opts.dump_tensors.is_some() && groups.len() > 1 {
@@ -522,16 +537,36 @@ fn run_group(
 ) -> GroupResult {
     let opts = run.opts;
     let sampling = group.jobs[0].sampling.clone();
+    let (init, init_record) = match sampling.init.as_ref().map(|s| run.pictures.init(s)) {
+        None => (None, None),
+        Some(Ok((init, record))) => (Some(init), Some(record)),
+        Some(Err(e)) => return Err(Box::new((group.jobs, e))),
+    };
     let probe = Request {
         prompts: vec![group.jobs[0].prompt.clone()],
         sampling: sampling.clone(),
         noise: Noise::seeded(0, 1),
         keep_tensors: false,
+        init: init.clone(),
     };
     let resolved = match run.pipeline.resolve(&probe) {
         Ok(r) => r,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
+    if let (Some(resized), Some(rec)) = (resolved.resized, &init_record) {
+        let to = format!("{}x{}", resolved.width, resolved.height);
+        if let Some((w, h)) = resized.image {
+            term::note(&format!(
+                "init image {}: {w}x{h} resized to {to} (Lanczos, as diffusers does)",
+                rec.image
+            ));
+        }
+        if let (Some((w, h)), Some(mask)) = (resized.mask, &rec.mask) {
+            term::note(&format!(
+                "mask {mask}: {w}x{h} resized to {to}, the image's size (Lanczos, as diffusers does)"
+            ));
+        }
+    }
     // Languages (for names, metadata and warnings) and the files each job would write.
     let mut langs = Vec::new();
     let mut keep = Vec::new();
@@ -590,6 +625,7 @@ fn run_group(
         sampling,
         noise,
         keep_tensors: opts.dump_tensors.is_some(),
+        init,
     };
     if let Some(seed) = run.seed_note.take() {
         term::note(&format!("seed: {seed}"));
@@ -632,6 +668,7 @@ fn run_group(
                 &out.resolved,
                 records[first + i].clone(),
                 Some(code).filter(|c| **c != "und").copied(),
+                init_record.as_ref(),
             );
             if let Err(e) = run.write_image(job, i, img, &record, code, &out.resolved, &timings) {
                 failed.push((job.clone(), e));
@@ -650,6 +687,37 @@ fn run_group(
         }
     }
     Ok(failed)
+}
+
+/// `--from-image` of an image-to-image result: a warning when the init image or mask recorded in it
+/// is not the file it was made from any more (the result will differ).
+fn check_recorded_init(
+    opts: &GenerateOptions,
+    spec: &crate::options::InitSpec,
+    pictures: &Pictures,
+) -> Result<()> {
+    let Some(rec) = opts.from_image.as_ref().and_then(|r| r.init.as_ref()) else {
+        return Ok(());
+    };
+    let (_, now) = pictures.init(spec)?;
+    if now.image_sha256 != rec.image_sha256 {
+        tracing::warn!(
+            "--from-image: the init image {} is not the file the image was made from (SHA-256 {} \
+             recorded, {} now); the result will differ",
+            now.image,
+            rec.image_sha256,
+            now.image_sha256
+        );
+    }
+    if let (Some(was), Some(is)) = (&rec.mask_sha256, &now.mask_sha256) {
+        if was != is {
+            tracing::warn!(
+                "--from-image: the mask {} is not the file the image was made from; the result will differ",
+                now.mask.as_deref().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn job_name(job: &Job) -> String {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::batch;
 use crate::error::{Error, Result};
 use crate::lang;
-use crate::options::{GenerateOptions, Sampling, SeedChoice};
+use crate::options::{GenerateOptions, InitSpec, Sampling, SeedChoice, DEFAULT_STRENGTH};
 use crate::schedulers::SchedulerKind;
 
 /// One prompt to generate.
@@ -71,8 +71,51 @@ fn read_prompt_file(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// A batch line's init image or mask path: relative ones are taken from `dir` (the batch file's
+/// directory).
+fn line_path(dir: Option<&Path>, p: &str) -> PathBuf {
+    match dir {
+        Some(d) if Path::new(p).is_relative() => d.join(p),
+        _ => PathBuf::from(p),
+    }
+}
+
+/// A batch line's image-to-image input: its own `init_image` (with its `mask` and `strength`,
+/// else the command line's `--strength`), else the command line's `--init-image` with the line's
+/// `strength` and `mask` if it gives them.
+fn line_init(
+    base: Option<&InitSpec>,
+    o: &batch::Overrides,
+    dir: Option<&Path>,
+    default_strength: Option<f64>,
+) -> std::result::Result<Option<InitSpec>, String> {
+    let mask = o.mask.as_deref().map(|m| line_path(dir, m));
+    match (&o.init_image, base) {
+        (Some(image), _) => Ok(Some(InitSpec {
+            image: line_path(dir, image),
+            mask,
+            strength: o.strength.or(default_strength).unwrap_or(DEFAULT_STRENGTH),
+        })),
+        (None, Some(b)) => Ok(Some(InitSpec {
+            image: b.image.clone(),
+            mask: mask.or_else(|| b.mask.clone()),
+            strength: o.strength.unwrap_or(b.strength),
+        })),
+        (None, None) if o.mask.is_some() || o.strength.is_some() => Err(
+            "`mask` and `strength` need an init image (`init_image` on the line or --init-image)"
+                .to_string(),
+        ),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Applies a batch line's overrides to the command line's settings.
-fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result<Sampling, String> {
+fn apply_overrides(
+    base: &Sampling,
+    o: &batch::Overrides,
+    dir: Option<&Path>,
+    default_strength: Option<f64>,
+) -> std::result::Result<Sampling, String> {
     let scheduler = match &o.scheduler {
         None => base.scheduler,
         Some(name) => Some(SchedulerKind::parse(name).ok_or_else(|| {
@@ -95,6 +138,7 @@ fn apply_overrides(base: &Sampling, o: &batch::Overrides) -> std::result::Result
         num_images: o.num_images.unwrap_or(base.num_images),
         max_length: base.max_length,
         schedule: base.schedule,
+        init: line_init(base.init.as_ref(), o, dir, default_strength)?,
     };
     s.validate().map_err(|e| e.to_string())?;
     Ok(s)
@@ -142,6 +186,8 @@ pub(crate) fn plan(
     if let Some(file) = &opts.prompt_file {
         let bytes = read_prompt_file(file)?;
         let entries = batch::parse(&bytes);
+        // Where a line's relative init_image / mask paths start (stdin: the current directory).
+        let dir = (file != Path::new("-")).then(|| file.parent().unwrap_or(Path::new("")));
         if entries.is_empty() {
             return Err(Error::usage(format!(
                 "--prompt-file {}: no prompts in it",
@@ -161,8 +207,8 @@ pub(crate) fn plan(
                     crate::options::check_prompt(neg)
                         .map_err(|m| (j.line, format!("negative prompt: {m}")))?;
                 }
-                let sampling =
-                    apply_overrides(&opts.sampling, &j.overrides).map_err(|m| (j.line, m))?;
+                let sampling = apply_overrides(&opts.sampling, &j.overrides, dir, opts.strength)
+                    .map_err(|m| (j.line, m))?;
                 let output = j
                     .overrides
                     .output

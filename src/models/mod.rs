@@ -9,4 +9,4 @@ pub mod vae;
 
 pub use text_encoder::TextEncoder;
 pub use unet::UNet;
-pub use vae::VaeDecoder;
+pub use vae::{LatentDist, VaeDecoder, VaeEncoder};

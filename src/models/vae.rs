@@ -1,10 +1,11 @@
-//! The decoding half of diffusers' `AutoencoderKL` (`post_quant_conv` + `decoder`).
+//! diffusers' `AutoencoderKL`: the decoder (`post_quant_conv` + `decoder`) and, for image-to-image
+//! and inpainting, the encoder (`encoder` + `quant_conv` + `DiagonalGaussianDistribution`).
 //!
-//! Owned blocks (mid block with its single-head attention, up blocks, ResNets) on the CPU kernels
-//! of [`crate::kernels`] and the blocked attention of [`super::attention`]: candle-transformers'
-//! VAE materialises the whole attention score matrix (1 GiB at 512x512 output, 16 GiB at 1024x1024)
-//! and runs candle's conv2d and GroupNorm. Only the decoder is assembled (text-to-image never runs
-//! the encoder), and every size comes from `vae/config.json`.
+//! Owned blocks (mid block with its single-head attention, up and down blocks, ResNets) on the CPU
+//! kernels of [`crate::kernels`] and the blocked attention of [`super::attention`]:
+//! candle-transformers' VAE materialises the whole attention score matrix (1 GiB at 512x512 output,
+//! 16 GiB at 1024x1024) and runs candle's conv2d and GroupNorm. The two halves are separate
+//! networks, so text-to-image never loads the encoder; every size comes from `vae/config.json`.
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -101,6 +102,37 @@ struct MidBlock {
     attention: VaeAttention,
 }
 
+impl MidBlock {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
+        let cfg = resnet_config(channels, groups);
+        Ok(Self {
+            resnets: [
+                ResnetBlock2D::new(vb.pp("resnets.0"), channels, cfg)?,
+                ResnetBlock2D::new(vb.pp("resnets.1"), channels, cfg)?,
+            ],
+            attention: VaeAttention::new(vb.pp("attentions.0"), channels, groups)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.resnets[0].forward(xs, None)?;
+        let xs = self.attention.forward(&xs)?;
+        self.resnets[1].forward(&xs, None)
+    }
+}
+
+/// The VAE's ResNets: no time embedding, eps 1e-6, no output scaling.
+fn resnet_config(out_channels: usize, groups: usize) -> ResnetConfig {
+    ResnetConfig {
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: EPS,
+        output_scale_factor: 1.0,
+        winograd: Largest::F4,
+    }
+}
+
 /// `UpDecoderBlock2D`: ResNets, then nearest x2 upsampling and a 3x3 convolution.
 struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -124,14 +156,7 @@ impl VaeDecoder {
         let n = ch.len();
         let last = ch[n - 1];
         let groups = cfg.norm_num_groups;
-        let resnet = |out: usize| ResnetConfig {
-            out_channels: out,
-            temb_channels: None,
-            groups,
-            eps: EPS,
-            output_scale_factor: 1.0,
-            winograd: Largest::F4,
-        };
+        let resnet = |out: usize| resnet_config(out, groups);
         let post_quant_conv = if cfg.use_post_quant_conv {
             Some(Conv2d::load(
                 cfg.latent_channels,
@@ -144,14 +169,7 @@ impl VaeDecoder {
             None
         };
         let d = vb.pp("decoder");
-        let m = d.pp("mid_block");
-        let mid = MidBlock {
-            resnets: [
-                ResnetBlock2D::new(m.pp("resnets.0"), last, resnet(last))?,
-                ResnetBlock2D::new(m.pp("resnets.1"), last, resnet(last))?,
-            ],
-            attention: VaeAttention::new(m.pp("attentions.0"), last, groups)?,
-        };
+        let mid = MidBlock::new(d.pp("mid_block"), last, groups)?;
         let up = (0..n)
             .map(|i| {
                 let out = ch[n - 1 - i];
@@ -193,9 +211,7 @@ impl VaeDecoder {
             None => latents.clone(),
         };
         let xs = self.conv_in.forward(&xs)?;
-        let xs = self.mid.resnets[0].forward(&xs, None)?;
-        let xs = self.mid.attention.forward(&xs)?;
-        let mut xs = self.mid.resnets[1].forward(&xs, None)?;
+        let mut xs = self.mid.forward(&xs)?;
         for block in &self.up {
             for r in &block.resnets {
                 xs = r.forward(&xs, None)?;
@@ -206,5 +222,133 @@ impl VaeDecoder {
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
+    }
+}
+
+/// `DownEncoderBlock2D`: ResNets, then (all but the last block) a 3x3 stride-2 convolution after
+/// padding the right and bottom by one (diffusers' `Downsample2D` with `padding=0`).
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    downsample: Option<Conv2d>,
+}
+
+/// What the encoder makes of an image: diffusers' `DiagonalGaussianDistribution`, [B, latent
+/// channels, h, w] each, before the scaling factor.
+pub struct LatentDist {
+    /// `mean`.
+    pub mean: Tensor,
+    /// `std = exp(0.5 * clamp(logvar, -30, 20))`.
+    pub std: Tensor,
+}
+
+impl LatentDist {
+    /// `latent_dist.sample(generator)`: `mean + std * noise`, the noise standard normal drawn as
+    /// diffusers draws it (`randn_tensor(mean.shape, generator)`).
+    pub fn sample(&self, noise: &Tensor) -> candle_core::Result<Tensor> {
+        self.mean.add(&self.std.mul(noise)?)
+    }
+}
+
+/// Image in [-1, 1] -> latent distribution: the encoding half of `AutoencoderKL`.
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    latent_channels: usize,
+}
+
+impl VaeEncoder {
+    /// Loads `encoder.*` and `quant_conv.*` from `vae/` weights.
+    pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let last = ch[n - 1];
+        let groups = cfg.norm_num_groups;
+        let e = vb.pp("encoder");
+        let down = (0..n)
+            .map(|i| {
+                let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+                let out = ch[i];
+                let b = e.pp(format!("down_blocks.{i}"));
+                let resnets = (0..cfg.layers_per_block)
+                    .map(|j| {
+                        let c = if j == 0 { cin } else { out };
+                        let r = resnet_config(out, groups);
+                        ResnetBlock2D::new(b.pp(format!("resnets.{j}")), c, r)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let downsample = if i + 1 < n {
+                    let stride2 = Conv2dConfig {
+                        stride: 2,
+                        ..Default::default()
+                    };
+                    Some(Conv2d::load(
+                        out,
+                        out,
+                        3,
+                        stride2,
+                        b.pp("downsamplers.0.conv"),
+                    )?)
+                } else {
+                    None
+                };
+                Ok(DownBlock {
+                    resnets,
+                    downsample,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let moments = 2 * cfg.latent_channels;
+        let quant_conv = if cfg.use_quant_conv {
+            Some(Conv2d::load(
+                moments,
+                moments,
+                1,
+                Default::default(),
+                vb.pp("quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv_in: Conv2d::load(cfg.in_channels, ch[0], 3, pad1(), e.pp("conv_in"))?
+                .with_winograd(Largest::F4),
+            down,
+            mid: MidBlock::new(e.pp("mid_block"), last, groups)?,
+            norm_out: GroupNorm::load(groups, last, EPS, e.pp("conv_norm_out"))?,
+            conv_out: Conv2d::load(last, moments, 3, pad1(), e.pp("conv_out"))?
+                .with_winograd(Largest::F4),
+            quant_conv,
+            latent_channels: cfg.latent_channels,
+        })
+    }
+
+    /// `vae.encode(image).latent_dist` for an image [B, 3, H, W] in [-1, 1] (H and W multiples of
+    /// the scale factor).
+    pub fn encode(&self, image: &Tensor) -> candle_core::Result<LatentDist> {
+        let mut xs = self.conv_in.forward(image)?;
+        for block in &self.down {
+            for r in &block.resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(conv) = &block.downsample {
+                // F.pad(x, (0, 1, 0, 1)): one zero column on the right, one zero row below.
+                xs = conv.forward(&xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        let xs = self.mid.forward(&xs)?;
+        let xs = self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?;
+        let moments = match &self.quant_conv {
+            Some(c) => c.forward(&xs)?,
+            None => xs,
+        };
+        let c = self.latent_channels;
+        let mean = moments.narrow(1, 0, c)?.contiguous()?;
+        let logvar = moments.narrow(1, c, c)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok(LatentDist { mean, std })
     }
 }

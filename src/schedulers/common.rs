@@ -315,6 +315,27 @@ impl NoiseSchedule {
         }
     }
 
+    /// `add_noise` of the alpha schedulers (DDIM, DDPM, PNDM) at evaluation `index` of `timesteps`:
+    /// `sqrt(a) * original + sqrt(1 - a) * noise` with `a = alphas_cumprod[t]`, in float32 as torch
+    /// computes it (`** 0.5` is a square root there).
+    pub(crate) fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timesteps: &[f64],
+        index: usize,
+    ) -> Result<Tensor> {
+        let t = timesteps.get(index).copied().ok_or_else(|| {
+            Error::usage(format!(
+                "scheduler: evaluation {} of a {}-evaluation schedule",
+                index + 1,
+                timesteps.len()
+            ))
+        })?;
+        let a = self.alpha_at(train_timestep(t)?)?;
+        add(&mul(original, a.sqrt())?, &mul(noise, (1.0 - a).sqrt())?)
+    }
+
     /// `alphas_cumprod[prev]`, or `final_alpha_cumprod` once `prev` is negative.
     pub(crate) fn alpha_prev(&self, prev: i64) -> Result<f32> {
         if prev >= 0 {

@@ -71,6 +71,11 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.schedule
+            .add_noise(original, noise, &self.timesteps, index)
+    }
+
     /// diffusers' `DDIMScheduler.step` with `use_clipped_model_output = False`.
     fn step(
         &mut self,

@@ -108,6 +108,11 @@ impl Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.schedule
+            .add_noise(original, noise, &self.timesteps, index)
+    }
+
     /// diffusers' `DDPMScheduler.step`.
     fn step(
         &mut self,

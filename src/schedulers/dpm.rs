@@ -74,7 +74,7 @@ pub(super) fn x0_prediction(
 }
 
 /// The `Scheduler` accessors of the multistep solvers (DPM-Solver, UniPC): their `timesteps` and
-/// `sigmas` fields.
+/// `sigmas` fields, the start (`step_index`) and `add_noise`.
 macro_rules! multistep_methods {
     () => {
         fn timesteps(&self) -> &[f64] {
@@ -83,6 +83,25 @@ macro_rules! multistep_methods {
 
         fn sigmas(&self) -> Option<&[f32]> {
             Some(&self.sigmas)
+        }
+
+        fn begin_at(&mut self, index: usize) {
+            self.step_index = index;
+        }
+
+        /// `alpha_t * original + sigma_t * noise` at evaluation `index` (`_sigma_to_alpha_sigma_t`).
+        fn add_noise(
+            &self,
+            original: &candle_core::Tensor,
+            noise: &candle_core::Tensor,
+            index: usize,
+        ) -> crate::error::Result<candle_core::Tensor> {
+            let sigma = self.sigma(index)?;
+            let (alpha_t, sigma_t) = $crate::schedulers::dpm::alpha_sigma(sigma);
+            $crate::schedulers::common::add(
+                &$crate::schedulers::common::mul(original, alpha_t)?,
+                &$crate::schedulers::common::mul(noise, sigma_t)?,
+            )
         }
     };
 }

@@ -86,6 +86,11 @@ impl SigmaSteps {
         }
     }
 
+    /// `add_noise`: `original + noise * sigma` with the sigma of evaluation `index`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add(original, &mul(noise, self.sigma(index)?)?)
+    }
+
     /// `scale_model_input`: `sample / sqrt(sigma^2 + 1)` with the sigma of the coming evaluation.
     pub fn scale(&self, sample: &Tensor) -> Result<Tensor> {
         let sigma = self.sigma(self.step_index)?;
@@ -115,6 +120,19 @@ macro_rules! sigma_steps_methods {
             _timestep: f64,
         ) -> crate::error::Result<candle_core::Tensor> {
             self.steps.scale(&sample)
+        }
+
+        fn begin_at(&mut self, index: usize) {
+            self.steps.step_index = index;
+        }
+
+        fn add_noise(
+            &self,
+            original: &candle_core::Tensor,
+            noise: &candle_core::Tensor,
+            index: usize,
+        ) -> crate::error::Result<candle_core::Tensor> {
+            self.steps.add_noise(original, noise, index)
         }
     };
 }

@@ -80,6 +80,10 @@ impl HeunScheduler {
 impl Scheduler for HeunScheduler {
     sigma_steps_methods!();
 
+    fn order(&self) -> usize {
+        2
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -370,6 +370,19 @@ pub trait Scheduler {
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
+    /// Starts the run at evaluation `index` of [`timesteps`](Self::timesteps), as image-to-image
+    /// does when it skips the first ones (diffusers' `set_begin_index`, or the `index_for_timestep`
+    /// its `step` falls back to: [`index_for_timestep`]). The schedulers that find their place
+    /// from the timestep value (PNDM, DDIM, DDPM) have nothing to set.
+    fn begin_at(&mut self, _index: usize) {}
+    /// UNet evaluations per step (diffusers' `scheduler.order`): 2 for Heun, else 1.
+    fn order(&self) -> usize {
+        1
+    }
+    /// diffusers' `add_noise`: `original` noised to the level of evaluation `index` of the
+    /// schedule (`sqrt(a) x + sqrt(1 - a) n` with `a = alphas_cumprod[t]` for PNDM, DDIM and DDPM;
+    /// `x + sigma n` for the Euler family; `alpha_t x + sigma_t n` for DPM-Solver and UniPC).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
     /// Advances one step: the UNet's output at `timestep` for `sample` gives the next sample.
     /// Stochastic schedulers (ancestral, DDIM with eta > 0, DDPM) draw their noise from `noise`,
     /// as diffusers' `step(..., generator=generator)` does; the others never touch it.
@@ -380,6 +393,39 @@ pub trait Scheduler {
         sample: &Tensor,
         noise: &mut dyn StepNoise,
     ) -> Result<Tensor>;
+}
+
+/// diffusers' `get_timesteps` for image-to-image and inpainting: the evaluation index the run
+/// starts at for `steps` steps at `strength` with a scheduler of `order` evaluations per step
+/// (`t_start * order`, `t_start = steps - min(int(steps * strength), steps)`), or a usage error
+/// for a strength outside (0, 1] or one that leaves no step.
+pub fn img2img_start(steps: usize, strength: f64, order: usize) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(crate::error::Error::usage(format!(
+            "--strength {strength} is out of range: it must be more than 0 and at most 1"
+        )));
+    }
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    if init == 0 {
+        return Err(crate::error::Error::usage(format!(
+            "--steps {steps} with --strength {strength} leaves no denoising step \
+             (int(steps x strength) = 0); raise --steps or --strength"
+        )));
+    }
+    Ok((steps - init) * order)
+}
+
+/// diffusers' `index_for_timestep`: where `timestep` lies in `timesteps`, its second occurrence if
+/// it occurs more than once (so a schedule that repeats a timestep, as Heun's does, starts on the
+/// second of the pair); `None` if it does not occur.
+pub fn index_for_timestep(timesteps: &[f64], timestep: f64) -> Option<usize> {
+    let mut found = timesteps
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == timestep)
+        .map(|(i, _)| i);
+    let first = found.next()?;
+    Some(found.next().unwrap_or(first))
 }
 
 /// Where stochastic schedulers draw their step noise (diffusers' `generator=`).

@@ -240,6 +240,11 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.schedule
+            .add_noise(original, noise, &self.timesteps, index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
