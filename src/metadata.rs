@@ -148,7 +148,10 @@ impl ImageRecord {
             }
         }
         if let Some(init) = &self.init {
-            s.push_str(&format!(", Denoising strength: {}", init.strength));
+            s.push_str(&format!(
+                ", Denoising strength: {}",
+                python_float(init.strength)
+            ));
         }
         if let Some(eta) = self.eta {
             s.push_str(&format!(", Eta: {eta}"));
@@ -177,6 +180,16 @@ impl ImageRecord {
             (PARAMETERS_KEY, self.webui_parameters()),
             (RECORD_KEY, json),
         ])
+    }
+}
+
+/// A number as Python's `str(float)` writes it for the values webui's text holds (`1.0`, `0.75`):
+/// a whole number keeps its `.0`.
+fn python_float(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e16 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
     }
 }
 

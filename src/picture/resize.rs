@@ -6,8 +6,9 @@
 //! and rounds differently): Pillow computes each output pixel's filter weights in f64 (support 3,
 //! widened by the scale when shrinking), normalises them, converts them to fixed point with 22
 //! fractional bits, and resizes in two passes, horizontal then vertical, each rounding to 8 bits
-//! (`libImaging/Resample.c`: `precompute_coeffs`, `normalize_coeffs_8bpc`,
-//! `ImagingResampleHorizontal_8bpc`, `ImagingResampleVertical_8bpc`, `ImagingResampleInner`).
+//! (`libImaging/Resample.c` of Pillow 13.0.0, the version the fixtures pin: `precompute_coeffs`,
+//! `normalize_coeffs_8bpc`, `ImagingResampleHorizontal_8bpc`, `ImagingResampleVertical_8bpc`,
+//! `ImagingResampleInner`, whose pass order Pillow 13 changed).
 
 /// Fractional bits of the fixed-point weights (`PRECISION_BITS = 32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
@@ -86,10 +87,57 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// One pass along rows (`horizontal`) or columns: `src` is `w` x `h` x `channels`, the output
+/// has `out` samples along the pass's axis and, across it, the `across` lines from `first` on.
+#[allow(clippy::too_many_arguments)]
+fn pass(
+    src: &[u8],
+    w: usize,
+    channels: usize,
+    c: &Coefficients,
+    horizontal: bool,
+    first: usize,
+    across: usize,
+) -> Vec<u8> {
+    let out_len = c.bounds.len();
+    let (ow, oh) = if horizontal {
+        (out_len, across)
+    } else {
+        (w, out_len)
+    };
+    let mut out = vec![0u8; ow * oh * channels];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let (i, line) = if horizontal {
+                (ox, oy + first)
+            } else {
+                (oy, ox)
+            };
+            let (start, n) = c.bounds[i];
+            let k = &c.weights[i * c.ksize..][..n];
+            for ch in 0..channels {
+                let mut ss = 1i64 << (PRECISION_BITS - 1);
+                for (j, &kj) in k.iter().enumerate() {
+                    let at = if horizontal {
+                        (line * w + start + j) * channels
+                    } else {
+                        ((start + j) * w + line) * channels
+                    };
+                    ss += i64::from(src[at + ch]) * i64::from(kj);
+                }
+                out[(oy * ow + ox) * channels + ch] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
 /// Resizes an 8-bit image of `channels` interleaved channels from `width` x `height` to
-/// `out_width` x `out_height` as Pillow's `resize(..., Image.LANCZOS)` does for modes `L` and
-/// `RGB` (a same-size resize returns a copy, as Pillow's does). Panics if `pixels` is not
-/// `width * height * channels` bytes or a size is zero.
+/// `out_width` x `out_height` as Pillow 13's `resize(..., Image.LANCZOS)` does for modes `L` and
+/// `RGB` (a same-size resize returns a copy, as Pillow's does). Pillow runs the horizontal pass
+/// first (over only the rows the vertical pass reads) unless the height shrinks by more than twice
+/// as many pixels as the width does; the order changes the result through the rounding between
+/// the passes. Panics if `pixels` is not `width * height * channels` bytes or a size is zero.
 pub fn lanczos_resize(
     pixels: &[u8],
     width: usize,
@@ -102,52 +150,35 @@ pub fn lanczos_resize(
     assert!(width > 0 && height > 0 && out_width > 0 && out_height > 0);
     let need_h = out_width != width;
     let need_v = out_height != height;
+    let shrink_h = height as i64 - out_height as i64;
+    let shrink_w = width as i64 - out_width as i64;
+    let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
     let vert = coefficients(height, out_height);
-    // Only the input rows the vertical pass reads go through the horizontal one.
-    let first_row = vert.bounds[0].0;
-    let last_row = vert.bounds[out_height - 1].0 + vert.bounds[out_height - 1].1;
-    let (mut img, mut w, mut h, mut row0) = (pixels.to_vec(), width, height, 0);
-    if need_h {
-        let c = coefficients(width, out_width);
-        let rows = last_row - first_row;
-        let mut out = vec![0u8; out_width * rows * channels];
-        for y in 0..rows {
-            let src = &pixels[(y + first_row) * width * channels..][..width * channels];
-            let dst = &mut out[y * out_width * channels..][..out_width * channels];
-            for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
-                let k = &c.weights[xx * c.ksize..][..n];
-                for ch in 0..channels {
-                    let mut ss = 1i64 << (PRECISION_BITS - 1);
-                    for (x, &kx) in k.iter().enumerate() {
-                        ss += i64::from(src[(x + xmin) * channels + ch]) * i64::from(kx);
-                    }
-                    dst[xx * channels + ch] = clip8(ss);
-                }
+    let horiz = coefficients(width, out_width);
+    if horizontal_first {
+        let mut img = pixels.to_vec();
+        let mut vert = vert;
+        if need_h {
+            // Only the input rows the vertical pass reads go through the horizontal one.
+            let first = vert.bounds[0].0;
+            let last = vert.bounds[out_height - 1].0 + vert.bounds[out_height - 1].1;
+            img = pass(pixels, width, channels, &horiz, true, first, last - first);
+            for b in &mut vert.bounds {
+                b.0 -= first;
             }
         }
-        img = out;
-        w = out_width;
-        h = rows;
-        row0 = first_row;
-    }
-    if need_v {
-        let mut out = vec![0u8; w * out_height * channels];
-        for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
-            let k = &vert.weights[yy * vert.ksize..][..n];
-            let dst = &mut out[yy * w * channels..][..w * channels];
-            for (i, d) in dst.iter_mut().enumerate() {
-                let mut ss = 1i64 << (PRECISION_BITS - 1);
-                for (y, &ky) in k.iter().enumerate() {
-                    ss += i64::from(img[(y + ymin - row0) * w * channels + i]) * i64::from(ky);
-                }
-                *d = clip8(ss);
-            }
+        if need_v {
+            let w = if need_h { out_width } else { width };
+            img = pass(&img, w, channels, &vert, false, 0, 0);
         }
-        img = out;
-        h = out_height;
+        img
+    } else {
+        let mut img = pass(pixels, width, channels, &vert, false, 0, 0);
+        if need_h {
+            img = pass(&img, width, channels, &horiz, true, 0, out_height);
+        }
+        img
     }
-    debug_assert_eq!(img.len(), out_width * h * channels);
-    img
 }
 
 #[cfg(test)]
