@@ -41,6 +41,8 @@
 //! A failure prints the shrunk input (for the large seeds, the recipe: seed number and mutations) and
 //! the round's seed; `ALTDIFF_FUZZ_SEED=S` replays that round.
 
+mod common;
+
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
@@ -1517,20 +1519,7 @@ fn fuzz_sentencepiece_model() {
 // fuzz_png_metadata
 // ---------------------------------------------------------------------------------------------
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
+use common::crc32;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 

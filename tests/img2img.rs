@@ -62,14 +62,7 @@ fn run_case(name: &str) {
     ] {
         args.extend([flag.into(), s(&case[key])]);
     }
-    args.extend([
-        "--dump-tensors".into(),
-        dump.display().to_string(),
-        "--output".into(),
-        dir.join("images").display().to_string(),
-        "--device".into(),
-        "cpu".into(),
-    ]);
+    args.extend(dump_args(&dump, &dir));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let stdout = ok(&altdiff(&argv));
     let want = load(&fixture(&format!("img2img/{name}.safetensors")));
@@ -312,20 +305,6 @@ fn refused(dir: &std::path::Path, extra: &[&str], needle: &str) {
 
 /// The signature, header and an empty data chunk of a grey PNG of `w` x `h` pixels.
 fn huge_png_header(w: u32, h: u32) -> Vec<u8> {
-    fn crc32(data: &[u8]) -> u32 {
-        let mut c = !0u32;
-        for &b in data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
-    }
     let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
         out.extend_from_slice(&(data.len() as u32).to_be_bytes());
         let body = [kind, data].concat();

@@ -66,14 +66,7 @@ fn run_case_with(name: &str, vars: &[(&str, &str)]) {
     if case["seeded"] != true {
         args.extend(["--latents".into(), reference.display().to_string()]);
     }
-    args.extend([
-        "--dump-tensors".into(),
-        dump.display().to_string(),
-        "--output".into(),
-        dir.join("images").display().to_string(),
-        "--device".into(),
-        "cpu".into(),
-    ]);
+    args.extend(dump_args(&dump, &dir));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let stdout = ok(&altdiff_with_env(&argv, vars));
 

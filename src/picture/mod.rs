@@ -213,39 +213,9 @@ mod tests {
     }
 
     #[test]
-    fn garbage_and_huge_headers_are_refused() {
-        assert!(decode(b"not an image at all").is_err());
-        // A PNG header claiming 100000 x 100000 pixels: refused before decoding.
-        let mut png = Vec::new();
-        png.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(b"IHDR");
-        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
-        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        png.extend_from_slice(&13u32.to_be_bytes());
-        png.extend_from_slice(&ihdr);
-        png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-        // The header is read up to the first image data chunk.
-        png.extend_from_slice(&[0, 0, 0, 0]);
-        png.extend_from_slice(b"IDAT");
-        png.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
-        let e = decode(&png).unwrap_err();
-        assert!(e.contains("more than"), "{e}");
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut c = !0u32;
-        for &b in data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
+    fn garbage_is_refused() {
+        let e = decode(b"not an image at all").unwrap_err();
+        assert!(e.contains("not a picture"), "{e}");
+        // (Huge headers: tests/img2img.rs.)
     }
 }

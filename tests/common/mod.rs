@@ -111,6 +111,35 @@ pub fn assert_close(
 }
 pub mod hub;
 
+/// The CRC-32 of PNG chunks (ISO 3309, as zlib's `crc32`).
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// The flags every parity run ends with: dump the tensors to `dump`, images into `dir/images`, on
+/// the CPU.
+pub fn dump_args(dump: &Path, dir: &Path) -> Vec<String> {
+    vec![
+        "--dump-tensors".into(),
+        dump.display().to_string(),
+        "--output".into(),
+        dir.join("images").display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+    ]
+}
+
 /// The largest |a - b| (infinite if shapes differ or a NaN appears).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     if a.dims() != b.dims() {
