@@ -360,8 +360,8 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     crate::output::check_target(&opts.output.target)?;
     let pictures = Pictures::default();
     if let Some(spec) = &opts.sampling.init {
-        pictures.init(spec)?;
-        check_recorded_init(opts, spec, &pictures)?;
+        let (_, now) = pictures.init(spec)?;
+        check_recorded_init(opts, &now);
     }
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
@@ -691,15 +691,10 @@ fn run_group(
 
 /// `--from-image` of an image-to-image result: a warning when the init image or mask recorded in it
 /// is not the file it was made from any more (the result will differ).
-fn check_recorded_init(
-    opts: &GenerateOptions,
-    spec: &crate::options::InitSpec,
-    pictures: &Pictures,
-) -> Result<()> {
+fn check_recorded_init(opts: &GenerateOptions, now: &InitRecord) {
     let Some(rec) = opts.from_image.as_ref().and_then(|r| r.init.as_ref()) else {
-        return Ok(());
+        return;
     };
-    let (_, now) = pictures.init(spec)?;
     if now.image_sha256 != rec.image_sha256 {
         tracing::warn!(
             "--from-image: the init image {} is not the file the image was made from (SHA-256 {} \
@@ -717,7 +712,6 @@ fn check_recorded_init(
             );
         }
     }
-    Ok(())
 }
 
 fn job_name(job: &Job) -> String {
