@@ -38,6 +38,7 @@
 //! | `guidance` (or `cfg_scale`) | number >= 0 |
 //! | `init_image`, `mask` | string: a path, relative to the batch file's directory (the current one for stdin) |
 //! | `strength` (or `denoising_strength`) | number, more than 0 to 1 |
+//! | `prompt_syntax` | string: `plain` (the default for JSON lines) or `webui` |
 //!
 //! A wrong type, a negative or fractional number where an integer is expected, a key given twice
 //! (including `guidance` with `cfg_scale`, or `scheduler` with `sampler`) and an unknown key (most
@@ -69,13 +70,17 @@
 //! | `--sampler_index NAME` | `scheduler`, as written; a number is an error (see below) |
 //! | `--batch_size N`, `--n_iter N` | `num_images` = batch_size × n_iter (each 1 when absent) |
 //! | `--outpath_samples DIR` | `output` |
-//! | altdiff's own: `--lang`, `--guidance`, `--scheduler`, `--num_images`, `--output`, `--init_image`, `--mask`, `--strength` (or webui's API name `--denoising_strength`) | the same |
+//! | altdiff's own: `--lang`, `--guidance`, `--scheduler`, `--num_images`, `--output`, `--init_image`, `--mask`, `--strength` (or webui's API name `--denoising_strength`), `--prompt_syntax` | the same |
 //!
 //! Any other option is an error listing the supported ones, including webui's options that
 //! altdiff cannot honour (`--sd_model`, `--styles`, `--subseed`, `--subseed_strength`,
 //! `--seed_resize_from_h`, `--seed_resize_from_w`, `--restore_faces`, `--tiling`,
 //! `--outpath_grids`, `--prompt_for_display`, `--do_not_save_samples`, `--do_not_save_grid`):
 //! ignoring them would silently give other images or files than the line asks for.
+//!
+//! The prompts of these lines were written for webui, so they are read with webui's prompt syntax
+//! (`(word:1.3)`, `BREAK`, 75-token chunks) unless the line's `--prompt_syntax` or the command
+//! line's `--prompt-syntax` says otherwise.
 //!
 //! Differences from webui, on purpose:
 //! - webui treats every line containing `--` anywhere as a command line and, when it does not
@@ -119,6 +124,9 @@ pub struct Job {
     pub prompt: String,
     /// The settings this line sets; `None` fields keep the command line's values.
     pub overrides: Overrides,
+    /// Whether the line is a webui "prompts from file" line (whose prompts were written for
+    /// webui's prompt syntax).
+    pub webui_line: bool,
 }
 
 /// The per-generation settings a batch line can override; `None` keeps the command line's value.
@@ -154,6 +162,8 @@ pub struct Overrides {
     pub mask: Option<String>,
     /// Image-to-image strength, more than 0 to 1.
     pub strength: Option<f64>,
+    /// `plain` or `webui`, as written.
+    pub prompt_syntax: Option<String>,
 }
 
 impl Overrides {
@@ -199,6 +209,7 @@ pub const JSON_KEYS: &[&str] = &[
     "mask",
     "strength",
     "denoising_strength",
+    "prompt_syntax",
 ];
 
 /// The options a webui line may have (with `-` and `_` interchangeable).
@@ -224,6 +235,7 @@ pub const WEBUI_OPTIONS: &[&str] = &[
     "mask",
     "strength",
     "denoising_strength",
+    "prompt_syntax",
 ];
 
 /// webui's "prompts from file" options that altdiff knows but cannot honour.
@@ -320,6 +332,7 @@ fn parse_line(raw: &str, line: usize) -> Option<Result<Job, LineError>> {
                 line,
                 prompt,
                 overrides,
+                webui_line: text.starts_with("--"),
             })
             .map_err(|message| LineError { line, message }),
     )
@@ -434,6 +447,7 @@ fn parse_json(text: &str, lead_chars: usize) -> Result<(String, Overrides), Stri
             "init_image" => o.init_image = json_string(canonical, value)?,
             "mask" => o.mask = json_string(canonical, value)?,
             "strength" | "denoising_strength" => o.strength = json_f64(canonical, value)?,
+            "prompt_syntax" => o.prompt_syntax = json_string(canonical, value)?,
             _ => {}
         }
     }
@@ -710,6 +724,7 @@ fn parse_webui(text: &str, lead_chars: usize) -> Result<(String, Overrides), Str
             "init_image" => o.init_image = Some(value.clone()),
             "mask" => o.mask = Some(value.clone()),
             "strength" | "denoising_strength" => o.strength = Some(word_f64(option, value)?),
+            "prompt_syntax" => o.prompt_syntax = Some(value.clone()),
             _ => {}
         }
     }

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
+use crate::metadata::Settings;
 use crate::options::{
     DeviceChoice, GenerateOptions, InitSpec, LoadPolicy, ModelChoice, OutputOptions, OutputTarget,
     Precision, Sampling, SeedChoice, Shard, DEFAULT_STRENGTH,
 };
 use crate::schedulers::{SchedulerKind, SchedulerOptions, TimestepSpacing};
 use crate::source::ModelSource;
+use crate::text::PromptSyntax;
 
 /// Each example fits in 80 columns; a continued command ends its line with `\`.
 pub const EXAMPLES: &str = "\
@@ -191,6 +193,11 @@ pub struct GenerateArgs {
     /// What the images should not show (used with guidance > 1; default "").
     #[arg(long, short = 'n', value_name = "TEXT")]
     pub negative_prompt: Option<String>,
+    /// How prompts are read: plain (diffusers: the text as it is, cut at --max-length tokens) or
+    /// webui (emphasis such as (word:1.3), BREAK, any length in 75-token chunks) [default: plain;
+    /// webui for webui-style batch lines and webui PNGs given to --from-image].
+    #[arg(long, value_enum, value_name = "SYNTAX")]
+    pub prompt_syntax: Option<PromptSyntax>,
     /// Language of the prompts (ISO 639-1 code or English name); default: detected per prompt.
     #[arg(long, short = 'l', value_name = "LANG")]
     pub lang: Option<String>,
@@ -349,13 +356,25 @@ impl GenerateArgs {
     /// Converts and validates; with `--from-image`, the image's record gives every setting that no
     /// flag overrides.
     pub fn into_options(self) -> Result<GenerateOptions> {
-        let record = match &self.from_image {
-            Some(path) => Some(crate::metadata::read_record(path).map_err(|e| match e {
-                Error::Usage(m) => Error::Usage(format!("--from-image {m}")),
-                e => e,
-            })?),
-            None => None,
+        let from_image = |e: Error| match e {
+            Error::Usage(m) => Error::Usage(format!("--from-image {m}")),
+            e => e,
         };
+        // A webui PNG gives the generation settings only: the model, precision, language and
+        // token length stay this run's.
+        let (record, webui) = match &self.from_image {
+            None => (None, None),
+            Some(path) => match crate::metadata::read_settings(path).map_err(from_image)? {
+                Settings::Altdiff(r) => (Some(r), None),
+                Settings::Webui(imported) => {
+                    for w in &imported.warnings {
+                        tracing::warn!("--from-image {}: {w}", path.display());
+                    }
+                    (Some(imported.record.clone()), Some(imported))
+                }
+            },
+        };
+        let altdiff_rec = record.as_ref().filter(|_| webui.is_none());
         let rec = record.as_ref();
         let defaults = Sampling::default();
         let scheduler = match (self.scheduler, rec) {
@@ -368,7 +387,7 @@ impl GenerateArgs {
             })?),
             (None, None) => None,
         };
-        let model = match (&self.model.model, rec) {
+        let model = match (&self.model.model, altdiff_rec) {
             (None, Some(r)) => ModelArgs {
                 model: Some(r.model.source.clone()),
                 revision: self
@@ -388,7 +407,7 @@ impl GenerateArgs {
             model: model.into_choice()?,
             prompts,
             prompt_file: self.prompt_file,
-            lang: self.lang.or_else(|| rec.and_then(|r| r.lang.clone())),
+            lang: self.lang.or_else(|| altdiff_rec.and_then(|r| r.lang.clone())),
             batch_size: self.batch_size,
             shard: self.shard,
             sampling: Sampling {
@@ -407,7 +426,7 @@ impl GenerateArgs {
                 height: self.height.or(rec.map(|r| r.height)),
                 width: self.width.or(rec.map(|r| r.width)),
                 num_images: self.num_images.unwrap_or(defaults.num_images),
-                max_length: self.max_length.or(rec.map(|r| r.max_length)),
+                max_length: self.max_length.or(altdiff_rec.map(|r| r.max_length)),
                 schedule: SchedulerOptions {
                     eta: self.eta.or(rec.and_then(|r| r.eta)).unwrap_or(0.0),
                     karras: self.karras || rec.is_some_and(|r| r.karras),
@@ -427,10 +446,24 @@ impl GenerateArgs {
                         (None, None) => None,
                     },
                 },
-                init: init_spec(self.init_image, self.mask, self.strength, rec)?,
+                init: init_spec(
+                    self.init_image,
+                    self.mask,
+                    self.strength
+                        .or(webui.as_ref().and_then(|w| w.strength)),
+                    altdiff_rec,
+                )?,
+                prompt_syntax: self
+                    .prompt_syntax
+                    .or(rec.map(|r| r.prompt_syntax))
+                    .unwrap_or_default(),
             },
-            seed: self.seed.unwrap_or_default(),
+            seed: match (self.seed, &webui) {
+                (None, Some(w)) if !w.has_seed => SeedChoice::Random,
+                (s, _) => s.unwrap_or_default(),
+            },
             strength: self.strength,
+            prompt_syntax_given: self.prompt_syntax.is_some(),
             per_image_seeds: self.per_image_seeds,
             from_image: record.clone(),
             latents: self.latents,
@@ -446,7 +479,7 @@ impl GenerateArgs {
             device: self.device,
             dtype: self
                 .dtype
-                .or_else(|| rec.and_then(|r| Precision::from_name(&r.dtype))),
+                .or_else(|| altdiff_rec.and_then(|r| Precision::from_name(&r.dtype))),
             load_policy: self.load_policy,
         };
         opts.validate()?;

@@ -32,6 +32,7 @@ pub mod sentencepiece;
 pub mod signals;
 pub mod source;
 pub mod term;
+pub mod text;
 pub mod tokenizer;
 pub mod weights;
 

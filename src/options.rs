@@ -137,6 +137,8 @@ pub struct Sampling {
     pub schedule: SchedulerOptions,
     /// Image-to-image or inpainting (`--init-image`, `--mask`, `--strength`).
     pub init: Option<InitSpec>,
+    /// How the prompt and negative prompt are read (`--prompt-syntax`).
+    pub prompt_syntax: crate::text::PromptSyntax,
 }
 
 /// diffusers' default `strength` for image-to-image.
@@ -167,6 +169,7 @@ impl Default for Sampling {
             max_length: None,
             schedule: SchedulerOptions::default(),
             init: None,
+            prompt_syntax: crate::text::PromptSyntax::Plain,
         }
     }
 }
@@ -269,6 +272,9 @@ pub struct GenerateOptions {
     pub seed: SeedChoice,
     /// `--strength`: for `--init-image`, and the default of batch lines that give `init_image`.
     pub strength: Option<f64>,
+    /// Whether `--prompt-syntax` was given (else webui-style batch lines read their prompts with
+    /// webui's syntax, the rest with `sampling.prompt_syntax`).
+    pub prompt_syntax_given: bool,
     /// `--per-image-seeds`: one generator per image, seeded seed + i (diffusers' list of
     /// generators), so each image can be regenerated alone.
     pub per_image_seeds: bool,

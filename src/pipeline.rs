@@ -19,6 +19,7 @@ use crate::noise::NoiseStreams;
 use crate::options::{LoadPolicy, Sampling};
 use crate::picture::Picture;
 use crate::schedulers::{self, SchedulerKind};
+use crate::text::PromptSyntax;
 use crate::tokenizer::PromptTokenizer;
 
 /// What the authors trained and sampled with; used unless the tokenizer allows fewer tokens.
@@ -430,6 +431,22 @@ impl Pipeline {
                 .and_then(|t| t.reshape((p * n, l, d)))
                 .context(what)
         };
+        if req.sampling.prompt_syntax == PromptSyntax::Webui {
+            let (cond, uncond) = self.webui_features(req)?;
+            let cond = per_image(cond)?;
+            let uncond = uncond.map(per_image).transpose()?;
+            if req.keep_tensors {
+                tensors.push(("prompt_embeds".into(), cond.clone()));
+                if let Some(u) = &uncond {
+                    tensors.push(("negative_prompt_embeds".into(), u.clone()));
+                }
+            }
+            let context = match &uncond {
+                Some(u) => Tensor::cat(&[u, &cond], 0).context(what)?,
+                None => cond,
+            };
+            return Ok((context, Vec::new()));
+        }
         // The prompts and the negative prompt in one batch through the encoder (one pass over its
         // weights, wider matmuls); every row is computed on its own, so batching changes nothing
         // in the numbers. diffusers encodes `[negative_prompt] * P`: identical rows, so one is
@@ -469,6 +486,108 @@ impl Pipeline {
             None => cond,
         };
         Ok((context, truncated))
+    }
+
+    /// webui's conditioning ([`crate::text::webui`]): the prompts' embeddings [P, 77 x K, D] (a
+    /// prompt with fewer chunks than the longest padded with its last vector, as webui's
+    /// `stack_conds` does) and, with guidance, the negative prompt's repeated for each prompt; the
+    /// shorter of the two padded with the empty prompt's chunk (webui's "pad prompt/negative
+    /// prompt to be same length"). All chunks go through the encoder in one batch.
+    fn webui_features(&self, req: &Request) -> Result<(Tensor, Option<Tensor>)> {
+        use crate::text::webui;
+        let what = || "encoding the prompts (webui syntax)".to_string();
+        let tok = &self.tokenizer;
+        let special = webui::SpecialIds {
+            bos: tok.bos_id(),
+            eos: tok.eos_id(),
+            pad: tok.pad_id(),
+            comma: tok.vocab_id(","),
+        };
+        let guided = req.sampling.guidance > 1.0;
+        let mut texts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        if guided {
+            texts.push(req.sampling.negative_prompt.as_deref().unwrap_or(""));
+        }
+        let mut chunked = Vec::with_capacity(texts.len() + 1);
+        for text in &texts {
+            if let Some(c) = webui::unsupported_construct(text) {
+                return Err(Error::usage(format!(
+                    "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
+                )));
+            }
+            let parsed = webui::parse_attention(text)?;
+            chunked.push(webui::chunks(&parsed, |f| tok.ids(f), special)?);
+        }
+        // The empty prompt's chunk, for padding.
+        chunked.push(webui::chunks(
+            &[(String::new(), 1.0)],
+            |f| tok.ids(f),
+            special,
+        )?);
+        let rows: Vec<&webui::Chunk> = chunked.iter().flatten().collect();
+        let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.ids.clone()).collect();
+        let masks: Vec<Vec<u32>> = rows.iter().map(|c| c.mask.clone()).collect();
+        let ids = crate::models::text_encoder::ids_tensor(&ids, &self.device).context(what)?;
+        let masks = crate::models::text_encoder::ids_tensor(&masks, &self.device).context(what)?;
+        let z = match self.text_encoder.borrow().as_ref() {
+            Some(te) => te.forward(&ids, &masks).context(what)?,
+            None => return Err(Error::Numerics("the text encoder is not loaded".into())),
+        };
+        let z = z.to_dtype(DType::F32).context(what)?;
+        // Each text's chunks, emphasised, side by side: [1, 77 x k, D].
+        let mut row = 0;
+        let mut encoded = Vec::with_capacity(chunked.len());
+        for chunks in &chunked {
+            let mut parts = Vec::with_capacity(chunks.len());
+            for c in chunks {
+                let zc = z.narrow(0, row, 1).context(what)?;
+                parts.push(webui::emphasis(&zc, &c.multipliers).context(what)?);
+                row += 1;
+            }
+            encoded.push(Tensor::cat(&parts, 1).context(what)?);
+        }
+        let Some(empty) = encoded.pop() else {
+            return Err(Error::Numerics("no empty-prompt chunk".into()));
+        };
+        let tokens = |t: &Tensor| t.dim(1).context(what);
+        // `t` ([n, L, D]) followed by copies of `filler` ([1, F, D]) up to `to` tokens.
+        let pad_with = |t: &Tensor, filler: &Tensor, to: usize| -> Result<Tensor> {
+            let (n, have, d) = t.dims3().context(what)?;
+            if have >= to {
+                return Ok(t.clone());
+            }
+            let f = tokens(filler)?;
+            let filler = filler.broadcast_as((n, f, d)).context(what)?;
+            let mut parts = vec![t.clone()];
+            parts.extend(std::iter::repeat_n(filler, (to - have) / f));
+            Tensor::cat(&parts, 1).context(what)
+        };
+        let p = req.prompts.len();
+        let mut longest = 0;
+        for e in &encoded[..p] {
+            longest = longest.max(tokens(e)?);
+        }
+        let mut conds = Vec::with_capacity(p);
+        for e in &encoded[..p] {
+            // stack_conds: the last vector repeated.
+            let l = tokens(e)?;
+            let last = e.narrow(1, l - 1, 1).context(what)?;
+            conds.push(pad_with(e, &last, longest)?);
+        }
+        let mut cond = Tensor::cat(&conds, 0).context(what)?;
+        let uncond = match encoded.get(p) {
+            Some(u) if guided => {
+                let target = tokens(u)?.max(longest);
+                cond = pad_with(&cond, &empty, target)?;
+                let u = pad_with(u, &empty, target)?;
+                let (_, l, d) = u.dims3().context(what)?;
+                let u = u.broadcast_as((p, l, d)).and_then(|t| t.contiguous());
+                Some(u.and_then(|t| t.to_dtype(self.dtype)).context(what)?)
+            }
+            _ => None,
+        };
+        let cond = cond.to_dtype(self.dtype).context(what)?;
+        Ok((cond, uncond))
     }
 
     /// The initial noise [B, C, h, w] in f32 on the device, drawn from `generators` unless given.
@@ -627,12 +746,14 @@ impl Pipeline {
 
     /// `scaling_factor * latent_dist.sample(generator)` of the init image for each of `b` images
     /// (`[b, C, h, w]`): one encoding, one sample per generator ([`NoiseStreams::draw_per_generator`]).
+    /// Also returns the distribution itself (mean and std, `[1, C, h, w]`, f32, unscaled) for
+    /// `--dump-tensors`.
     fn image_latents(
         &self,
         image: &Tensor,
         b: usize,
         generators: &mut NoiseStreams,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let what = || "encoding the init image".to_string();
         let encoder = self.vae_encoder.borrow();
         let Some(encoder) = encoder.as_ref() else {
@@ -648,10 +769,12 @@ impl Pipeline {
         );
         let (_, c, h, w) = mean.dims4().context(what)?;
         let sample = generators.draw_per_generator_tensor(&[b, c, h, w], &self.device)?;
-        std.broadcast_mul(&sample)
+        let latents = std
+            .broadcast_mul(&sample)
             .and_then(|x| x.broadcast_add(&mean))
             .and_then(|x| x * self.config.vae.scaling_factor)
-            .context(what)
+            .context(what)?;
+        Ok((latents, mean, std))
     }
 
     /// Runs a request.
@@ -704,10 +827,12 @@ impl Pipeline {
                 let b = req.prompts.len() * req.sampling.num_images;
                 let image_latents = self.image_latents(image, b, &mut generators);
                 self.release(&self.vae_encoder);
-                let image_latents = image_latents?;
+                let (image_latents, mean, std) = image_latents?;
                 let noise = generators.draw_tensor(image_latents.dims(), &self.device)?;
                 if keep {
                     tensors.push(("init_image".into(), image.clone()));
+                    tensors.push(("image_latent_mean".into(), mean));
+                    tensors.push(("image_latent_std".into(), std));
                     tensors.push(("image_latents".into(), image_latents.clone()));
                 }
                 let latents = match mask {

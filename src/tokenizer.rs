@@ -595,6 +595,19 @@ impl PromptTokenizer {
         }
     }
 
+    /// The id of the vocabulary entry `token` itself, if there is one (transformers'
+    /// `get_vocab().get(token)`; webui finds the comma token this way).
+    pub fn vocab_id(&self, token: &str) -> Option<u32> {
+        match &self.inner {
+            Inner::Json(t) => t.token_to_id(token),
+            Inner::Slow(t) => t
+                .added_ids
+                .get(token)
+                .copied()
+                .or_else(|| t.model.contains(token).then(|| t.model.token_to_id(token))),
+        }
+    }
+
     /// The ids of `text` without `<s>` / `</s>`.
     pub fn ids(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.pieces(text)?.1)

@@ -353,7 +353,7 @@ fn metadata_round_trip_and_from_image_gives_identical_pixels() {
     assert_eq!(rec["max_length"], 77);
     assert!(rec["altdiff"].as_str().is_some());
     let params = info["parameters"].as_str().unwrap();
-    assert!(params.starts_with("a lighthouse\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 11, Size: 64x64"), "{params}");
+    assert!(params.starts_with("a lighthouse\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, Schedule type: DDIM, CFG scale: 7.5, Seed: 11, Size: 64x64"), "{params}");
     let plain = ok(&altdiff(&["info", third]));
     assert!(plain.contains("Negative prompt: blurry"));
 

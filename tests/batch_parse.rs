@@ -219,9 +219,11 @@ fn json_every_key() {
             init_image: None,
             mask: None,
             strength: None,
+            prompt_syntax: None,
         }
     );
     assert!(!j.overrides.is_empty());
+    assert!(!j.webui_line);
 }
 
 #[test]
@@ -469,6 +471,7 @@ fn webui_line_with_every_documented_option() {
         r#"--prompt "a fox, highly detailed" --negative_prompt "blurry, lowres" --seed 42 --steps 30 --cfg_scale 6.5 --width 512 --height 768 --sampler_name "Euler a""#,
     );
     assert_eq!(j.prompt, "a fox, highly detailed");
+    assert!(j.webui_line);
     assert_eq!(
         j.overrides,
         Overrides {
@@ -982,13 +985,14 @@ fn overrides() -> impl Strategy<Value = Overrides> {
             maybe(text),
             maybe(text),
             maybe((1u32..=100).prop_map(|n| f64::from(n) / 100.0)),
+            maybe(text),
         ),
     )
         .prop_map(
             |(
                 (negative_prompt, lang, seed, steps),
                 (guidance, scheduler, width, height, num_images, output),
-                (init_image, mask, strength),
+                (init_image, mask, strength, prompt_syntax),
             )| {
                 Overrides {
                     negative_prompt,
@@ -1004,6 +1008,7 @@ fn overrides() -> impl Strategy<Value = Overrides> {
                     init_image,
                     mask,
                     strength,
+                    prompt_syntax,
                 }
             },
         )
@@ -1030,6 +1035,7 @@ fn json_line(prompt: &str, o: &Overrides) -> String {
     put("init_image", serde_json::json!(o.init_image));
     put("mask", serde_json::json!(o.mask));
     put("strength", serde_json::json!(o.strength));
+    put("prompt_syntax", serde_json::json!(o.prompt_syntax));
     serde_json::Value::Object(m).to_string()
 }
 
@@ -1053,6 +1059,7 @@ fn webui_line(prompt: &str, o: &Overrides) -> String {
     put("init_image", o.init_image.clone());
     put("mask", o.mask.clone());
     put("denoising_strength", o.strength.map(|v| v.to_string()));
+    put("prompt_syntax", o.prompt_syntax.clone());
     line
 }
 

@@ -83,7 +83,7 @@ fn offline_demo_writes_a_png_with_parameters() {
         "{params}"
     );
     assert!(
-        params.contains("Steps: 3, Sampler: PLMS, CFG scale: 7.5, Seed: 42, Size: 64x64"),
+        params.contains("Steps: 3, Sampler: PLMS, Schedule type: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: tiny-m18"),
         "{params}"
     );
 }

@@ -1632,6 +1632,7 @@ fn sample_record() -> ImageRecord {
             mask_sha256: Some("cd".repeat(32)),
             strength: 0.75,
         }),
+        prompt_syntax: altdiff::text::PromptSyntax::Webui,
     }
 }
 

@@ -77,6 +77,17 @@ fn run_case(name: &str) {
     ] {
         assert_close(name, key, &got, &want);
     }
+    // The encoder's distribution itself: one per init image, at the latents' size, std > 0.
+    let (_, c, h, w) = want["image_latents"].dims4().unwrap();
+    for key in ["image_latent_mean", "image_latent_std"] {
+        assert_eq!(got[key].dims(), &[1, c, h, w], "{name}: {key} shape");
+    }
+    let min_std = got["image_latent_std"]
+        .flatten_all()
+        .unwrap()
+        .min(0)
+        .unwrap();
+    assert!(min_std.to_scalar::<f32>().unwrap() > 0.0, "{name}: std > 0");
     let b = want["image"].dims()[0];
     assert_eq!(stdout.lines().count(), b, "{name}: one path per image");
     // The metadata records the inputs: webui's denoising strength and, in the JSON record, the

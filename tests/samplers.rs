@@ -189,7 +189,8 @@ fn scheduler_flags_are_recorded_and_restored() {
     assert_eq!(rec["eta"], 0.5);
     assert_eq!(rec["timestep_spacing"], "trailing");
     assert_eq!(rec["scheduler_config"]["timestep_spacing"], "trailing");
-    assert!(params.contains("Eta: 0.5"), "{params}");
+    assert!(params.contains("Schedule type: SGM Uniform,"), "{params}");
+    assert!(params.contains("Eta DDIM: 0.5"), "{params}");
     let plain = run("ddim", &[], "plain.png");
     let (rec_plain, _) = info(&plain);
     assert!(rec_plain.get("eta").is_none() && rec_plain.get("karras").is_none());

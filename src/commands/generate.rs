@@ -145,6 +145,7 @@ impl Run<'_> {
             },
             dtype: format!("{:?}", self.dtype).to_lowercase(),
             init: init.cloned(),
+            prompt_syntax: job.sampling.prompt_syntax,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::lang;
 use crate::options::{GenerateOptions, InitSpec, Sampling, SeedChoice, DEFAULT_STRENGTH};
 use crate::schedulers::SchedulerKind;
+use crate::text::PromptSyntax;
 
 /// One prompt to generate.
 #[derive(Debug, Clone)]
@@ -139,6 +140,7 @@ fn apply_overrides(
         max_length: base.max_length,
         schedule: base.schedule,
         init: line_init(base.init.as_ref(), o, dir, default_strength)?,
+        prompt_syntax: base.prompt_syntax,
     };
     s.validate().map_err(|e| e.to_string())?;
     Ok(s)
@@ -207,8 +209,19 @@ pub(crate) fn plan(
                     crate::options::check_prompt(neg)
                         .map_err(|m| (j.line, format!("negative prompt: {m}")))?;
                 }
-                let sampling = apply_overrides(&opts.sampling, &j.overrides, dir, opts.strength)
-                    .map_err(|m| (j.line, m))?;
+                let mut sampling =
+                    apply_overrides(&opts.sampling, &j.overrides, dir, opts.strength)
+                        .map_err(|m| (j.line, m))?;
+                sampling.prompt_syntax = match &j.overrides.prompt_syntax {
+                    Some(name) => PromptSyntax::parse(name).ok_or_else(|| {
+                        (
+                            j.line,
+                            format!("prompt_syntax `{name}` is not one of: plain, webui"),
+                        )
+                    })?,
+                    None if j.webui_line && !opts.prompt_syntax_given => PromptSyntax::Webui,
+                    None => opts.sampling.prompt_syntax,
+                };
                 let output = j
                     .overrides
                     .output

@@ -109,6 +109,23 @@ impl SchedulerKind {
         }
     }
 
+    /// webui 1.9+'s sampler name, its `Schedule type` apart (`DPM++ 2M` for both DPM++ 2M kinds).
+    pub fn webui_sampler(&self) -> &'static str {
+        match self {
+            SchedulerKind::DpmPp2mKarras => "DPM++ 2M",
+            k => k.webui_name(),
+        }
+    }
+
+    /// The `timestep_spacing` diffusers' class uses when the config names none: `leading` for
+    /// the alpha-based PNDM, DDIM and DDPM, `linspace` for the sigma-based ones.
+    pub fn default_spacing(&self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::Ddpm => "leading",
+            _ => "linspace",
+        }
+    }
+
     /// Other spellings accepted by [`SchedulerKind::parse`] (lower case).
     fn aliases(&self) -> &'static [&'static str] {
         match self {

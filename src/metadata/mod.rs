@@ -1,8 +1,13 @@
 //! What is stored with each image: webui's `parameters` text (so webui, ComfyUI and image viewers
-//! show it) and an `altdiff` JSON record with everything needed to regenerate the image.
+//! show it, and webui's "PNG Info" reads back the prompt, sampler, schedule, CFG, seed and size)
+//! and an `altdiff` JSON record with everything needed to regenerate the image.
 //!
 //! Both go into UTF-8 iTXt chunks. `altdiff info` prints them; `altdiff generate --from-image`
-//! rebuilds a generation from the JSON record.
+//! rebuilds a generation from the JSON record or, for a PNG made by webui, from its text
+//! ([`webui::import`]). The text's format is [`infotext`]'s.
+
+pub mod infotext;
+pub mod webui;
 
 use std::io::{BufRead, BufReader, Seek};
 use std::path::Path;
@@ -10,6 +15,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::schedulers::SchedulerKind;
+use crate::text::PromptSyntax;
 
 /// The iTXt keyword of the webui-style parameters.
 pub const PARAMETERS_KEY: &str = "parameters";
@@ -107,6 +114,9 @@ pub struct ImageRecord {
     /// Image-to-image / inpainting input, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitRecord>,
+    /// How the prompts were read (`plain` for records written before there was a choice).
+    #[serde(default)]
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl ImageRecord {
@@ -118,58 +128,96 @@ impl ImageRecord {
         }
     }
 
-    /// webui's `parameters` text: the prompt, `Negative prompt: ...`, then the settings line.
-    pub fn webui_parameters(&self) -> String {
-        let mut s = self.prompt.clone();
-        if let Some(neg) = self.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
-            s.push_str("\nNegative prompt: ");
-            s.push_str(neg);
+    /// The `timestep_spacing` the scheduler ran with: the recorded config's, else the class's
+    /// default.
+    pub fn spacing(&self) -> String {
+        let kind = SchedulerKind::parse(&self.scheduler);
+        self.timestep_spacing
+            .clone()
+            .or_else(|| {
+                self.scheduler_config
+                    .get("timestep_spacing")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| kind.map_or("leading", |k| k.default_spacing()).to_string())
+    }
+
+    /// The model's name as webui shows it: the hub repository id, or a local model's directory
+    /// name (never the absolute path).
+    pub fn model_name(&self) -> String {
+        let hub = self.model.commit.is_some() || self.model.revision.is_some();
+        let source = self.model.source.trim_end_matches(['/', '\\']);
+        match Path::new(source).file_name() {
+            Some(name) if !hub => name.to_string_lossy().into_owned(),
+            _ => source.to_string(),
         }
-        let seed = self
-            .seed()
-            .map_or_else(|| "latents file".to_string(), |s| s.to_string());
-        s.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}",
-            self.steps,
-            crate::schedulers::SchedulerKind::parse(&self.scheduler)
-                .map_or(self.scheduler.as_str(), |k| k.webui_name()),
-            self.guidance,
-            self.width,
-            self.height,
-            self.model.source.replace(',', " ")
+    }
+
+    /// webui's `parameters` text as webui 1.9+'s `create_infotext` writes it: the prompt,
+    /// `Negative prompt: ...`, then webui's keys in webui's order (`Sampler` and `Schedule type`
+    /// apart, `RNG: CPU` since the seeds are PyTorch's CPU generator's, `Emphasis: None` for
+    /// plain-syntax prompts with brackets, which webui would otherwise read as emphasis), then
+    /// altdiff's own keys and `Version`.
+    pub fn webui_parameters(&self) -> String {
+        let kind = SchedulerKind::parse(&self.scheduler);
+        let mut p: Vec<(&str, String)> = vec![("Steps", self.steps.to_string())];
+        match kind {
+            Some(k) => {
+                p.push(("Sampler", k.webui_sampler().into()));
+                p.push((
+                    "Schedule type",
+                    webui::schedule_type(k, self.karras, &self.spacing()).into(),
+                ));
+            }
+            None => p.push(("Sampler", self.scheduler.clone())),
+        }
+        p.push(("CFG scale", python_float(self.guidance)));
+        p.push((
+            "Seed",
+            self.seed()
+                .map_or_else(|| "latents file".to_string(), |s| s.to_string()),
         ));
+        p.push(("Size", format!("{}x{}", self.width, self.height)));
+        p.push(("Model", self.model_name()));
+        if let Some(init) = &self.init {
+            p.push(("Denoising strength", python_float(init.strength)));
+        }
+        if self.seed().is_some() {
+            p.push(("RNG", "CPU".into()));
+        }
+        if let Some(eta) = self.eta {
+            p.push(("Eta DDIM", python_float(eta)));
+        }
+        let negative = self.negative_prompt.as_deref().unwrap_or("");
+        let brackets = |t: &str| t.contains(['(', '[']);
+        if self.prompt_syntax == PromptSyntax::Plain
+            && (brackets(&self.prompt) || brackets(negative))
+        {
+            p.push(("Emphasis", "None".into()));
+        }
+        // altdiff's own keys.
         if let Some(commit) = &self.model.commit {
-            let short: String = commit.chars().take(10).collect();
-            s.push_str(&format!(", Model hash: {short}"));
+            p.push(("Model commit", commit.chars().take(10).collect()));
         }
         if let NoiseRecord::Seed { batch, index, .. } = self.noise {
             if batch > 1 {
-                s.push_str(&format!(", Batch size: {batch}, Batch pos: {index}"));
+                p.push(("Noise batch", batch.to_string()));
+                p.push(("Noise batch pos", index.to_string()));
             }
         }
-        if let Some(init) = &self.init {
-            s.push_str(&format!(
-                ", Denoising strength: {}",
-                python_float(init.strength)
-            ));
-        }
-        if let Some(eta) = self.eta {
-            s.push_str(&format!(", Eta: {eta}"));
-        }
-        if self.karras {
-            s.push_str(", Schedule type: Karras");
-        }
         if let Some(spacing) = &self.timestep_spacing {
-            s.push_str(&format!(", Timestep spacing: {spacing}"));
+            p.push(("Timestep spacing", spacing.clone()));
         }
         if let Some(lang) = &self.lang {
-            s.push_str(&format!(", Lang: {lang}"));
+            p.push(("Lang", lang.clone()));
         }
-        s.push_str(&format!(
-            ", Max length: {}, Version: altdiff {}",
-            self.max_length, self.altdiff
-        ));
-        s
+        p.push(("Prompt syntax", self.prompt_syntax.name().into()));
+        if self.prompt_syntax == PromptSyntax::Plain {
+            p.push(("Max length", self.max_length.to_string()));
+        }
+        p.push(("Version", format!("altdiff {}", self.altdiff)));
+        infotext::format(&self.prompt, negative, &p)
     }
 
     /// The two text chunks to store.
@@ -185,7 +233,7 @@ impl ImageRecord {
 
 /// A number as Python's `str(float)` writes it for the values webui's text holds (`1.0`, `0.75`):
 /// a whole number keeps its `.0`.
-fn python_float(v: f64) -> String {
+pub fn python_float(v: f64) -> String {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e16 {
         format!("{v:.1}")
     } else {
@@ -261,6 +309,30 @@ pub fn read_png_text_from<R: BufRead + Seek>(
         }
     }
     Ok(out)
+}
+
+/// What `--from-image` regenerates from.
+#[derive(Debug, Clone)]
+pub enum Settings {
+    /// altdiff's own record: every setting, the image reproduced exactly.
+    Altdiff(ImageRecord),
+    /// A PNG with webui's `parameters` text only (made by webui or another tool that writes it).
+    Webui(webui::Imported),
+}
+
+/// The settings stored in a PNG: altdiff's record if it has one, else webui's text.
+pub fn read_settings(path: &Path) -> Result<Settings> {
+    let chunks = read_png_text(path)?;
+    if chunks.iter().any(|(k, _)| k == RECORD_KEY) {
+        return record_from_chunks(&chunks, path).map(Settings::Altdiff);
+    }
+    match chunks.iter().find(|(k, _)| k == PARAMETERS_KEY) {
+        Some((_, text)) => webui::import(&infotext::parse(text), path).map(Settings::Webui),
+        None => Err(Error::usage(format!(
+            "{}: no generation parameters (neither altdiff's record nor webui's `parameters` text)",
+            path.display()
+        ))),
+    }
 }
 
 /// The altdiff record of a PNG written by altdiff.
