@@ -163,9 +163,13 @@ pub struct TokenizeArgs {
     /// The model whose tokenizer to use.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Token limit to check against (default as for generate).
+    /// Token limit to check against (default as for generate; plain syntax only).
     #[arg(long, value_name = "N")]
     pub max_length: Option<usize>,
+    /// plain (default) or webui: with webui, the weighted fragments and the 77-token chunks webui's
+    /// syntax makes of the text.
+    #[arg(long, value_enum, value_name = "SYNTAX", default_value = "plain")]
+    pub prompt_syntax: PromptSyntax,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -483,6 +487,11 @@ impl GenerateArgs {
             load_policy: self.load_policy,
         };
         opts.validate()?;
+        if self.max_length.is_some() && opts.sampling.prompt_syntax == PromptSyntax::Webui {
+            return Err(Error::usage(
+                "--max-length applies to --prompt-syntax plain only: webui's syntax has no length limit (75-token chunks)",
+            ));
+        }
         if opts.per_image_seeds && opts.latents.is_some() {
             return Err(Error::usage(
                 "--per-image-seeds and --latents do not go together: --latents gives the initial noise and --seed the step noise",

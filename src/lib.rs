@@ -95,6 +95,16 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
         }
         cli::Command::Tokenize(a) => {
             let model = a.model.into_choice()?;
+            if a.prompt_syntax == text::PromptSyntax::Webui {
+                if a.max_length.is_some() {
+                    return Err(Error::usage(
+                        "--max-length applies to --prompt-syntax plain only: webui's syntax has no length limit (75-token chunks)",
+                    ));
+                }
+                return done(commands::tokenize::run_webui(
+                    &model, a.json, &a.text, progress,
+                ));
+            }
             done(commands::tokenize::run(
                 &model,
                 a.max_length,

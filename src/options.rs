@@ -390,6 +390,12 @@ impl GenerateOptions {
                 })?;
             }
         }
+        if self.sampling.prompt_syntax == crate::text::PromptSyntax::Webui {
+            let negative = self.sampling.negative_prompt.iter();
+            for p in self.prompts.iter().chain(negative) {
+                crate::text::webui::check(p).map_err(Error::Usage)?;
+            }
+        }
         self.sampling.validate()?;
         if let Some(s) = self.strength {
             if self.sampling.init.is_none() && self.prompt_file.is_none() {

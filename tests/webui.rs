@@ -396,7 +396,8 @@ fn batch_lines_choose_their_prompt_syntax() {
         "--prompt \"a (red:1.3) fox\" --seed 5 --steps 2\n\
          {\"prompt\": \"a (red:1.3) fox\", \"seed\": 5, \"steps\": 2}\n\
          {\"prompt\": \"a (red:1.3) fox\", \"seed\": 5, \"steps\": 2, \"prompt_syntax\": \"webui\"}\n\
-         {\"prompt\": \"x\", \"prompt_syntax\": \"fancy\"}\n",
+         {\"prompt\": \"x\", \"prompt_syntax\": \"fancy\"}\n\
+         --prompt \"a [cat|dog]\" --seed 1\n",
     )
     .unwrap();
     let model = fixture("models/tiny-m18");
@@ -435,4 +436,90 @@ fn batch_lines_choose_their_prompt_syntax() {
     let px: Vec<Vec<u8>> = paths.iter().map(|p| image_bytes(Path::new(p))).collect();
     assert_eq!(px[0], px[2]);
     assert_ne!(px[0], px[1]);
+}
+
+/// `altdiff tokenize --prompt-syntax webui` shows the chunks the pipeline encodes; `--max-length`
+/// with webui's syntax is a usage error (it has no length limit).
+#[test]
+fn tokenize_shows_webui_chunks_and_max_length_is_plain_only() {
+    let model = fixture("models/tiny-m18");
+    let model = model.to_str().unwrap();
+    let out = ok(&altdiff(&[
+        "tokenize",
+        "--model",
+        model,
+        "--prompt-syntax",
+        "webui",
+        "--json",
+        "a (red:1.5) fox BREAK snow",
+    ]));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["chunks"].as_array().unwrap().len(), 2);
+    assert_eq!(v["length"], 154);
+    assert_eq!(v["fragments"][1][1], 1.5);
+    let weights = v["chunks"][0]["weights"].as_array().unwrap();
+    assert!(weights.iter().any(|w| w == 1.5), "{weights:?}");
+    assert_eq!(v["chunks"][0]["tokens"][0], "<s>");
+    let text = ok(&altdiff(&[
+        "tokenize",
+        "--model",
+        model,
+        "--prompt-syntax",
+        "webui",
+        "a (red:1.5) fox",
+    ]));
+    assert!(
+        text.contains("1 chunk(s): the UNet attends over 77 tokens"),
+        "{text}"
+    );
+    for args in [
+        vec![
+            "tokenize",
+            "--model",
+            model,
+            "--prompt-syntax",
+            "webui",
+            "--max-length",
+            "100",
+            "x",
+        ],
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "x",
+            "--prompt-syntax",
+            "webui",
+            "--max-length",
+            "100",
+        ],
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "a [cat:dog:0.5]",
+            "--prompt-syntax",
+            "webui",
+            "--steps",
+            "1",
+        ],
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "(a:1.2.3)",
+            "--prompt-syntax",
+            "webui",
+            "--steps",
+            "1",
+        ],
+    ] {
+        let out = altdiff(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
 }

@@ -1,4 +1,5 @@
-//! `altdiff tokenize`: how a prompt is tokenised, as the pipeline will see it.
+//! `altdiff tokenize`: how a prompt is tokenised, as the pipeline will see it (plain syntax: the
+//! ids and what is truncated; webui syntax: the weighted fragments and the 77-token chunks).
 
 use crate::error::{Error, Result};
 use crate::options::ModelChoice;
@@ -57,5 +58,83 @@ pub fn run(
             total - limit
         );
     }
+    Ok(())
+}
+
+/// `--prompt-syntax webui`: the fragments with their weights, then each 77-token chunk (ids,
+/// pieces, weights) as the text encoder gets it.
+pub fn run_webui(model: &ModelChoice, json: bool, text: &str, progress: bool) -> Result<()> {
+    use crate::text::webui;
+    let fetched = super::fetch_model(model, crate::source::Scope::Tokenizer, progress)?;
+    let tokenizer = PromptTokenizer::load(&fetched.root.join("tokenizer"))?;
+    if let Some(c) = webui::unsupported_construct(text) {
+        return Err(Error::usage(format!(
+            "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
+        )));
+    }
+    let fragments = webui::parse_attention(text)?;
+    let special = webui::SpecialIds {
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.eos_id(),
+        pad: tokenizer.pad_id(),
+        comma: tokenizer.vocab_id(","),
+    };
+    // id -> piece, for display.
+    let mut names = std::collections::HashMap::new();
+    names.insert(special.bos, "<s>".to_string());
+    names.insert(special.eos, "</s>".to_string());
+    names.insert(special.pad, "<pad>".to_string());
+    let chunks = webui::chunks(
+        &fragments,
+        |f| {
+            let (pieces, ids) = tokenizer.pieces(f)?;
+            for (p, id) in pieces.into_iter().zip(&ids) {
+                names.entry(*id).or_insert(p);
+            }
+            Ok(ids)
+        },
+        special,
+    )?;
+    let piece = |id: &u32| names.get(id).cloned().unwrap_or_else(|| format!("#{id}"));
+    if json {
+        let chunks: Vec<serde_json::Value> = chunks
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "input_ids": c.ids,
+                    "attention_mask": c.mask,
+                    "tokens": c.ids.iter().map(piece).collect::<Vec<_>>(),
+                    "weights": c.multipliers,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "text": text,
+            "prompt_syntax": "webui",
+            "fragments": fragments,
+            "chunks": chunks,
+            "length": chunks.len() * webui::CHUNK_TOKENS,
+            "model": fetched.identity.to_string(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    for (t, w) in &fragments {
+        println!("{w:>8.4}  {t:?}");
+    }
+    for (k, c) in chunks.iter().enumerate() {
+        println!("chunk {} of {}:", k + 1, chunks.len());
+        for ((id, m), w) in c.ids.iter().zip(&c.mask).zip(&c.multipliers) {
+            if *m == 0 {
+                break;
+            }
+            println!("{id:>8}  {w:>6.4}  {}", piece(id));
+        }
+    }
+    println!(
+        "{} chunk(s): the UNet attends over {} tokens",
+        chunks.len(),
+        chunks.len() * webui::CHUNK_TOKENS
+    );
     Ok(())
 }

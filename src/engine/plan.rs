@@ -222,6 +222,12 @@ pub(crate) fn plan(
                     None if j.webui_line && !opts.prompt_syntax_given => PromptSyntax::Webui,
                     None => opts.sampling.prompt_syntax,
                 };
+                if sampling.prompt_syntax == PromptSyntax::Webui {
+                    let negative = sampling.negative_prompt.iter();
+                    for text in std::iter::once(&j.prompt).chain(negative) {
+                        crate::text::webui::check(text).map_err(|m| (j.line, m))?;
+                    }
+                }
                 let output = j
                     .overrides
                     .output

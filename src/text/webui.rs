@@ -135,6 +135,20 @@ pub fn unsupported_construct(text: &str) -> Option<String> {
     re.captures(text).map(|c| c[1].to_string())
 }
 
+/// Whether webui's syntax can read `text`: no prompt editing or alternation, every weight a
+/// number. The message says what is wrong.
+pub fn check(text: &str) -> std::result::Result<(), String> {
+    if let Some(c) = unsupported_construct(text) {
+        return Err(format!(
+            "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
+        ));
+    }
+    parse_attention(text).map(|_| ()).map_err(|e| match e {
+        Error::Usage(m) => m,
+        e => e.to_string(),
+    })
+}
+
 /// The ids webui's chunking needs.
 #[derive(Debug, Clone, Copy)]
 pub struct SpecialIds {
