@@ -8,22 +8,20 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::engine::init::Pictures;
 use crate::engine::plan::{group, plan, Failure, Group, Job, Plan};
+use crate::engine::session::{Fetched, Session};
 use crate::error::{Error, Result, TensorContext};
-use crate::lang::{self, ModelLanguages};
-use crate::metadata::{ImageRecord, InitRecord, ModelRecord, NoiseRecord};
-use crate::model::ModelFiles;
+use crate::lang;
+use crate::metadata::{ImageRecord, InitRecord, NoiseRecord};
 use crate::noise::{NoiseStreams, Segment};
 use crate::options::{GenerateOptions, LoadPolicy, OutputTarget, SeedChoice};
 use crate::output::{NameFields, NameTemplate};
-use crate::pipeline::{Noise, Pipeline, Request, RgbImage};
+use crate::pipeline::{Noise, RgbImage};
 use crate::progress::{round3, RunProgress, Spinner};
-use crate::source::ModelIdentity;
 use crate::term;
 
 /// How a run ended when it got as far as generating.
@@ -75,15 +73,9 @@ fn peak_rss() -> Option<u64> {
 /// Everything about one run that every group shares.
 struct Run<'a> {
     opts: &'a GenerateOptions,
-    pipeline: &'a Pipeline,
-    identity: &'a ModelIdentity,
+    session: &'a Session,
     template: NameTemplate,
-    model_langs: ModelLanguages,
-    scheduler_config: serde_json::Value,
     latents_file: Option<Tensor>,
-    dtype: DType,
-    /// Seconds spent loading the model.
-    load_s: f64,
     /// `--seed` (or the seed it stands for): the first batch-file line's seed, the step noise's
     /// seed with a latents file.
     base_seed: u64,
@@ -97,58 +89,6 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn record(
-        &self,
-        job: &Job,
-        r: &crate::pipeline::Resolved,
-        noise: NoiseRecord,
-        lang: Option<&str>,
-        init: Option<&InitRecord>,
-    ) -> ImageRecord {
-        let (source, revision, commit) = match self.identity {
-            ModelIdentity::Local(p) => (p.display().to_string(), None, None),
-            ModelIdentity::Hub {
-                repo,
-                revision,
-                commit,
-            } => (repo.clone(), Some(revision.clone()), Some(commit.clone())),
-        };
-        ImageRecord {
-            altdiff: env!("CARGO_PKG_VERSION").to_string(),
-            prompt: job.prompt.clone(),
-            negative_prompt: job.sampling.negative_prompt.clone(),
-            lang: lang.map(str::to_string),
-            noise,
-            steps: job.sampling.steps,
-            guidance: job.sampling.guidance,
-            scheduler: r.scheduler.name().to_string(),
-            scheduler_config: {
-                let mut c = self.scheduler_config.clone();
-                job.sampling.schedule.apply_json(&mut c);
-                c
-            },
-            eta: Some(job.sampling.schedule.eta).filter(|e| *e > 0.0),
-            karras: job.sampling.schedule.karras,
-            timestep_spacing: job
-                .sampling
-                .schedule
-                .timestep_spacing
-                .map(|s| s.name().to_string()),
-            width: r.width,
-            height: r.height,
-            max_length: r.max_length,
-            model: ModelRecord {
-                source,
-                revision,
-                commit,
-                variant: self.opts.model.variant.clone(),
-            },
-            dtype: format!("{:?}", self.dtype).to_lowercase(),
-            init: init.cloned(),
-            prompt_syntax: job.sampling.prompt_syntax,
-        }
-    }
-
     /// The file for image `image` of `job`.
     fn path(
         &self,
@@ -244,7 +184,7 @@ impl Run<'_> {
                 "init_image": record.init.as_ref().map(|i| &i.image),
                 "mask": record.init.as_ref().and_then(|i| i.mask.as_ref()),
                 "strength": record.init.as_ref().map(|i| i.strength),
-                "model": self.identity.to_string(),
+                "model": self.session.identity.to_string(),
                 "timings": timings,
             });
             term::out_line(&line.to_string())
@@ -287,44 +227,7 @@ impl Run<'_> {
                 return Ok((noise, vec![rec.noise.clone()]));
             }
         }
-        // (seed, images) of each generator call: the whole group with a shared seed, else each job
-        // (with --per-image-seeds each job's seed is already its first image's).
-        let calls: Vec<(u64, usize)> = if group.shared_seed && !self.opts.per_image_seeds {
-            vec![(group.jobs[0].seed, total_images)]
-        } else {
-            group
-                .jobs
-                .iter()
-                .map(|j| (j.seed, j.sampling.num_images))
-                .collect()
-        };
-        let mut segments = Vec::new();
-        let mut records = Vec::new();
-        for (seed, n) in calls {
-            if self.opts.per_image_seeds {
-                for i in 0..n {
-                    let s = seed.wrapping_add(i as u64);
-                    segments.push(Segment::whole(s, 1));
-                    records.push(NoiseRecord::Seed {
-                        seed: s,
-                        batch: 1,
-                        index: 0,
-                    });
-                }
-            } else {
-                segments.push(Segment::whole(seed, n));
-                records.extend((0..n).map(|index| NoiseRecord::Seed {
-                    seed,
-                    batch: n,
-                    index,
-                }));
-            }
-        }
-        let noise = Noise {
-            latents: None,
-            generators: NoiseStreams::new(segments),
-        };
-        Ok((noise, records))
+        Ok(Session::seeded_noise(group, self.opts.per_image_seeds))
     }
 
     /// The seed in image `i` of `job`'s file name (`latents` with a latents file).
@@ -366,8 +269,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
     }
     let device = crate::device::open(opts.device)?;
     let dtype = crate::device::dtype(opts.dtype, &device)?;
-    let fetched = super::fetch_model(&opts.model, crate::source::Scope::Generation, progress)?;
-    let files = ModelFiles::from_dir(&fetched.root, opts.model.variant.as_deref())?;
+    let fetched = Fetched::fetch(&opts.model, progress)?;
     let latents_file = opts.latents.as_deref().map(read_latents).transpose()?;
     tracing::info!(
         "loading {} on {:?} in {:?}",
@@ -393,22 +295,14 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         LoadPolicy::Auto => LoadPolicy::Keep,
         p => p,
     };
-    let load_started = Instant::now();
-    let pipeline = Pipeline::load(&files, &device, dtype, policy);
+    let session = fetched.load(&device, dtype, policy, opts.model.variant.clone());
     drop(spinner);
-    let pipeline = pipeline?;
-    let scheduler_config =
-        crate::config::read_json::<serde_json::Value>(&files.scheduler_config)?.0;
+    let session = session?;
     let run = Run {
         opts,
-        pipeline: &pipeline,
-        identity: &fetched.identity,
+        session: &session,
         template,
-        model_langs: ModelLanguages::from_text_encoder(&pipeline.config().text_encoder),
-        scheduler_config,
         latents_file,
-        dtype,
-        load_s: load_started.elapsed().as_secs_f64(),
         base_seed,
         summary: std::cell::RefCell::new(None),
         seed_note: std::cell::Cell::new(report_seed.then_some(base_seed)),
@@ -487,7 +381,7 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
             get("unet_step_median_s"),
             get("denoise_s"),
             get("decode_s"),
-            get("total_s") + run.load_s,
+            get("total_s") + session.load_s,
             peak_rss().map_or_else(|| "unknown".to_string(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
         );
     }
@@ -543,14 +437,7 @@ fn run_group(
         Some(Ok((init, record))) => (Some(init), Some(record)),
         Some(Err(e)) => return Err(Box::new((group.jobs, e))),
     };
-    let probe = Request {
-        prompts: vec![group.jobs[0].prompt.clone()],
-        sampling: sampling.clone(),
-        noise: Noise::seeded(0, 1),
-        keep_tensors: false,
-        init: init.clone(),
-    };
-    let resolved = match run.pipeline.resolve(&probe) {
+    let resolved = match run.session.resolve(&group.jobs[0], init.as_ref()) {
         Ok(r) => r,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
@@ -574,8 +461,8 @@ fn run_group(
     // With a shared seed the prompts' noise depends on the whole batch: existing images are not
     // skipped from it (only from writing) unless every one of them exists.
     let mut exists = Vec::new();
-    for job in group.jobs {
-        let decision = lang::check(job.lang, &job.prompt, run.model_langs);
+    let decisions = run.session.languages(&group.jobs);
+    for (job, decision) in group.jobs.into_iter().zip(decisions) {
         for w in &decision.warnings {
             tracing::warn!("{}: {w}", job_name(&job));
         }
@@ -608,11 +495,11 @@ fn run_group(
         jobs: keep,
         shared_seed: group.shared_seed,
     };
-    let f = run.pipeline.vae_scale_factor();
+    let f = run.session.pipeline.vae_scale_factor();
     let images: usize = group.jobs.iter().map(|j| j.sampling.num_images).sum();
     let shape = [
         images,
-        run.pipeline.config().unet.in_channels,
+        run.session.pipeline.config().unet.in_channels,
         resolved.height / f,
         resolved.width / f,
     ];
@@ -620,19 +507,21 @@ fn run_group(
         Ok(n) => n,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
-    // A request holds prompts with the same number of images each (they share `sampling`).
-    let request = Request {
-        prompts: group.jobs.iter().map(|j| j.prompt.clone()).collect(),
-        sampling,
-        noise,
-        keep_tensors: opts.dump_tensors.is_some(),
-        init,
-    };
     if let Some(seed) = run.seed_note.take() {
         term::note(&format!("seed: {seed}"));
     }
     bars.timings.reset();
-    let out = match run.pipeline.generate(&request, bars) {
+    // A group's prompts share `sampling` (and so their number of images).
+    let init = init.zip(init_record);
+    let out = match run.session.generate(
+        &group.jobs,
+        &langs,
+        noise,
+        &records,
+        init,
+        opts.dump_tensors.is_some(),
+        bars,
+    ) {
         Ok(o) => o,
         Err(e) => return Err(Box::new((group.jobs, e))),
     };
@@ -641,7 +530,7 @@ fn run_group(
     if let Some(t) = timings.as_object_mut() {
         // Start-up loading plus this batch's own component loads (per-stage loading).
         let staged = t.get("load_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
-        t.insert("load_s".into(), round3(run.load_s + staged));
+        t.insert("load_s".into(), round3(run.session.load_s + staged));
     }
     *run.summary.borrow_mut() = Some(timings.clone());
     for (p, dropped) in &out.truncated {
@@ -652,32 +541,29 @@ fn run_group(
         );
     }
     // A file that cannot be written fails its own prompt; the group's other prompts go on.
-    let mut failed = Vec::new();
-    let mut k = 0;
-    for ((job, code), exists) in group.jobs.iter().zip(&langs).zip(&exists) {
-        let first = k;
-        k += job.sampling.num_images;
-        if *exists {
+    let mut failed: Vec<(Job, Error)> = Vec::new();
+    for (j, (job, code)) in group.jobs.iter().zip(&langs).enumerate() {
+        if exists[j] {
             *skipped += 1;
             bars.jobs_done(1);
             continue;
         }
-        for i in 0..job.sampling.num_images {
-            let img = &out.images[first + i];
-            let record = run.record(
+        for m in out.made.iter().filter(|m| m.job == j) {
+            if let Err(e) = run.write_image(
                 job,
+                m.image,
+                &m.rgb,
+                &m.record,
+                code,
                 &out.resolved,
-                records[first + i].clone(),
-                Some(code).filter(|c| **c != "und").copied(),
-                init_record.as_ref(),
-            );
-            if let Err(e) = run.write_image(job, i, img, &record, code, &out.resolved, &timings) {
+                &timings,
+            ) {
                 failed.push((job.clone(), e));
                 break;
             }
             *written += 1;
             if let Some(grid) = grid.as_mut() {
-                grid.push(img.clone());
+                grid.push(m.rgb.clone());
             }
         }
         bars.jobs_done(1);
