@@ -61,8 +61,108 @@ pub enum Command {
     Languages(LanguagesArgs),
     /// List the schedulers (samplers) that --scheduler accepts, one line each.
     Schedulers(SchedulersArgs),
+    /// Serve webui's HTTP API (and a web page) with the model loaded once.
+    Serve(Box<ServeArgs>),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
+}
+
+/// `altdiff serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Precision; default f32 on CPU, f16 on GPUs.
+    #[arg(long, value_enum)]
+    pub dtype: Option<Precision>,
+    /// keep (the default: every component stays loaded) or per-stage (least memory, reloaded for
+    /// every request).
+    #[arg(long, value_enum, default_value = "keep")]
+    pub load_policy: LoadPolicy,
+    /// The address to listen on (a non-loopback one without --api-auth or --token-file gets a
+    /// warning).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port, as webui's (0: any free port; the address is printed on stderr).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// HTTP Basic credentials, as webui's flag: USER:PASS[,USER:PASS].
+    #[arg(long, value_name = "USER:PASS[,USER:PASS]")]
+    pub api_auth: Option<String>,
+    /// A file of bearer tokens (one per line) accepted in `Authorization: Bearer TOKEN`.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Requests that may wait behind the running one; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_queue: usize,
+    /// Most pixels per image (width x height); more is a 422.
+    #[arg(long, default_value_t = 1024 * 1024, value_name = "N")]
+    pub max_pixels: usize,
+    /// Most denoising steps per request.
+    #[arg(long, default_value_t = 150, value_name = "N")]
+    pub max_steps: usize,
+    /// Most images per request (batch_size x n_iter).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub max_batch: usize,
+    /// Also save every image with its metadata in this directory, as generate does.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Allow browser pages from this origin to call the API (Access-Control-Allow-Origin).
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors_origin: Option<String>,
+    /// One JSON access-log line per request on stdout (method, path, status, duration, task).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ServeArgs {
+    /// Converts and validates.
+    pub fn into_options(self) -> Result<crate::serve::ServeOptions> {
+        let users = self
+            .api_auth
+            .as_deref()
+            .map(crate::serve::parse_users)
+            .transpose()?
+            .unwrap_or_default();
+        let tokens = self
+            .token_file
+            .as_deref()
+            .map(crate::serve::read_tokens)
+            .transpose()?
+            .unwrap_or_default();
+        for (flag, v) in [
+            ("--max-pixels", self.max_pixels),
+            ("--max-steps", self.max_steps),
+            ("--max-batch", self.max_batch),
+        ] {
+            if v == 0 {
+                return Err(Error::usage(format!("{flag} must be at least 1")));
+            }
+        }
+        Ok(crate::serve::ServeOptions {
+            model: self.model.into_choice()?,
+            device: self.device,
+            dtype: self.dtype,
+            load_policy: self.load_policy,
+            host: self.host,
+            port: self.port,
+            users,
+            tokens,
+            max_queue: self.max_queue,
+            limits: crate::serve::api::Limits {
+                max_pixels: self.max_pixels,
+                max_steps: self.max_steps.min(crate::options::MAX_STEPS),
+                max_batch: self.max_batch,
+            },
+            output: self.output,
+            cors_origin: self.cors_origin,
+            json_log: self.json,
+        })
+    }
 }
 
 /// `altdiff info`.

@@ -29,6 +29,7 @@ pub mod progress;
 pub mod rng;
 pub mod schedulers;
 pub mod sentencepiece;
+pub mod serve;
 pub mod signals;
 pub mod source;
 pub mod term;
@@ -88,6 +89,7 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
             done(commands::languages::run(model, a.json))
         }
         cli::Command::Schedulers(a) => done(commands::schedulers::run(a.json)),
+        cli::Command::Serve(a) => done(serve::run(a.into_options()?, progress)),
         cli::Command::Completions(a) => {
             let mut cmd = <cli::Cli as clap::CommandFactory>::command();
             clap_complete::generate(a.shell, &mut cmd, "altdiff", &mut std::io::stdout());

@@ -21,7 +21,7 @@ use crate::text::PromptSyntax;
 
 /// One prompt to generate.
 #[derive(Debug, Clone)]
-pub(crate) struct Job {
+pub struct Job {
     /// Global position among all prompts (flags first, then file entries, failed ones included).
     pub(crate) index: usize,
     /// Line in the prompt file.
@@ -288,7 +288,7 @@ pub(crate) fn plan(
 }
 
 /// The images of one pipeline request.
-pub(crate) struct Group {
+pub struct Group {
     pub(crate) jobs: Vec<Job>,
     /// One randn over the whole group (diffusers' layout for a list of prompts).
     pub(crate) shared_seed: bool,

@@ -99,15 +99,38 @@ fn number<T: std::str::FromStr>(info: &Infotext, key: &str, path: &Path) -> Resu
         .transpose()
 }
 
-/// The sampler and schedule type of webui's text: the schedule appended to the sampler name
-/// (webui before 1.9) wins over `Schedule type`, as webui's `get_sampler_and_scheduler` does.
+/// The sampler and schedule type of webui's text (a schedule appended to the sampler name, as
+/// webui before 1.9 wrote it, wins: [`resolve_sampler`]).
 fn sampler_and_schedule(info: &Infotext) -> (String, String) {
-    let mut name = info.get("Sampler").unwrap_or("Euler").trim().to_string();
-    let mut schedule = info
-        .get("Schedule type")
-        .unwrap_or("Automatic")
-        .trim()
-        .to_string();
+    (
+        info.get("Sampler").unwrap_or("Euler").trim().to_string(),
+        info.get("Schedule type")
+            .unwrap_or("Automatic")
+            .trim()
+            .to_string(),
+    )
+}
+
+/// A webui sampler and schedule type in altdiff's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebuiSampler {
+    /// The scheduler.
+    pub kind: SchedulerKind,
+    /// `--karras`.
+    pub karras: bool,
+    /// `--timestep-spacing`, when it differs from the scheduler's default.
+    pub spacing: Option<&'static str>,
+    /// A schedule type altdiff does not have (the nearest is used).
+    pub warning: Option<String>,
+}
+
+/// webui's sampler (`DPM++ 2M`, `Euler a`, `PLMS`, old names such as `DPM++ 2M Karras` or
+/// `k_euler_a`) and schedule type (label or name: `Karras` / `karras`, `Automatic`, `Uniform`,
+/// `DDIM`, `SGM Uniform`) as altdiff's scheduler, Karras flag and timestep spacing. A sampler
+/// altdiff does not have is an error naming it and listing those it has.
+pub fn resolve_sampler(sampler: &str, schedule: &str) -> std::result::Result<WebuiSampler, String> {
+    let mut name = sampler.trim().to_string();
+    let mut schedule = normalise_schedule(schedule);
     for label in SCHEDULE_LABELS {
         if let Some(stem) = name.strip_suffix(&format!(" {label}")) {
             schedule = label.to_string();
@@ -115,26 +138,7 @@ fn sampler_and_schedule(info: &Infotext) -> (String, String) {
             break;
         }
     }
-    if schedule == "SGMUniform" {
-        schedule = "SGM Uniform".into();
-    }
-    (name, schedule)
-}
-
-/// The settings of a PNG that has webui's text only. Samplers altdiff does not have are an error
-/// naming them; keys that would change the image in a way altdiff cannot follow are warnings.
-pub fn import(info: &Infotext, path: &Path) -> Result<Imported> {
-    let at = || path.display().to_string();
-    if info.prompt.trim().is_empty() {
-        return Err(Error::usage(format!(
-            "{}: webui's parameters text has no prompt",
-            at()
-        )));
-    }
-    let mut warnings = Vec::new();
-    let (sampler, schedule) = sampler_and_schedule(info);
-    let timestep_samplers = ["PLMS", "DDIM", "UniPC"];
-    let mut kind = match SchedulerKind::parse(&sampler) {
+    let mut kind = match SchedulerKind::parse(&name) {
         Some(k) if k != SchedulerKind::Ddpm => k,
         _ => {
             let known: Vec<&str> = SchedulerKind::ALL
@@ -142,16 +146,16 @@ pub fn import(info: &Infotext, path: &Path) -> Result<Imported> {
                 .filter(|k| **k != SchedulerKind::Ddpm && **k != SchedulerKind::DpmPp2mKarras)
                 .map(|k| k.webui_sampler())
                 .collect();
-            return Err(Error::usage(format!(
-                "{}: webui's sampler `{sampler}` has no altdiff scheduler (altdiff has webui's {})",
-                at(),
+            return Err(format!(
+                "webui's sampler `{sampler}` has no altdiff scheduler (altdiff has webui's {})",
                 known.join(", ")
-            )));
+            ));
         }
     };
     let mut karras = false;
     let mut spacing = None;
-    if timestep_samplers.contains(&kind.webui_name()) {
+    let mut warning = None;
+    if ["PLMS", "DDIM", "UniPC"].contains(&kind.webui_name()) {
         // webui's own PLMS, DDIM and UniPC: `range(0, 1000, 1000 // steps) + 1` whatever the
         // schedule says.
         spacing = (kind.default_spacing() != "leading").then_some("leading");
@@ -167,14 +171,16 @@ pub fn import(info: &Infotext, path: &Path) -> Result<Imported> {
             "Uniform" => spacing = Some("linspace"),
             "DDIM" => spacing = Some("leading"),
             "SGM Uniform" => spacing = Some("trailing"),
-            other => warnings.push(format!(
-                "webui's schedule type `{other}` is not available for {sampler}: using {}",
-                if other == "Karras" {
-                    "its own sigmas"
-                } else {
-                    "Uniform (linspace) timesteps"
-                }
-            )),
+            other => {
+                warning = Some(format!(
+                    "webui's schedule type `{other}` is not available for {sampler}: using {}",
+                    if other == "Karras" {
+                        "its own sigmas"
+                    } else {
+                        "Uniform (linspace) timesteps"
+                    }
+                ))
+            }
         }
         if kind == SchedulerKind::DpmPp2mKarras || karras {
             spacing = None;
@@ -185,6 +191,47 @@ pub fn import(info: &Infotext, path: &Path) -> Result<Imported> {
             spacing = None;
         }
     }
+    Ok(WebuiSampler {
+        kind,
+        karras,
+        spacing,
+        warning,
+    })
+}
+
+/// A schedule type by label or name (`Karras`, `karras`, `sgm_uniform`, `SGMUniform`).
+fn normalise_schedule(s: &str) -> String {
+    let key: String = s
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '_'))
+        .flat_map(char::to_lowercase)
+        .collect();
+    SCHEDULE_LABELS
+        .iter()
+        .find(|l| l.replace(' ', "").to_lowercase() == key)
+        .map_or_else(|| s.trim().to_string(), |l| l.to_string())
+}
+
+/// The settings of a PNG that has webui's text only. Samplers altdiff does not have are an error
+/// naming them; keys that would change the image in a way altdiff cannot follow are warnings.
+pub fn import(info: &Infotext, path: &Path) -> Result<Imported> {
+    let at = || path.display().to_string();
+    if info.prompt.trim().is_empty() {
+        return Err(Error::usage(format!(
+            "{}: webui's parameters text has no prompt",
+            at()
+        )));
+    }
+    let mut warnings: Vec<String> = Vec::new();
+    let (sampler, schedule) = sampler_and_schedule(info);
+    let WebuiSampler {
+        kind,
+        karras,
+        spacing,
+        warning,
+    } = resolve_sampler(&sampler, &schedule).map_err(|m| Error::usage(format!("{}: {m}", at())))?;
+    warnings.extend(warning);
     let seed = number::<u64>(info, "Seed", path)?;
     let steps = number::<usize>(info, "Steps", path)?.unwrap_or(20);
     let guidance = number::<f64>(info, "CFG scale", path)?.unwrap_or(7.0);
