@@ -192,10 +192,34 @@ impl GenerateBody {
 
     /// Parses a body; a syntax or type error is a 422 naming where it is.
     pub fn parse(bytes: &[u8]) -> Result<Self, Refusal> {
-        serde_json::from_slice(bytes).map_err(|e| Refusal {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Refusal {
             status: 422,
             field: None,
-            message: format!("invalid request body: {e}"),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let Value::Object(map) = &value else {
+            return Err(Refusal {
+                status: 422,
+                field: None,
+                message: "the body must be a JSON object".into(),
+            });
+        };
+        serde_json::from_value(value.clone()).map_err(|e| {
+            // Which field: the one that fails on its own (every other field has a default).
+            let field = map.iter().find_map(|(k, v)| {
+                let one = Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                serde_json::from_value::<GenerateBody>(one)
+                    .is_err()
+                    .then(|| k.clone())
+            });
+            Refusal {
+                status: 422,
+                message: match &field {
+                    Some(f) => format!("`{f}`: {e}"),
+                    None => format!("invalid request body: {e}"),
+                },
+                field,
+            }
         })
     }
 

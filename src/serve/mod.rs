@@ -289,7 +289,9 @@ async fn generate(app: App, body: Bytes, img2img: bool) -> Response {
     guard.1 = false;
     let mut response = match result {
         Err(_) | Ok(TaskResult::ShuttingDown) => unavailable("the server is shutting down"),
-        Ok(TaskResult::Done { .. }) if app.shared.shutting_down.load(Ordering::SeqCst) => {
+        Ok(TaskResult::Done {
+            interrupted: true, ..
+        }) if app.shared.shutting_down.load(Ordering::SeqCst) || crate::signals::requested() => {
             unavailable("the server is shutting down")
         }
         Ok(TaskResult::Failed {

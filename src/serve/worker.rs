@@ -116,6 +116,9 @@ impl Progress for TaskProgress<'_> {
         s.sampling_steps = total;
     }
     fn cancelled(&self) -> bool {
+        if crate::signals::requested() {
+            self.shared.shutting_down.store(true, Ordering::SeqCst);
+        }
         self.shared.interrupt.load(Ordering::SeqCst)
             || self.shared.shutting_down.load(Ordering::SeqCst)
             || self.cancel.load(Ordering::SeqCst)
