@@ -1519,9 +1519,7 @@ mod tests {
         let wrong: Vec<String> = HELD_OUT
             .iter()
             .filter(|(want, text)| match code(text) {
-                None => {
-                    !(script_group(by_code(want).unwrap()) == Script::Cyrillic && !telling(text))
-                }
+                None => script_group(by_code(want).unwrap()) != Script::Cyrillic || telling(text),
                 got => got != Some(*want),
             })
             .map(|(want, text)| format!("{want}: {text} -> {:?}", detect(text)))
