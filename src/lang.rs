@@ -25,17 +25,20 @@
 //!   writes (Polish ł, Turkish ı ğ ş, German ß ä, Spanish ñ, French œ, Vietnamese ơ ư đ ă and the
 //!   tone-marked vowels), else `und` (`cat` and `Katze` are words, not evidence). Three words when
 //!   the tells (words and spellings only one language uses) and `whatlang`, restricted to the 18,
-//!   make a reliable decision; from four words also when the tells alone decide or the language wins
-//!   every pairwise comparison with two of its own words (`latin_claim`).
+//!   make a reliable decision; from four words also when the tells alone decide, or lead when the
+//!   frequent words some languages share count too (`latin_claim`); whatlang never decides alone.
 //! - Cyrillic without telling letters: the telling words and endings (Russian `-ая`, `что`,
 //!   Ukrainian `що`, `-ння`) with whatlang, claimed only when reliable.
 //!
 //! Measured with `cargo test --test languages -- --nocapture` (no model, no accelerator needed):
 //! the 126-sentence corpus (tools/fixtures/corpus-18-languages.txt) 126/126 right, as before; the
-//! short prompts (tools/fixtures/short-prompts.tsv, 12 per language) at 1, 2 and 3 words 36%, 46%
-//! and 50% right, the rest `und`, none wrong (before: 32, 20 and 12 of 72 wrong, `cat`
-//! Vietnamese, `Katze` Turkish); 42 mixed prompts (tools/fixtures/mixed-prompts.tsv) 24 right, 18
-//! `und`, none wrong (before: 11 wrong). `whatlang` stays: on sentences it is right, and the tells
+//! short prompts (tools/fixtures/short-prompts.tsv, 13 to 18 per language) at 1, 2 and 3 words 32%,
+//! 52% and 46% right (of 85, 97 and 95), the rest `und`, none wrong (before, on the first 72 of
+//! each: 32, 20 and 12 wrong, `cat` Vietnamese, `Katze` Turkish); hangul, kana, Thai, Devanagari
+//! and Arabic words all right; Latin-script languages mostly `und` below four words (46 of 46
+//! four- and five-word prompts: 25 right, 21 `und`); 51 mixed prompts
+//! (tools/fixtures/mixed-prompts.tsv) 24 right, 27 `und`, none wrong (before, on the first 42: 11
+//! wrong). `whatlang` stays: on sentences it is right, and the tells
 //! and rules above keep its guesses on short text out of the file names. [`check`] still compares
 //! a `--lang` with the whole text's most likely language (`contradiction`), which warns only where
 //! that language is reliable, in another script, or clearly ahead in a pairwise comparison.
@@ -540,10 +543,9 @@ const LATIN_SETTLED_WORDS: usize = 4;
 
 /// Latin-script text of at least [`LATIN_MIN_WORDS`] words: the decision of [`detect_latin`] when
 /// reliable. From [`LATIN_SETTLED_WORDS`] words on, also when its own tells alone decide (two
-/// points or more, twice any other's), or when it has two points counting the frequent words it
-/// shares with some others and wins against each of the other nine compared alone (where those
-/// shared words count: Spanish `una` and `en` together are neither Italian nor Portuguese nor
-/// French). Three words that whatlang
+/// points or more, twice any other's), or when, counting the frequent words it shares with some
+/// others, it has two points or more and more than any other (Spanish `una` and `en` together are
+/// neither Italian nor Portuguese nor French). Three words that whatlang
 /// guesses without a tell are not claimed: such guesses were wrong on about a third of the
 /// measured three-word prompts (`cozy wooden cabin` is German to it).
 fn latin_claim(text: &str) -> Option<(&'static str, f64, bool)> {
@@ -570,14 +572,12 @@ fn latin_claim(text: &str) -> Option<(&'static str, f64, bool)> {
     };
     let (own, others) = points(false);
     let tells_decide = own >= 2.0 && own >= 2.0 * others;
-    // whatlang alone is no evidence here (`hello world studio ghibli` is Dutch to it): the pairs
-    // count only with two of the language's own words, shared ones included.
-    let wins_every_pair = points(true).0 >= 2.0
-        && LATIN_TELLS
-            .iter()
-            .filter(|t| t.code != code)
-            .all(|t| detect_latin(text, Some(&[code, t.code])).is_some_and(|d| d.0 == code));
-    (tells_decide || wins_every_pair).then_some((code, confidence, false))
+    // Counting the shared words too, more points than each other language; whatlang's unreliable
+    // vote breaks no tie here (`un caballero con armadura` is Italian to it, `hello world studio
+    // ghibli` Dutch).
+    let (own, others) = points(true);
+    let ahead_with_shared_words = own >= 2.0 && own > others;
+    (tells_decide || ahead_with_shared_words).then_some((code, confidence, false))
 }
 
 /// Arabic-script letters of Persian and Urdu that Arabic does not write: such text is not Arabic.
@@ -1512,21 +1512,25 @@ mod tests {
 
     #[test]
     fn held_out_prompts_are_detected() {
-        // Undetermined only for Cyrillic text without a letter that only Russian or only Ukrainian
-        // writes and without the telling words (`замок, парящий над облаками`: Ukrainian text of
-        // that length lacks і, ї and є about one time in five, and whatlang leans Ukrainian).
-        let telling = |t: &str| t.chars().any(|c| "іїєґыэъё".contains(c));
+        // Right, or undetermined where the policy refuses to guess: Cyrillic without a letter only
+        // Russian or only Ukrainian writes and without the telling words (Ukrainian text of that
+        // length lacks і, ї and є about one time in five, and whatlang leans Ukrainian), and Latin
+        // text where only whatlang, unreliable, would break the tie between Spanish and French
+        // (`en un ... de` are both).
+        const UNDETERMINED: &[&str] = &[
+            "замок, парящий над облаками",
+            "дети играют на пляже на закате",
+            "gato negro en un tejado de Madrid",
+        ];
         let wrong: Vec<String> = HELD_OUT
             .iter()
             .filter(|(want, text)| match code(text) {
-                None => script_group(by_code(want).unwrap()) != Script::Cyrillic || telling(text),
+                None => !UNDETERMINED.contains(text),
                 got => got != Some(*want),
             })
             .map(|(want, text)| format!("{want}: {text} -> {:?}", detect(text)))
             .collect();
         assert!(wrong.is_empty(), "{wrong:#?}");
-        let und = HELD_OUT.iter().filter(|(_, t)| code(t).is_none()).count();
-        assert!(und <= 2, "{und} undetermined");
         let reliable = HELD_OUT
             .iter()
             .filter(|(_, text)| detect(text).is_some_and(|d| d.reliable))
