@@ -26,7 +26,8 @@
 //!   tone-marked vowels), else `und` (`cat` and `Katze` are words, not evidence). Three words when
 //!   the tells (words and spellings only one language uses) and `whatlang`, restricted to the 18,
 //!   make a reliable decision; from four words also when the tells alone decide, or lead when the
-//!   frequent words some languages share count too (`latin_claim`); whatlang never decides alone.
+//!   frequent words some languages share count too (`latin_claim`); an unreliable whatlang vote
+//!   never decides alone.
 //! - Cyrillic without telling letters: the telling words and endings (Russian `-ая`, `что`,
 //!   Ukrainian `що`, `-ння`) with whatlang, claimed only when reliable.
 //!
