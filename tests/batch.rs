@@ -63,7 +63,7 @@ fn three_formats_stdin_and_per_line_overrides() {
 a red fox in the snow\n\
 \n\
 {\"prompt\": \"ein Fuchs im Schnee\", \"seed\": 7, \"steps\": 2, \"width\": 32, \"lang\": \"de\"}\n\
---prompt \"un renard roux\" --negative_prompt \"flou\" --cfg_scale 3 --seed 9 --sampler_name DDIM --height 32\n";
+--prompt \"un renard roux dans la neige\" --negative_prompt \"flou\" --cfg_scale 3 --seed 9 --sampler_name DDIM --height 32\n";
     let out = gen_json(
         &[
             "--prompt-file",
@@ -432,7 +432,8 @@ fn names_never_overwrite_skip_existing_resumes_and_overwrite_replaces() {
                 .into_owned()
         })
         .collect();
-    assert_eq!(names[0], "00000-0-fr-5-un-renard-roux.png");
+    // Three Latin words without a clear decision: `und`, undetermined, rather than a guess.
+    assert_eq!(names[0], "00000-0-und-5-un-renard-roux.png");
     assert_eq!(names[1], "00001-0-zh-6-一只在雪地里的红狐狸.png");
     assert_eq!(names[2], "00002-0-ar-7-منارة-في-عاصفة.png");
     // Again: nothing overwritten, the next free names are used.

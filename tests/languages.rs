@@ -187,3 +187,209 @@ fn without_lang_the_detected_language_is_used() {
     assert_eq!(decision.source, LangSource::Unknown);
     assert_eq!(decision.language, None);
 }
+
+/// The data lines of a fixture file, split at tabs.
+fn fixture_rows(name: &str) -> Vec<Vec<String>> {
+    let path = format!("{}/tools/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+/// Correct, undetermined and wrong detections.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    correct: usize,
+    und: usize,
+    wrong: usize,
+}
+
+impl Tally {
+    fn add(&mut self, claimed: Option<&str>, accepted: &[&str]) -> bool {
+        match claimed {
+            None => self.und += 1,
+            Some(code) if accepted.contains(&code) => self.correct += 1,
+            Some(_) => {
+                self.wrong += 1;
+                return false;
+            }
+        }
+        true
+    }
+
+    fn total(&self) -> usize {
+        self.correct + self.und + self.wrong
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |n: usize| 100.0 * n as f64 / self.total().max(1) as f64;
+        write!(
+            f,
+            "{}/{} correct ({:.0}%), {} und ({:.0}%), {} wrong",
+            self.correct,
+            self.total(),
+            pct(self.correct),
+            self.und,
+            pct(self.und),
+            self.wrong
+        )
+    }
+}
+
+/// The code `lang::detect` claims, `None` for `und`.
+fn claimed(text: &str) -> Option<&'static str> {
+    lang::detect(text).map(|d| d.language.code)
+}
+
+#[test]
+fn short_prompts_never_get_a_wrong_language() {
+    let rows = fixture_rows("short-prompts.tsv");
+    let mut by_len = [Tally::default(); 5];
+    let mut by_lang: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    for row in &rows {
+        let [want, words, prompt] = &row[..] else {
+            panic!("bad line {row:?}")
+        };
+        let words: usize = words.parse().unwrap();
+        assert!((1..=5).contains(&words), "{row:?}");
+        assert!(lang::by_code(want).is_some(), "{row:?}");
+        let got = claimed(prompt);
+        by_len[words - 1].add(got, &[want]);
+        if words > 3 {
+            continue;
+        }
+        if !by_lang.entry(want.clone()).or_default().add(got, &[want]) {
+            wrong.push(format!("{want}: {prompt:?} -> {:?}", lang::detect(prompt)));
+        }
+    }
+    let wrong_longer = by_len[3].wrong + by_len[4].wrong;
+    for (i, t) in by_len.iter().enumerate() {
+        eprintln!("short prompts, {} word(s): {t}", i + 1);
+    }
+    for (code, t) in &by_lang {
+        eprintln!("short prompts, {code}: {t}");
+    }
+    // The set covers each of the 18 languages with 1, 2 and 3 words.
+    assert_eq!(by_lang.len(), LANGUAGES.len());
+    assert!(by_lang.values().all(|t| t.total() >= 8));
+    assert!(by_len[..3].iter().all(|t| t.total() >= 18 * 2));
+    // Scripts that only one of the 18 writes: every word claimed.
+    for code in ["th", "ko", "hi", "ar"] {
+        assert_eq!(by_lang[code].correct, by_lang[code].total(), "{code}");
+    }
+    assert!(
+        wrong.is_empty(),
+        "wrong languages claimed:\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(wrong_longer, 0, "wrong languages claimed on 4-5 words");
+}
+
+#[test]
+fn mixed_prompts_never_get_a_wrong_language() {
+    let rows = fixture_rows("mixed-prompts.tsv");
+    let mut tally = Tally::default();
+    let mut wrong = Vec::new();
+    for row in &rows {
+        let [accepted, prompt] = &row[..] else {
+            panic!("bad line {row:?}")
+        };
+        let accepted: Vec<&str> = accepted.split('|').collect();
+        assert!(
+            accepted == ["und"] || accepted.iter().all(|c| lang::by_code(c).is_some()),
+            "{row:?}"
+        );
+        if !tally.add(claimed(prompt), &accepted) {
+            wrong.push(format!(
+                "{accepted:?}: {prompt:?} -> {:?}",
+                lang::detect(prompt)
+            ));
+        }
+    }
+    eprintln!("mixed prompts: {tally}");
+    assert!(rows.len() >= 30);
+    assert!(
+        wrong.is_empty(),
+        "wrong languages claimed:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn short_prompts_that_used_to_get_a_wrong_language() {
+    // whatlang alone called these Vietnamese, Turkish and German.
+    assert_eq!(claimed("cat"), None);
+    assert_eq!(claimed("Katze"), None);
+    assert_eq!(claimed("一只红狐狸, in snow: winter"), Some("zh"));
+    for model in [ModelLanguages::M9, ModelLanguages::M18] {
+        for text in ["cat", "Katze", "一只红狐狸, in snow: winter"] {
+            let d = lang::check(None, text, model);
+            assert!(
+                !["vi", "tr", "de"].contains(&d.code()),
+                "{text}: {}",
+                d.code()
+            );
+        }
+        let d = lang::check(None, "Katze", model);
+        assert_eq!(d.code(), "und");
+        assert_eq!(d.source, LangSource::Unknown);
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+}
+
+#[test]
+fn one_word_in_a_script_of_one_language_is_claimed() {
+    for (want, word) in [
+        ("th", "แมว"),
+        ("ko", "고양이"),
+        ("ja", "ねこ"),
+        ("ja", "キツネ"),
+        ("ar", "قطة"),
+        ("hi", "बिल्ली"),
+        ("uk", "кіт"),
+        ("uk", "їжак"),
+        ("uk", "Європа"),
+        ("ru", "ёжик"),
+        ("ru", "рыба"),
+    ] {
+        let d = lang::detect(word).unwrap_or_else(|| panic!("{word}: und"));
+        assert_eq!(d.language.code, want, "{word}");
+        assert!(d.reliable, "{word}");
+    }
+}
+
+#[test]
+fn a_weak_prompt_does_not_contradict_lang() {
+    // `--lang` always wins; a prompt too short to tell adds no warning about another language.
+    let de = lang::parse("de").unwrap();
+    for text in ["Katze", "Katze im Schnee", "rote Rose"] {
+        let d = lang::check(Some(de), text, ModelLanguages::M18);
+        assert_eq!(d.code(), "de");
+        assert!(d.warnings.is_empty(), "{text}: {:?}", d.warnings);
+    }
+    let en = lang::parse("en").unwrap();
+    for text in ["cat", "Katze", "red fox", "gato negro"] {
+        let d = lang::check(Some(en), text, ModelLanguages::M18);
+        assert_eq!(d.code(), "en");
+        assert!(d.warnings.is_empty(), "{text}: {:?}", d.warnings);
+    }
+}
+
+#[test]
+fn the_right_lang_is_never_contradicted_on_short_prompts() {
+    let mut contradicted = Vec::new();
+    for row in fixture_rows("short-prompts.tsv") {
+        let (want, prompt) = (&row[0], &row[2]);
+        let l = lang::parse(want).unwrap();
+        let d = lang::check(Some(l), prompt, ModelLanguages::M18);
+        if !d.warnings.is_empty() {
+            contradicted.push(format!("--lang {want} {prompt:?}: {:?}", d.warnings));
+        }
+    }
+    assert!(contradicted.is_empty(), "{}", contradicted.join("\n"));
+}
