@@ -90,7 +90,7 @@ pub struct ServeArgs {
     /// The port, as webui's (0: any free port; the address is printed on stderr).
     #[arg(long, default_value_t = 7860)]
     pub port: u16,
-    /// HTTP Basic credentials, as webui's flag: USER:PASS[,USER:PASS].
+    /// HTTP Basic credentials, as webui's flag: USER:PASS, several separated by commas.
     #[arg(long, value_name = "USER:PASS[,USER:PASS]")]
     pub api_auth: Option<String>,
     /// A file of bearer tokens (one per line) accepted in `Authorization: Bearer TOKEN`.

@@ -16,7 +16,6 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod kernels;
-pub mod lang;
 pub mod metadata;
 pub mod model;
 pub mod models;
@@ -28,13 +27,13 @@ pub mod pipeline;
 pub mod progress;
 pub mod rng;
 pub mod schedulers;
-pub mod sentencepiece;
 pub mod serve;
 pub mod signals;
 pub mod source;
 pub mod term;
 pub mod text;
-pub mod tokenizer;
+// Their historical paths (`altdiff::tokenizer`, ...), now under `text/`.
+pub use text::{lang, sentencepiece, tokenizer};
 pub mod weights;
 
 #[cfg(test)]

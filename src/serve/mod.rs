@@ -2,15 +2,15 @@
 //! unchanged) and a web page, on axum / tokio.
 //!
 //! The HTTP side is async; generation is not (candle is synchronous and the pipeline is not
-//! `Sync`), so one worker thread owns the loaded [`Session`] and takes tasks in FIFO order
-//! ([`worker`]). Requests wait in that queue up to `--max-queue` (then 503 with `Retry-After`); a
+//! `Sync`), so one worker thread owns the loaded `engine::session::Session` and takes tasks in FIFO order
+//! (`worker`). Requests wait in that queue up to `--max-queue` (then 503 with `Retry-After`); a
 //! client that disconnects has its task dropped, or stopped at the next denoising step if it
 //! runs; `/sdapi/v1/interrupt` stops the running task between steps. SIGINT / SIGTERM stop
 //! accepting connections, abandon the running task at its next step, answer the queued ones with
 //! 503 and exit 0; nothing is half-written (images go through the same write-then-rename as
 //! `generate`'s).
 //!
-//! What a request means is [`api`]'s; authentication (`--api-auth`, `--token-file`) is checked
+//! What a request means is `api`'s; authentication (`--api-auth`, `--token-file`) is checked
 //! in constant time and never logged.
 
 pub(crate) mod api;

@@ -1,10 +1,17 @@
-//! Prompt text: how a prompt becomes the text encoder's conditioning.
+//! Prompt text: everything between the prompt a user typed and the text encoder's input.
+//!
+//! * [`tokenizer`] + [`sentencepiece`]: transformers' XLM-R tokenizers (fast and slow), exactly.
+//! * [`lang`]: the 18 languages, `--lang`, and detection of a prompt's language.
+//! * The prompt syntaxes:
 //!
 //! * [`PromptSyntax::Plain`]: diffusers' way, the text tokenised as it is (brackets are text),
 //!   padded or cut to `--max-length` tokens ([`crate::tokenizer`]).
 //! * [`PromptSyntax::Webui`]: AUTOMATIC1111 webui's, `(word:1.3)` emphasis and `BREAK`, any
 //!   length in 75-token chunks ([`webui`]).
 
+pub mod lang;
+pub mod sentencepiece;
+pub mod tokenizer;
 pub mod webui;
 
 use serde::{Deserialize, Serialize};
