@@ -431,51 +431,48 @@ impl Pipeline {
                 .and_then(|t| t.reshape((p * n, l, d)))
                 .context(what)
         };
-        if req.sampling.prompt_syntax == PromptSyntax::Webui {
+        let (ids, cond, uncond, truncated) = if req.sampling.prompt_syntax == PromptSyntax::Webui {
             let (cond, uncond) = self.webui_features(req)?;
-            let cond = per_image(cond)?;
-            let uncond = uncond.map(per_image).transpose()?;
-            if req.keep_tensors {
-                tensors.push(("prompt_embeds".into(), cond.clone()));
-                if let Some(u) = &uncond {
-                    tensors.push(("negative_prompt_embeds".into(), u.clone()));
-                }
-            }
-            let context = match &uncond {
-                Some(u) => Tensor::cat(&[u, &cond], 0).context(what)?,
-                None => cond,
-            };
-            return Ok((context, Vec::new()));
-        }
-        // The prompts and the negative prompt in one batch through the encoder (one pass over its
-        // weights, wider matmuls); every row is computed on its own, so batching changes nothing
-        // in the numbers. diffusers encodes `[negative_prompt] * P`: identical rows, so one is
-        // encoded and repeated.
-        let mut texts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let p = texts.len();
-        let guided = req.sampling.guidance > 1.0;
-        if guided {
-            texts.push(req.sampling.negative_prompt.as_deref().unwrap_or(""));
-        }
-        let (ids, embeds, dropped) = self.encode(&texts, r.max_length)?;
-        let truncated = dropped
-            .into_iter()
-            .take(p)
-            .enumerate()
-            .filter_map(|(i, d)| d.map(|d| (i, d)))
-            .collect();
-        let ids = ids.narrow(0, 0, p).context(what)?;
-        let cond = per_image(embeds.narrow(0, 0, p).context(what)?)?;
-        let uncond = if guided {
-            let neg = embeds.narrow(0, p, 1).context(what)?;
-            let (_, l, d) = neg.dims3().context(what)?;
-            let negs = neg.broadcast_as((p, l, d)).and_then(|t| t.contiguous());
-            Some(per_image(negs.context(what)?)?)
+            (
+                None,
+                per_image(cond)?,
+                uncond.map(per_image).transpose()?,
+                Vec::new(),
+            )
         } else {
-            None
+            // The prompts and the negative prompt in one batch through the encoder (one pass
+            // over its weights, wider matmuls); every row is computed on its own, so batching
+            // changes nothing in the numbers. diffusers encodes `[negative_prompt] * P`:
+            // identical rows, so one is encoded and repeated.
+            let mut texts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+            let p = texts.len();
+            let guided = req.sampling.guidance > 1.0;
+            if guided {
+                texts.push(req.sampling.negative_prompt.as_deref().unwrap_or(""));
+            }
+            let (ids, embeds, dropped) = self.encode(&texts, r.max_length)?;
+            let truncated = dropped
+                .into_iter()
+                .take(p)
+                .enumerate()
+                .filter_map(|(i, d)| d.map(|d| (i, d)))
+                .collect();
+            let ids = ids.narrow(0, 0, p).context(what)?;
+            let cond = per_image(embeds.narrow(0, 0, p).context(what)?)?;
+            let uncond = if guided {
+                let neg = embeds.narrow(0, p, 1).context(what)?;
+                let (_, l, d) = neg.dims3().context(what)?;
+                let negs = neg.broadcast_as((p, l, d)).and_then(|t| t.contiguous());
+                Some(per_image(negs.context(what)?)?)
+            } else {
+                None
+            };
+            (Some(ids), cond, uncond, truncated)
         };
         if req.keep_tensors {
-            tensors.push(("input_ids".into(), ids.to_dtype(DType::I64).context(what)?));
+            if let Some(ids) = ids {
+                tensors.push(("input_ids".into(), ids.to_dtype(DType::I64).context(what)?));
+            }
             tensors.push(("prompt_embeds".into(), cond.clone()));
             if let Some(u) = &uncond {
                 tensors.push(("negative_prompt_embeds".into(), u.clone()));

@@ -21,11 +21,7 @@ fn run_case(name: &str) {
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no case {name}"));
     let dir = scratch(&format!("img2img-{name}"));
-    let dump = dir.join("dump.safetensors");
-    let s = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    let s = text;
     let pic = |k: &str| fixture(&format!("img2img/pictures/{}", s(&case[k])));
     let mut args: Vec<String> = vec![
         "generate".into(),
@@ -42,31 +38,23 @@ fn run_case(name: &str) {
     for p in case["prompts"].as_array().unwrap() {
         args.extend(["--prompt".into(), s(p)]);
     }
-    for (flag, key) in [
-        ("--negative-prompt", "negative_prompt"),
-        ("--width", "width"),
-        ("--height", "height"),
-    ] {
-        if !case[key].is_null() {
-            args.extend([flag.into(), s(&case[key])]);
-        }
-    }
-    for (flag, key) in [
-        ("--strength", "strength"),
-        ("--steps", "steps"),
-        ("--guidance", "guidance"),
-        ("--scheduler", "scheduler"),
-        ("--num-images", "num_images"),
-        ("--max-length", "max_length"),
-        ("--seed", "seed"),
-    ] {
-        args.extend([flag.into(), s(&case[key])]);
-    }
-    args.extend(dump_args(&dump, &dir));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let stdout = ok(&altdiff(&argv));
+    args.extend(case_flags(
+        &case,
+        &[
+            ("--negative-prompt", "negative_prompt"),
+            ("--width", "width"),
+            ("--height", "height"),
+            ("--strength", "strength"),
+            ("--steps", "steps"),
+            ("--guidance", "guidance"),
+            ("--scheduler", "scheduler"),
+            ("--num-images", "num_images"),
+            ("--max-length", "max_length"),
+            ("--seed", "seed"),
+        ],
+    ));
+    let (stdout, got) = run_dumped(args, &dir);
     let want = load(&fixture(&format!("img2img/{name}.safetensors")));
-    let got = load(&dump);
     for key in [
         "init_image",
         "image_latents",

@@ -172,34 +172,31 @@ fn txt2img_round_trip_and_endpoints() {
     // The second image is seed 1235's alone, as `generate --seed 1235` makes it.
     let dir = scratch("serve-roundtrip");
     let out = dir.join("g.png");
-    let model = fixture("models/tiny-m18");
-    ok(&altdiff(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "un renard (roux:1.2) dans la neige",
-        "--negative-prompt",
-        "flou",
-        "--prompt-syntax",
-        "webui",
-        "--steps",
-        "3",
-        "--guidance",
-        "7",
-        "--scheduler",
-        "euler-a",
-        "--seed",
-        "1235",
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    ok(&generate(
+        "models/tiny-m18",
+        &[
+            "--prompt",
+            "un renard (roux:1.2) dans la neige",
+            "--negative-prompt",
+            "flou",
+            "--prompt-syntax",
+            "webui",
+            "--steps",
+            "3",
+            "--guidance",
+            "7",
+            "--scheduler",
+            "euler-a",
+            "--seed",
+            "1235",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    ));
     let served = decode(&images[1]);
     let file = std::fs::read(&out).unwrap();
     assert_eq!(pixels_of_png(&served), pixels_of_png(&file));

@@ -19,10 +19,7 @@ fn json(rel: &str) -> Vec<Value> {
 }
 
 fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+    text(v)
 }
 
 /// A weight written as Python's repr (serde_json's float parsing may be off by one ulp).
@@ -92,7 +89,6 @@ fn parses_and_chunks_as_webui() {
 fn run_case(case: &Value) {
     let name = s(&case["name"]);
     let dir = scratch(&format!("webui-{name}"));
-    let dump = dir.join("dump.safetensors");
     let mut args: Vec<String> = vec![
         "generate".into(),
         "--model".into(),
@@ -109,20 +105,18 @@ fn run_case(case: &Value) {
     for p in case["prompts"].as_array().unwrap() {
         args.extend(["--prompt".into(), s(p)]);
     }
-    for (flag, key) in [
-        ("--negative-prompt", "negative_prompt"),
-        ("--steps", "steps"),
-        ("--guidance", "guidance"),
-        ("--scheduler", "scheduler"),
-        ("--seed", "seed"),
-    ] {
-        args.extend([flag.into(), s(&case[key])]);
-    }
-    args.extend(dump_args(&dump, &dir));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&altdiff(&argv));
+    args.extend(case_flags(
+        case,
+        &[
+            ("--negative-prompt", "negative_prompt"),
+            ("--steps", "steps"),
+            ("--guidance", "guidance"),
+            ("--scheduler", "scheduler"),
+            ("--seed", "seed"),
+        ],
+    ));
+    let (_, got) = run_dumped(args, &dir);
     let want = load(&fixture(&format!("webui/{name}.safetensors")));
-    let got = load(&dump);
     let mut keys = vec!["prompt_embeds", "latents_final", "image"];
     if want.contains_key("negative_prompt_embeds") {
         keys.push("negative_prompt_embeds");
@@ -192,33 +186,30 @@ fn webui_reads_altdiff_png_text_for_every_scheduler() {
         ("ddpm", "DDPM", "DDIM"),
     ] {
         let out = dir.join(format!("{kind}.png"));
-        let model = fixture("models/tiny-m18");
-        ok(&altdiff(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--negative-prompt",
-            negative,
-            "--steps",
-            "2",
-            "--guidance",
-            "6",
-            "--scheduler",
-            kind,
-            "--seed",
-            "4242",
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--output",
-            out.to_str().unwrap(),
-            "--overwrite",
-            "--device",
-            "cpu",
-        ]));
+        ok(&generate(
+            "models/tiny-m18",
+            &[
+                "--prompt",
+                prompt,
+                "--negative-prompt",
+                negative,
+                "--steps",
+                "2",
+                "--guidance",
+                "6",
+                "--scheduler",
+                kind,
+                "--seed",
+                "4242",
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--output",
+                out.to_str().unwrap(),
+                "--overwrite",
+            ],
+        ));
         let chunks = metadata::read_png_text(&out).unwrap();
         let text = &chunks
             .iter()

@@ -178,3 +178,43 @@ pub fn values(t: &Tensor) -> Vec<f64> {
         .to_vec1()
         .unwrap()
 }
+
+/// A JSON value as a command-line word (strings without their quotes).
+pub fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `flag value` for each (flag, key) of a fixture case whose value is not null.
+pub fn case_flags(case: &serde_json::Value, pairs: &[(&str, &str)]) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(_, key)| !case[*key].is_null())
+        .flat_map(|(flag, key)| [flag.to_string(), text(&case[*key])])
+        .collect()
+}
+
+/// `altdiff generate --model tests/fixtures/<model> --device cpu <args>`.
+pub fn generate(model: &str, args: &[&str]) -> Output {
+    let model = fixture(model);
+    let mut all = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    all.extend_from_slice(args);
+    altdiff(&all)
+}
+
+/// Runs the binary with `args` plus [`dump_args`] into `dir`; returns stdout and the dumped tensors.
+pub fn run_dumped(mut args: Vec<String>, dir: &Path) -> (String, HashMap<String, Tensor>) {
+    let dump = dir.join("dump.safetensors");
+    args.extend(dump_args(&dump, dir));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = ok(&altdiff(&argv));
+    (stdout, load(&dump))
+}
