@@ -24,6 +24,10 @@ impl Server {
     }
 
     fn start_model(model: &str, extra: &[&str]) -> Server {
+        Self::start_env(model, extra, &[])
+    }
+
+    fn start_env(model: &str, extra: &[&str], vars: &[(&str, &str)]) -> Server {
         let model = fixture(model);
         let mut child = Command::new(env!("CARGO_BIN_EXE_altdiff"))
             .args([
@@ -36,6 +40,7 @@ impl Server {
                 "cpu",
             ])
             .args(extra)
+            .envs(vars.iter().copied())
             .env("RAYON_NUM_THREADS", "2")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -492,7 +497,8 @@ fn queue_interrupt_and_disconnect() {
         .build();
     let gone = agent.post(&url).send_string(&body);
     assert!(gone.is_err(), "the client timed out");
-    let until = Instant::now() + Duration::from_secs(20);
+    // The task needs about 21 s (3 x 150 steps); idle well before that means it was stopped.
+    let until = Instant::now() + Duration::from_secs(8);
     loop {
         let (_, p) = s.get("/sdapi/v1/progress");
         if p["current_task"].is_null() {
@@ -625,6 +631,59 @@ fn many_clients_at_once() {
     );
 }
 
+/// Listening on a non-loopback address without credentials is a warning.
+#[test]
+fn an_open_address_without_auth_is_a_warning() {
+    let model = fixture("models/tiny-m18");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_altdiff"))
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("listening on http://") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("without --api-auth or --token-file"),
+        "{seen}"
+    );
+}
+
+/// A job that panics is a 500 for that request; the server keeps serving.
+#[test]
+fn a_panicking_job_is_a_500_and_the_server_keeps_serving() {
+    let s = Server::start_env(
+        "models/tiny-m18",
+        &[],
+        &[("ALTDIFF_SERVE_PANIC_ON", "boom")],
+    );
+    let small = |p: &str| json!({"prompt": p, "steps": 2, "width": 64, "height": 64});
+    let (st, r) = s.post("/sdapi/v1/txt2img", &small("boom"));
+    assert_eq!(st, 500, "{r}");
+    assert!(r["errors"].as_str().unwrap().contains("panicked"), "{r}");
+    assert_eq!(s.post("/sdapi/v1/txt2img", &small("fine")).0, 200);
+    let (_, p) = s.get("/sdapi/v1/progress");
+    assert!(p["current_task"].is_null(), "{p}");
+}
+
 /// A model that cannot load fails at start-up with exit 2, before any port opens.
 #[test]
 fn a_broken_model_fails_at_start_up() {
@@ -645,4 +704,127 @@ fn a_broken_model_fails_at_start_up() {
     assert!(!stderr.contains("listening"), "{stderr}");
     let out = altdiff(&["serve", "--api-auth", "nocolon", "--port", "0"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Starts chromedriver on a free port; the browser and its driver are Debian's `chromium` and
+/// `chromium-driver`, which `.ci/install-browser` installs.
+fn chromedriver() -> (Child, u16) {
+    let path = std::env::var("ALTDIFF_CHROMEDRIVER")
+        .ok()
+        .into_iter()
+        .chain(["/usr/bin/chromedriver".to_string(), "/usr/lib/chromium/chromedriver".to_string()])
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("chromedriver is not installed: run .ci/install-browser (Debian's chromium and chromium-driver)");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(path)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while ureq::get(&format!("http://127.0.0.1:{port}/status"))
+        .call()
+        .is_err()
+    {
+        assert!(Instant::now() < until, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (child, port)
+}
+
+/// The page in a real headless browser, driven by keyboard: type a prompt, press Generate with the
+/// Enter key, wait for the image, read its parameters; a bad value shows the server's message.
+#[test]
+fn the_page_in_a_headless_browser() {
+    use fantoccini::{ClientBuilder, Locator};
+    let s = Server::start(&[]);
+    let (mut driver, port) = chromedriver();
+    let url = s.url("/");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async move {
+        let mut caps = serde_json::Map::new();
+        let binary = std::env::var("ALTDIFF_CHROME")
+            .ok()
+            .into_iter()
+            .chain(["/usr/bin/chromium".to_string(), "/usr/bin/chromium-browser".to_string()])
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| "/usr/bin/chromium".into());
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": binary, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}),
+        );
+        let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a WebDriver session");
+        c.goto(&url).await?;
+        // The samplers come from the API.
+        c.wait()
+            .for_element(Locator::Css("#sampler_name option"))
+            .await?;
+        c.find(Locator::Id("prompt"))
+            .await?
+            .send_keys("un renard roux dans la neige")
+            .await?;
+        for (id, v) in [("steps", "3"), ("width", "64"), ("height", "48"), ("seed", "77")] {
+            let e = c.find(Locator::Id(id)).await?;
+            e.clear().await?;
+            e.send_keys(v).await?;
+        }
+        // Enter on the focused button (keyboard only).
+        c.find(Locator::Id("generate"))
+            .await?
+            .send_keys("\u{E007}")
+            .await?;
+        let img = c.wait().for_element(Locator::Css("#results img")).await?;
+        let src = img.attr("src").await?.unwrap_or_default();
+        let params = c.find(Locator::Css("pre.parameters")).await?.text().await?;
+        let download = c
+            .find(Locator::LinkText("Download"))
+            .await?
+            .attr("download")
+            .await?;
+        // A refused value: the server's message is shown.
+        let steps = c.find(Locator::Id("steps")).await?;
+        steps.clear().await?;
+        steps.send_keys("5000").await?;
+        c.find(Locator::Id("generate")).await?.click().await?;
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = c.find(Locator::Id("status")).await?.text().await?;
+            if status.starts_with("422") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.close().await?;
+        Ok::<_, fantoccini::error::CmdError>((src, params, download, status))
+    });
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let (src, params, download, status) = result.expect("the page works");
+    assert!(src.starts_with("data:image/png;base64,"), "{src:.40}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(&src["data:image/png;base64,".len()..])
+        .unwrap();
+    let picture = altdiff::picture::decode(&png).unwrap().picture;
+    assert_eq!((picture.width, picture.height), (64, 48));
+    let p = altdiff::metadata::infotext::parse(&params);
+    assert_eq!(p.prompt, "un renard roux dans la neige");
+    assert_eq!(p.get("Steps"), Some("3"));
+    assert_eq!(p.get("Seed"), Some("77"));
+    assert_eq!(download.as_deref(), Some("altdiff-77.png"));
+    assert!(
+        status.starts_with("422") && status.contains("steps"),
+        "{status}"
+    );
 }

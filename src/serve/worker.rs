@@ -216,6 +216,13 @@ fn run_task(
     task: &Task,
     save: &impl Fn(&Image) -> Result<(), String>,
 ) -> TaskResult {
+    // Fault injection for the tests of the 500 path: `ALTDIFF_SERVE_PANIC_ON=PROMPT` makes a task
+    // with that prompt panic, as a bug in a job would.
+    if let Ok(p) = std::env::var("ALTDIFF_SERVE_PANIC_ON") {
+        if task.jobs.iter().any(|j| j.prompt == p) {
+            panic!("ALTDIFF_SERVE_PANIC_ON matched the prompt");
+        }
+    }
     let mut images = Vec::new();
     let mut progress = TaskProgress {
         shared,
