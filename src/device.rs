@@ -7,7 +7,16 @@ use crate::options::{DeviceChoice, Precision};
 
 /// Opens the chosen device. Asking for a backend this build lacks names the cargo feature to build with.
 pub fn open(choice: DeviceChoice) -> Result<Device> {
-    let fail = |what: &str, e: candle_core::Error| Error::usage(format!("cannot open {what}: {e}"));
+    // One line whatever the backend's error says (candle's CUDA errors can span several).
+    let line = |e: &candle_core::Error| {
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let fail = |what: &str, e: candle_core::Error| {
+        Error::usage(format!("cannot open {what}: {}", line(&e)))
+    };
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => {
@@ -16,9 +25,16 @@ pub fn open(choice: DeviceChoice) -> Result<Device> {
             if candle_core::utils::cuda_is_available() {
                 match Device::new_cuda(0) {
                     Ok(d) => return Ok(d),
-                    Err(e) => {
-                        tracing::info!("no usable CUDA device ({e}); trying the next backend")
-                    }
+                    // A CUDA build on a machine without a GPU or driver: say so once.
+                    Err(e) => tracing::warn!(
+                        "no usable CUDA device ({}); falling back to {}",
+                        line(&e),
+                        if candle_core::utils::metal_is_available() {
+                            "Metal or the CPU"
+                        } else {
+                            "the CPU"
+                        }
+                    ),
                 }
             }
             if candle_core::utils::metal_is_available() {
