@@ -7,12 +7,16 @@ use crate::options::{DeviceChoice, Precision};
 
 /// Opens the chosen device. Asking for a backend this build lacks names the cargo feature to build with.
 pub fn open(choice: DeviceChoice) -> Result<Device> {
-    // One line whatever the backend's error says (candle's CUDA errors can span several).
+    // One line whatever the backend's error says: without candle's backtrace (captured when
+    // RUST_BACKTRACE is set).
     let line = |e: &candle_core::Error| {
-        e.to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = inner;
+        }
+        // A backtrace, if any, starts on the next line.
+        let text = e.to_string();
+        text.lines().next().unwrap_or_default().trim().to_string()
     };
     let fail = |what: &str, e: candle_core::Error| {
         Error::usage(format!("cannot open {what}: {}", line(&e)))
