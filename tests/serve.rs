@@ -268,6 +268,39 @@ fn txt2img_round_trip_and_endpoints() {
     assert!(page.contains("<form") && page.contains("/sdapi/v1/txt2img"));
 }
 
+/// `--output`: every image is also saved with its metadata, named by task and position.
+#[test]
+fn output_saves_every_image() {
+    let dir = scratch("serve-output");
+    let out = dir.join("saved");
+    let s = Server::start(&["--output", out.to_str().unwrap()]);
+    let (st, r) = s.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a red fox", "steps": 2, "width": 64, "height": 64, "seed": 9, "batch_size": 2}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names[0].starts_with("00001-0-") && names[1].starts_with("00001-1-"),
+        "{names:?}"
+    );
+    assert!(
+        names[0].contains("-9-") && names[1].contains("-10-"),
+        "{names:?}"
+    );
+    let rec = altdiff::metadata::read_record(&out.join(&names[1])).unwrap();
+    assert_eq!(rec.seed(), Some(10));
+    assert_eq!(
+        decode(&r["images"][1]),
+        std::fs::read(out.join(&names[1])).unwrap()
+    );
+}
+
 /// img2img with a base64 picture (and a mask), the denoising strength recorded.
 #[test]
 fn img2img_with_a_mask() {

@@ -524,9 +524,10 @@ fn save_to(dir: &std::path::Path, image: &worker::Image) -> std::result::Result<
     let r = &image.record;
     let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE)
         .map_err(|e| e.to_string())?;
+    // {index} is the request's task id, {image} the image's place in its answer.
     let name = template.render(&crate::output::NameFields {
-        index: 0,
-        image: 0,
+        index: image.task as usize,
+        image: image.index,
         line: 0,
         lang: r.lang.clone().unwrap_or_else(|| "und".into()),
         seed: r.seed().map_or_else(|| "latents".into(), |s| s.to_string()),

@@ -33,6 +33,10 @@ pub struct Task {
 
 /// A finished image: PNG bytes with their metadata, and the record.
 pub struct Image {
+    /// The task it belongs to.
+    pub task: u64,
+    /// Its position among the task's images.
+    pub index: usize,
     /// The PNG file.
     pub png: Vec<u8>,
     /// Its metadata.
@@ -282,6 +286,8 @@ fn run_task(
                 }
             };
             let image = Image {
+                task: task.id,
+                index: images.len(),
                 png,
                 record: m.record,
             };
