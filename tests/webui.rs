@@ -374,6 +374,19 @@ fn regenerates_a_png_made_by_webui() {
         info.contains("Sampler: DPM++ 2M, Schedule type: Karras"),
         "{info}"
     );
+    assert!(
+        info.contains("altdiff --from-image reads: --prompt-syntax webui --scheduler dpm++2m-karras --steps 3 --guidance 7 --width 64 --height 48 --seed 77"),
+        "{info}"
+    );
+    assert!(
+        info.contains("note: ") && info.contains("Clip skip: 2"),
+        "{info}"
+    );
+    let bad_info = ok(&altdiff(&["info", bad.to_str().unwrap()]));
+    assert!(
+        bad_info.contains("cannot regenerate it") && bad_info.contains("`DPM++ SDE`"),
+        "{bad_info}"
+    );
 }
 
 /// webui-style batch lines read their prompts with webui's syntax; JSON lines with plain unless

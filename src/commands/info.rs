@@ -96,11 +96,58 @@ fn to_json(image: &Path, chunks: &[(String, String)]) -> serde_json::Value {
     serde_json::Value::Object(obj)
 }
 
+/// For a PNG with webui's text and no altdiff record: how `--from-image` reads it, as the flags
+/// it amounts to, and what it cannot honour (or why it cannot be read).
+fn webui_reading(chunks: &[(String, String)]) -> Option<String> {
+    if chunks.iter().any(|(k, _)| k == RECORD_KEY) {
+        return None;
+    }
+    let (_, text) = chunks.iter().find(|(k, _)| k == PARAMETERS_KEY)?;
+    let info = crate::metadata::infotext::parse(text);
+    let imported = match crate::metadata::webui::import(&info, Path::new("the image")) {
+        Ok(i) => i,
+        Err(e) => return Some(format!("altdiff --from-image: cannot regenerate it: {e}")),
+    };
+    let r = &imported.record;
+    let mut flags = format!(
+        "--prompt-syntax {} --scheduler {} --steps {} --guidance {} --width {} --height {}",
+        r.prompt_syntax.name(),
+        r.scheduler,
+        r.steps,
+        r.guidance,
+        r.width,
+        r.height
+    );
+    if let Some(seed) = r.seed() {
+        flags.push_str(&format!(" --seed {seed}"));
+    }
+    if r.karras {
+        flags.push_str(" --karras");
+    }
+    if let Some(s) = &r.timestep_spacing {
+        flags.push_str(&format!(" --timestep-spacing {s}"));
+    }
+    if let Some(e) = r.eta {
+        flags.push_str(&format!(" --eta {e}"));
+    }
+    if let Some(s) = imported.strength {
+        flags.push_str(&format!(" (--strength {s} with --init-image)"));
+    }
+    let mut out = format!("altdiff --from-image reads: {flags}");
+    for w in &imported.warnings {
+        out.push_str(&format!("\n  note: {w}"));
+    }
+    Some(out)
+}
+
 /// webui's text, then altdiff's record pretty-printed, then the other chunks, each under its key.
 fn to_text(chunks: &[(String, String)]) -> String {
     let mut blocks = Vec::new();
     if let Some((_, p)) = chunks.iter().find(|(k, _)| k == PARAMETERS_KEY) {
         blocks.push(p.clone());
+    }
+    if let Some(line) = webui_reading(chunks) {
+        blocks.push(line);
     }
     if let Some((_, r)) = chunks.iter().find(|(k, _)| k == RECORD_KEY) {
         let pretty = serde_json::from_str::<serde_json::Value>(r)
