@@ -507,20 +507,18 @@ impl Pipeline {
         }
         let mut chunked = Vec::with_capacity(texts.len() + 1);
         for text in &texts {
-            if let Some(c) = webui::unsupported_construct(text) {
-                return Err(Error::usage(format!(
-                    "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
-                )));
-            }
-            let parsed = webui::parse_attention(text)?;
+            let parsed = webui::parse_checked(text)?;
             chunked.push(webui::chunks(&parsed, |f| tok.ids(f), special)?);
         }
-        // The empty prompt's chunk, for padding.
-        chunked.push(webui::chunks(
-            &[(String::new(), 1.0)],
-            |f| tok.ids(f),
-            special,
-        )?);
+        // With guidance, the empty prompt's chunk, for padding prompt and negative prompt to the
+        // same length.
+        if guided {
+            chunked.push(webui::chunks(
+                &[(String::new(), 1.0)],
+                |f| tok.ids(f),
+                special,
+            )?);
+        }
         let rows: Vec<&webui::Chunk> = chunked.iter().flatten().collect();
         let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.ids.clone()).collect();
         let masks: Vec<Vec<u32>> = rows.iter().map(|c| c.mask.clone()).collect();
@@ -543,9 +541,7 @@ impl Pipeline {
             }
             encoded.push(Tensor::cat(&parts, 1).context(what)?);
         }
-        let Some(empty) = encoded.pop() else {
-            return Err(Error::Numerics("no empty-prompt chunk".into()));
-        };
+        let empty = if guided { encoded.pop() } else { None };
         let tokens = |t: &Tensor| t.dim(1).context(what);
         // `t` ([n, L, D]) followed by copies of `filler` ([1, F, D]) up to `to` tokens.
         let pad_with = |t: &Tensor, filler: &Tensor, to: usize| -> Result<Tensor> {
@@ -572,11 +568,11 @@ impl Pipeline {
             conds.push(pad_with(e, &last, longest)?);
         }
         let mut cond = Tensor::cat(&conds, 0).context(what)?;
-        let uncond = match encoded.get(p) {
-            Some(u) if guided => {
+        let uncond = match (encoded.get(p), &empty) {
+            (Some(u), Some(empty)) => {
                 let target = tokens(u)?.max(longest);
-                cond = pad_with(&cond, &empty, target)?;
-                let u = pad_with(u, &empty, target)?;
+                cond = pad_with(&cond, empty, target)?;
+                let u = pad_with(u, empty, target)?;
                 let (_, l, d) = u.dims3().context(what)?;
                 let u = u.broadcast_as((p, l, d)).and_then(|t| t.contiguous());
                 Some(u.and_then(|t| t.to_dtype(self.dtype)).context(what)?)

@@ -67,12 +67,7 @@ pub fn run_webui(model: &ModelChoice, json: bool, text: &str, progress: bool) ->
     use crate::text::webui;
     let fetched = super::fetch_model(model, crate::source::Scope::Tokenizer, progress)?;
     let tokenizer = PromptTokenizer::load(&fetched.root.join("tokenizer"))?;
-    if let Some(c) = webui::unsupported_construct(text) {
-        return Err(Error::usage(format!(
-            "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
-        )));
-    }
-    let fragments = webui::parse_attention(text)?;
+    let fragments = webui::parse_checked(text)?;
     let special = webui::SpecialIds {
         bos: tokenizer.bos_id(),
         eos: tokenizer.eos_id(),

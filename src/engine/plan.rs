@@ -50,8 +50,8 @@ impl Failure {
     }
 }
 
-/// A random seed for a run without `--seed`.
-fn random_seed() -> u64 {
+/// A random seed for a run without `--seed` (and a webui request's `seed: -1`).
+pub(crate) fn random_seed() -> u64 {
     // Seeds are 32-bit in practice (PyTorch's mt19937 uses the low 32 bits).
     std::collections::hash_map::RandomState::new()
         .build_hasher()

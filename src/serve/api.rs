@@ -174,11 +174,7 @@ pub struct Planned {
 fn seed_from(v: i64) -> u64 {
     if v < 0 {
         // webui: random.randrange(4294967294).
-        use std::hash::{BuildHasher, Hasher};
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-            % 4_294_967_294
+        crate::engine::plan::random_seed() % 4_294_967_294
     } else {
         v as u64
     }

@@ -188,21 +188,7 @@ async fn access_log(State(app): State<App>, req: Request, next: Next) -> Respons
     let started = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let mut r = next.run(req).await;
-    if let Some(origin) = &app.opts.cors_origin {
-        if let Ok(v) = HeaderValue::from_str(origin) {
-            let h = r.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST, OPTIONS"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
-            );
-        }
-    }
+    let r = next.run(req).await;
     if app.opts.json_log {
         let task = r
             .headers()
@@ -217,6 +203,29 @@ async fn access_log(State(app): State<App>, req: Request, next: Next) -> Respons
             "task": task,
         });
         let _ = crate::term::out_line(&line.to_string());
+    }
+    r
+}
+
+/// `--cors-origin`: the headers that let pages from that origin call the API.
+async fn cors(State(app): State<App>, req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    if let Some(v) = app
+        .opts
+        .cors_origin
+        .as_deref()
+        .and_then(|o| HeaderValue::from_str(o).ok())
+    {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
     }
     r
 }
@@ -514,16 +523,19 @@ fn router(app: App) -> Router {
         .route("/internal/ping", get(|| async { Json(json!({})) }))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), auth))
+        .layer(middleware::from_fn_with_state(app.clone(), cors))
         .layer(middleware::from_fn_with_state(app.clone(), access_log))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
 }
 
 /// Saves an image under `--output` with the default name template, as `generate` does.
-fn save_to(dir: &std::path::Path, image: &worker::Image) -> std::result::Result<(), String> {
+fn save_to(
+    dir: &std::path::Path,
+    template: &crate::output::NameTemplate,
+    image: &worker::Image,
+) -> std::result::Result<(), String> {
     let r = &image.record;
-    let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE)
-        .map_err(|e| e.to_string())?;
     // {index} is the request's task id, {image} the image's place in its answer.
     let name = template.render(&crate::output::NameFields {
         index: image.task as usize,
@@ -612,9 +624,13 @@ pub fn run(opts: ServeOptions, progress: bool) -> Result<()> {
                     source,
                 }));
                 let output = opts.output.clone();
-                worker::run(session, shared, rx, move |image| match &output {
-                    Some(dir) => save_to(dir, image),
-                    None => Ok(()),
+                let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE);
+                worker::run(session, shared, rx, move |image| {
+                    match (&output, &template) {
+                        (Some(dir), Ok(t)) => save_to(dir, t, image),
+                        (Some(_), Err(e)) => Err(e.to_string()),
+                        (None, _) => Ok(()),
+                    }
                 });
             })
             .map_err(|e| Error::Numerics(format!("cannot start the worker thread: {e}")))?

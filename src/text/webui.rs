@@ -135,15 +135,20 @@ pub fn unsupported_construct(text: &str) -> Option<String> {
     re.captures(text).map(|c| c[1].to_string())
 }
 
-/// Whether webui's syntax can read `text`: no prompt editing or alternation, every weight a
-/// number. The message says what is wrong.
-pub fn check(text: &str) -> std::result::Result<(), String> {
+/// [`parse_attention`] of a prompt webui's syntax can read: prompt editing and alternation, which
+/// altdiff does not support, are a usage error naming the construct.
+pub fn parse_checked(text: &str) -> Result<Vec<(String, f64)>> {
     if let Some(c) = unsupported_construct(text) {
-        return Err(format!(
+        return Err(Error::usage(format!(
             "webui prompt syntax: prompt editing and alternation (`{c}`) are not supported"
-        ));
+        )));
     }
-    parse_attention(text).map(|_| ()).map_err(|e| match e {
+    parse_attention(text)
+}
+
+/// Whether webui's syntax can read `text` ([`parse_checked`]); the message says what is wrong.
+pub fn check(text: &str) -> std::result::Result<(), String> {
+    parse_checked(text).map(|_| ()).map_err(|e| match e {
         Error::Usage(m) => m,
         e => e.to_string(),
     })
