@@ -664,6 +664,32 @@ fn many_clients_at_once() {
     );
 }
 
+/// `--cors-origin`: the API's answers (and the preflight) carry the CORS headers.
+#[test]
+fn cors_origin_headers() {
+    let s = Server::start(&["--cors-origin", "http://app.example"]);
+    let r = ureq::get(&s.url("/sdapi/v1/samplers")).call().unwrap();
+    assert_eq!(
+        r.header("Access-Control-Allow-Origin"),
+        Some("http://app.example")
+    );
+    let pre = ureq::request("OPTIONS", &s.url("/sdapi/v1/txt2img"))
+        .call()
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(
+        pre.header("Access-Control-Allow-Origin"),
+        Some("http://app.example")
+    );
+    assert!(pre
+        .header("Access-Control-Allow-Headers")
+        .unwrap_or("")
+        .contains("content-type"));
+    let plain = Server::start(&[]);
+    let r = ureq::get(&plain.url("/sdapi/v1/samplers")).call().unwrap();
+    assert_eq!(r.header("Access-Control-Allow-Origin"), None);
+}
+
 /// Listening on a non-loopback address without credentials is a warning.
 #[test]
 fn an_open_address_without_auth_is_a_warning() {

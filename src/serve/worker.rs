@@ -221,7 +221,8 @@ fn run_task(
     save: &impl Fn(&Image) -> Result<(), String>,
 ) -> TaskResult {
     // Fault injection for the tests of the 500 path: `ALTDIFF_SERVE_PANIC_ON=PROMPT` makes a task
-    // with that prompt panic, as a bug in a job would.
+    // with that prompt panic, as a bug in a job would. Unreachable unless whoever starts the
+    // server sets the variable; `run`'s catch_unwind turns it into that request's 500.
     if let Ok(p) = std::env::var("ALTDIFF_SERVE_PANIC_ON") {
         if task.jobs.iter().any(|j| j.prompt == p) {
             panic!("ALTDIFF_SERVE_PANIC_ON matched the prompt");
