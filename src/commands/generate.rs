@@ -277,6 +277,12 @@ pub fn run(opts: &GenerateOptions, progress: bool) -> Result<Outcome> {
         device,
         dtype
     );
+    if device.is_cuda() {
+        tracing::info!(
+            "{}",
+            crate::models::attention::describe_cuda_attention(dtype)
+        );
+    }
     if device.is_cpu() {
         tracing::info!("{}", crate::kernels::describe_cpu_kernels());
         if dtype == DType::F32 {

@@ -64,6 +64,22 @@ impl Attention {
         let dtype = xs.dtype();
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
+        #[cfg(feature = "flash-attn")]
+        if flash::applies(xs) {
+            // [B, L, H, D] is the layout FlashAttention takes: no transposes, no upcast.
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                let (b, l, c) = t.dims3()?;
+                t.reshape((b, l, self.heads, c / self.heads))
+            };
+            let out = candle_flash_attn::flash_attn(
+                &split(self.to_q.forward(xs)?)?,
+                &split(self.to_k.forward(context)?)?,
+                &split(self.to_v.forward(context)?)?,
+                self.scale as f32,
+                false,
+            )?;
+            return self.to_out.forward(&out.reshape((b, n, ()))?);
+        }
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
@@ -81,9 +97,54 @@ impl Attention {
 /// that fit; blocks of a few hundred rows keep the matmuls efficient.
 pub(crate) const MAX_SCORE_ELEMENTS: usize = 8 << 20;
 
+/// FlashAttention-2 from candle-flash-attn (the `flash-attn` feature): f16 and bf16 tensors on a
+/// CUDA device of compute capability 8.0 or later, head widths that are multiples of 8 up to 512
+/// (the UNet's 40 / 80 / 160 and the VAE's 512). Scores never exist in memory; the softmax runs in
+/// f32 inside the kernel, as diffusers' fp16 SDPA does. `ALTDIFF_FLASH_ATTN=0` turns it off (e.g.
+/// for an older GPU in a build that has it), and the blocked attention is used instead.
+#[cfg(feature = "flash-attn")]
+pub(crate) mod flash {
+    use candle_core::{DType, Tensor};
+
+    /// False when `ALTDIFF_FLASH_ATTN=0` (read once).
+    pub(crate) fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("ALTDIFF_FLASH_ATTN").map_or(true, |v| v.trim() != "0"))
+    }
+
+    /// Whether FlashAttention takes `xs`.
+    pub(crate) fn applies(xs: &Tensor) -> bool {
+        enabled() && xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16)
+    }
+
+    /// [`super::attend`]'s contract, [B, H, N, D] in and out.
+    pub(crate) fn attend(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let bnhd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+        candle_flash_attn::flash_attn(&bnhd(q)?, &bnhd(k)?, &bnhd(v)?, scale as f32, false)?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+}
+
+/// The attention a CUDA device runs in `dtype`, for `generate -v`.
+pub fn describe_cuda_attention(dtype: DType) -> &'static str {
+    #[cfg(feature = "flash-attn")]
+    if flash::enabled() && matches!(dtype, DType::F16 | DType::BF16) {
+        return "attention: FlashAttention-2 (candle-flash-attn; ALTDIFF_FLASH_ATTN=0 turns it off)";
+    }
+    let _ = dtype;
+    "attention: scores and softmax in f32 with candle's matmul, in blocks of query rows (build with \
+     --features flash-attn for FlashAttention-2 in f16 / bf16)"
+}
+
 /// softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D]: the fused CPU kernel for f32
-/// and bf16 on the CPU (its blocks of query rows bound the scores' memory), else
-/// [`attend_blocked`].
+/// and bf16 on the CPU (its blocks of query rows bound the scores' memory), FlashAttention for
+/// f16 / bf16 on CUDA in a `flash-attn` build, else [`attend_blocked`].
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -93,6 +154,10 @@ pub(crate) fn attend(
 ) -> candle_core::Result<Tensor> {
     if crate::kernels::attention::applies(q) {
         return crate::kernels::attention::attend(q, k, v, scale);
+    }
+    #[cfg(feature = "flash-attn")]
+    if flash::applies(q) {
+        return flash::attend(q, k, v, scale);
     }
     attend_blocked(q, k, v, scale, max_elements)
 }
@@ -182,6 +247,53 @@ mod tests {
             let blocked = attend_blocked(&q, &k, &v, 0.3, max).unwrap();
             let d = max_abs_diff(&blocked, &plain);
             assert!(d < 1e-6, "max elements {max}: {d}");
+        }
+    }
+
+    /// FlashAttention (f16 and bf16 on a CUDA device) against the blocked attention in f32 on the
+    /// same inputs, for the UNet's head widths (cross- and self-attention) and the VAE's one head of
+    /// 512. Needs a GPU: without one it says so and passes (built by `.ci/flash-attn-check --full`).
+    #[cfg(feature = "flash-attn")]
+    #[test]
+    fn flash_attention_matches_blocked() {
+        let dev = match Device::new_cuda(0) {
+            Ok(dev) => dev,
+            Err(e) => {
+                eprintln!("skipped: no CUDA device ({e})");
+                return;
+            }
+        };
+        for (h, n, m, d) in [
+            (8, 300, 77, 40),
+            (8, 256, 256, 80),
+            (8, 64, 77, 160),
+            (1, 256, 256, 512),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (2, h, n, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (2, h, m, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (2, h, m, d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let reference = attend_blocked(&q, &k, &v, scale, MAX_SCORE_ELEMENTS).unwrap();
+            for (dtype, tolerance) in [(DType::F16, 4e-3f32), (DType::BF16, 3e-2)] {
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+                assert!(flash::applies(&q));
+                let flash = attend(&q, &k, &v, scale, MAX_SCORE_ELEMENTS)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                // The inputs' own rounding moves the reference by about as much.
+                let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let rounded =
+                    attend_blocked(&wide(&q), &wide(&k), &wide(&v), scale, MAX_SCORE_ELEMENTS)
+                        .unwrap();
+                let diff = max_abs_diff(&flash, &reference);
+                let own = max_abs_diff(&rounded, &reference);
+                assert!(
+                    diff < tolerance.max(2.0 * own),
+                    "{dtype:?} h {h} n {n} m {m} d {d}: {diff} (rounded inputs: {own})"
+                );
+            }
         }
     }
 }
