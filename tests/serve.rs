@@ -299,6 +299,33 @@ fn output_saves_every_image() {
         decode(&r["images"][1]),
         std::fs::read(out.join(&names[1])).unwrap()
     );
+    // Without send_images the answer has no images, but --output still gets the whole PNG.
+    let (st, r) = s.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a red fox", "steps": 2, "width": 64, "height": 64, "seed": 9,
+                "send_images": false}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["images"], json!([]), "{r}");
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["seed"], 9, "{info}");
+    let third = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("00002-0-")
+        })
+        .expect("the second task's image is saved");
+    let rec = altdiff::metadata::read_record(&third).unwrap();
+    assert_eq!(rec.seed(), Some(9));
+    // The same pixels and text as the first task's first image (same seed and settings).
+    assert_eq!(
+        std::fs::read(&third).unwrap(),
+        std::fs::read(out.join(&names[0])).unwrap()
+    );
 }
 
 /// img2img with a base64 picture (and a mask), the denoising strength recorded.
@@ -337,6 +364,23 @@ fn img2img_with_a_mask() {
     assert_eq!((st, detail_field(&r).as_str()), (422, "init_images"));
     let (st, r) = s.post("/sdapi/v1/img2img", &json!({"prompt": "a"}));
     assert_eq!((st, detail_field(&r).as_str()), (422, "init_images"));
+    // send_images false and no --output: no images in the answer (none encoded), the info intact.
+    let (st, r) = s.post(
+        "/sdapi/v1/img2img",
+        &json!({"prompt": "a fox", "init_images": [b64(&pic)], "denoising_strength": 0.5,
+                "steps": 2, "width": 64, "height": 64, "seed": 4, "send_images": false}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["images"], json!([]), "{r}");
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (info["seed"].clone(), info["all_seeds"].clone()),
+        (json!(4), json!([4]))
+    );
+    assert!(
+        info["infotexts"][0].as_str().unwrap().contains("Seed: 4"),
+        "{info}"
+    );
 }
 
 /// Basic and Bearer credentials; ping needs none; a wrong one is 401.

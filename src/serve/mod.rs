@@ -288,6 +288,7 @@ async fn generate(app: App, body: Bytes, img2img: bool) -> Response {
         init: planned.init,
         cancel,
         id: task_id,
+        send_images: req.send_images,
         reply,
     };
     if app.tx.send(task).is_err() {
@@ -625,7 +626,8 @@ pub fn run(opts: ServeOptions, progress: bool) -> Result<()> {
                 }));
                 let output = opts.output.clone();
                 let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE);
-                worker::run(session, shared, rx, move |image| {
+                let saves = output.is_some();
+                worker::run(session, shared, rx, saves, move |image| {
                     match (&output, &template) {
                         (Some(dir), Ok(t)) => save_to(dir, t, image),
                         (Some(_), Err(e)) => Err(e.to_string()),

@@ -27,6 +27,9 @@ pub struct Task {
     pub cancel: Arc<AtomicBool>,
     /// The task's id (access log, progress).
     pub id: u64,
+    /// Whether the answer carries the images (webui's `send_images`); without it and without
+    /// `--output` no PNG is encoded.
+    pub send_images: bool,
     /// Where the answer goes.
     pub reply: oneshot::Sender<TaskResult>,
 }
@@ -37,7 +40,7 @@ pub struct Image {
     pub task: u64,
     /// Its position among the task's images.
     pub index: usize,
-    /// The PNG file.
+    /// The PNG file (empty when neither the answer nor `--output` wants it).
     pub png: Vec<u8>,
     /// Its metadata.
     pub record: ImageRecord,
@@ -154,12 +157,13 @@ fn timestamp() -> String {
     )
 }
 
-/// Runs tasks until the channel closes. `save` writes each image (`--output`) and returns a
-/// message for a failure.
+/// Runs tasks until the channel closes. `save` writes each image (`--output`, when `saves`) and
+/// returns a message for a failure.
 pub fn run(
     session: Session,
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Task>,
+    saves: bool,
     save: impl Fn(&Image) -> Result<(), String>,
 ) {
     while let Some(task) = rx.blocking_recv() {
@@ -184,7 +188,7 @@ pub fn run(
             };
         }
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_task(&session, &shared, &task, &save)
+            run_task(&session, &shared, &task, saves, &save)
         }))
         .unwrap_or_else(|panic| {
             let what = panic
@@ -218,6 +222,7 @@ fn run_task(
     session: &Session,
     shared: &Shared,
     task: &Task,
+    saves: bool,
     save: &impl Fn(&Image) -> Result<(), String>,
 ) -> TaskResult {
     // Fault injection for the tests of the 500 path: `ALTDIFF_SERVE_PANIC_ON=PROMPT` makes a task
@@ -272,11 +277,16 @@ fn run_task(
             }
         };
         for m in out.made {
-            let png = m.record.chunks().and_then(|chunks| {
-                let refs: Vec<(&str, &str)> =
-                    chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                crate::output::encode_png(&m.rgb, &refs)
-            });
+            let wanted = task.send_images || saves;
+            let png = if !wanted {
+                Ok(Vec::new())
+            } else {
+                m.record.chunks().and_then(|chunks| {
+                    let refs: Vec<(&str, &str)> =
+                        chunks.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    crate::output::encode_png(&m.rgb, &refs)
+                })
+            };
             let png = match png {
                 Ok(p) => p,
                 Err(e) => {
