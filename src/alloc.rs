@@ -373,39 +373,33 @@ pub(crate) mod reuse {
             free(ptr as usize, class);
             return;
         }
-        // Room first: the oldest blocks go back until this one fits and a slot is free.
-        loop {
-            let empty = pool.slots.iter().any(|s| s.ptr == 0);
-            if empty && pool.bytes + class <= cap {
-                break;
+        // Room first: the oldest blocks go back until this one fits in a free slot (an empty
+        // pool always has room, as class <= cap).
+        let slot = loop {
+            match (0..SLOTS).find(|&i| pool.slots[i].ptr == 0) {
+                Some(i) if pool.bytes + class <= cap => break i,
+                _ => {}
             }
             let Some(oldest) = (0..SLOTS)
                 .filter(|&i| pool.slots[i].ptr != 0)
                 .min_by_key(|&i| pool.slots[i].at)
             else {
-                break;
+                drop(pool);
+                free(ptr as usize, class);
+                return;
             };
             let s = pool.slots[oldest];
             pool.slots[oldest] = EMPTY;
             pool.bytes -= s.class;
             free(s.ptr, s.class);
-        }
+        };
         pool.clock += 1;
-        let at = pool.clock;
-        match (0..SLOTS).find(|&i| pool.slots[i].ptr == 0) {
-            Some(i) if pool.bytes + class <= cap => {
-                pool.slots[i] = Slot {
-                    ptr: ptr as usize,
-                    class,
-                    at,
-                };
-                pool.bytes += class;
-            }
-            _ => {
-                drop(pool);
-                free(ptr as usize, class);
-            }
-        }
+        pool.slots[slot] = Slot {
+            ptr: ptr as usize,
+            class,
+            at: pool.clock,
+        };
+        pool.bytes += class;
     }
 
     /// Bytes waiting in the pool now (for tests).
@@ -413,6 +407,33 @@ pub(crate) mod reuse {
     pub fn pooled_bytes() -> usize {
         POOL.lock().map(|p| p.bytes).unwrap_or(0)
     }
+}
+
+/// A block of `reuse::class(layout.size())` bytes for an allocation of `layout`: a pooled one
+/// (cleared when `zeroed`) or a fresh one from the system (already zero when `zeroed`).
+#[cfg(target_os = "linux")]
+fn pooled(layout: Layout, zeroed: bool) -> *mut u8 {
+    if let Some(p) = reuse::take(layout.size(), layout.align()) {
+        if zeroed {
+            // SAFETY: a pooled block of at least layout.size() bytes, now this caller's.
+            unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+        }
+        return p;
+    }
+    let size = reuse::class(layout.size());
+    // SAFETY: a non-zero size (at least reuse::MIN) and the caller's alignment.
+    let class = unsafe { Layout::from_size_align_unchecked(size, layout.align()) };
+    // SAFETY: `class` is a valid, non-zero layout.
+    let p = unsafe {
+        if zeroed {
+            System.alloc_zeroed(class)
+        } else {
+            System.alloc(class)
+        }
+    };
+    let p = checked(p, size);
+    advise(p, size);
+    p
 }
 
 // SAFETY: every call is forwarded to `System` with the same arguments, except for the blocks that
@@ -428,17 +449,7 @@ unsafe impl GlobalAlloc for Allocator {
         }
         #[cfg(target_os = "linux")]
         if layout.size() >= reuse::MIN {
-            if let Some(p) = reuse::take(layout.size(), layout.align()) {
-                return p;
-            }
-            let size = reuse::class(layout.size());
-            // SAFETY: a non-zero size, the caller's alignment.
-            let p = checked(
-                unsafe { System.alloc(Layout::from_size_align_unchecked(size, layout.align())) },
-                size,
-            );
-            advise(p, size);
-            return p;
+            return pooled(layout, false);
         }
         let p = checked(unsafe { System.alloc(layout) }, layout.size());
         advise(p, layout.size());
@@ -448,21 +459,7 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(target_os = "linux")]
         if layout.size() >= reuse::MIN {
-            if let Some(p) = reuse::take(layout.size(), layout.align()) {
-                // SAFETY: a pooled block of at least layout.size() bytes, now this caller's.
-                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
-                return p;
-            }
-            let size = reuse::class(layout.size());
-            // SAFETY: as in `alloc`; fresh memory from the system is already zero.
-            let p = checked(
-                unsafe {
-                    System.alloc_zeroed(Layout::from_size_align_unchecked(size, layout.align()))
-                },
-                size,
-            );
-            advise(p, size);
-            return p;
+            return pooled(layout, true);
         }
         let p = checked(unsafe { System.alloc_zeroed(layout) }, layout.size());
         advise(p, layout.size());
@@ -485,28 +482,29 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(target_os = "linux")]
-        if mapped::is_map(ptr, layout.size())
-            || layout.size() >= reuse::MIN
-            || new_size >= reuse::MIN
         {
-            // A map, or a pooled block on either side: a fresh block, the bytes, the old one
-            // freed as `dealloc` would (a pooled block stays within its class).
-            #[cfg(target_os = "linux")]
-            if layout.size() >= reuse::MIN
-                && new_size >= reuse::MIN
+            let map = mapped::is_map(ptr, layout.size());
+            let (old_pooled, new_pooled) = (layout.size() >= reuse::MIN, new_size >= reuse::MIN);
+            if old_pooled
+                && new_pooled
+                && !map
                 && reuse::class(new_size) == reuse::class(layout.size())
-                && !mapped::is_map(ptr, layout.size())
             {
+                // The block's class already holds the new size.
                 return ptr;
             }
-            // SAFETY: a fresh block of the new size (non-zero: realloc's contract), the
-            // smaller of the two sizes copied, then the old block freed.
-            unsafe {
-                let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-                let p = self.alloc(new_layout);
-                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
-                return p;
+            if map || old_pooled || new_pooled {
+                // A map, or a pooled block on either side: a fresh block, the bytes, the old
+                // one freed as `dealloc` would.
+                // SAFETY: a fresh block of the new size (non-zero: realloc's contract), the
+                // smaller of the two sizes copied, then the old block freed.
+                unsafe {
+                    let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+                    let p = self.alloc(new_layout);
+                    std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                    return p;
+                }
             }
         }
         let p = checked(unsafe { System.realloc(ptr, layout, new_size) }, new_size);

@@ -71,12 +71,11 @@ impl Attention {
                 let (b, l, c) = t.dims3()?;
                 t.reshape((b, l, self.heads, c / self.heads))
             };
-            let out = candle_flash_attn::flash_attn(
+            let out = flash::attend_bnhd(
                 &split(self.to_q.forward(xs)?)?,
                 &split(self.to_k.forward(context)?)?,
                 &split(self.to_v.forward(context)?)?,
-                self.scale as f32,
-                false,
+                self.scale,
             )?;
             return self.to_out.forward(&out.reshape((b, n, ()))?);
         }
@@ -117,6 +116,17 @@ pub(crate) mod flash {
         enabled() && xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16)
     }
 
+    /// softmax(q k^T * scale) v for q [B, N, H, D], k and v [B, M, H, D] (FlashAttention's own
+    /// layout, the projections' output reshaped), not causal.
+    pub(crate) fn attend_bnhd(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        candle_flash_attn::flash_attn(q, k, v, scale as f32, false)
+    }
+
     /// [`super::attend`]'s contract, [B, H, N, D] in and out.
     pub(crate) fn attend(
         q: &Tensor,
@@ -125,19 +135,19 @@ pub(crate) mod flash {
         scale: f64,
     ) -> candle_core::Result<Tensor> {
         let bnhd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-        candle_flash_attn::flash_attn(&bnhd(q)?, &bnhd(k)?, &bnhd(v)?, scale as f32, false)?
+        attend_bnhd(&bnhd(q)?, &bnhd(k)?, &bnhd(v)?, scale)?
             .transpose(1, 2)?
             .contiguous()
     }
 }
 
 /// The attention a CUDA device runs in `dtype`, for `generate -v`.
+#[cfg_attr(not(feature = "flash-attn"), allow(unused_variables))]
 pub fn describe_cuda_attention(dtype: DType) -> &'static str {
     #[cfg(feature = "flash-attn")]
     if flash::enabled() && matches!(dtype, DType::F16 | DType::BF16) {
         return "attention: FlashAttention-2 (candle-flash-attn; ALTDIFF_FLASH_ATTN=0 turns it off)";
     }
-    let _ = dtype;
     "attention: scores and softmax in f32 with candle's matmul, in blocks of query rows (build with \
      --features flash-attn for FlashAttention-2 in f16 / bf16)"
 }

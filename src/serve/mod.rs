@@ -557,9 +557,15 @@ fn save_to(
 
 /// Runs the server until SIGINT / SIGTERM.
 pub fn run(opts: ServeOptions, progress: bool) -> Result<()> {
-    if let Some(dir) = &opts.output {
-        crate::output::check_target(&crate::options::OutputTarget::Dir(dir.clone()))?;
-    }
+    // --output: every image saved under the default name template, as `generate` does.
+    let output = match &opts.output {
+        Some(dir) => {
+            crate::output::check_target(&crate::options::OutputTarget::Dir(dir.clone()))?;
+            let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE)?;
+            Some((dir.clone(), template))
+        }
+        None => None,
+    };
     let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
         .parse()
         .or_else(|_| {
@@ -624,16 +630,10 @@ pub fn run(opts: ServeOptions, progress: bool) -> Result<()> {
                     hash,
                     source,
                 }));
-                let output = opts.output.clone();
-                let template = crate::output::NameTemplate::parse(crate::output::DEFAULT_TEMPLATE);
-                let saves = output.is_some();
-                worker::run(session, shared, rx, saves, move |image| {
-                    match (&output, &template) {
-                        (Some(dir), Ok(t)) => save_to(dir, t, image),
-                        (Some(_), Err(e)) => Err(e.to_string()),
-                        (None, _) => Ok(()),
-                    }
+                let save = output.map(|(dir, template)| {
+                    move |image: &worker::Image| save_to(&dir, &template, image)
                 });
+                worker::run(session, shared, rx, save);
             })
             .map_err(|e| Error::Numerics(format!("cannot start the worker thread: {e}")))?
     };

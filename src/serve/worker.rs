@@ -157,14 +157,13 @@ fn timestamp() -> String {
     )
 }
 
-/// Runs tasks until the channel closes. `save` writes each image (`--output`, when `saves`) and
-/// returns a message for a failure.
+/// Runs tasks until the channel closes. `save` (with `--output`) writes each image and returns a
+/// message for a failure.
 pub fn run(
     session: Session,
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Task>,
-    saves: bool,
-    save: impl Fn(&Image) -> Result<(), String>,
+    save: Option<impl Fn(&Image) -> Result<(), String>>,
 ) {
     while let Some(task) = rx.blocking_recv() {
         shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -188,7 +187,7 @@ pub fn run(
             };
         }
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_task(&session, &shared, &task, saves, &save)
+            run_task(&session, &shared, &task, save.as_ref())
         }))
         .unwrap_or_else(|panic| {
             let what = panic
@@ -222,8 +221,7 @@ fn run_task(
     session: &Session,
     shared: &Shared,
     task: &Task,
-    saves: bool,
-    save: &impl Fn(&Image) -> Result<(), String>,
+    save: Option<&impl Fn(&Image) -> Result<(), String>>,
 ) -> TaskResult {
     // Fault injection for the tests of the 500 path: `ALTDIFF_SERVE_PANIC_ON=PROMPT` makes a task
     // with that prompt panic, as a bug in a job would. Unreachable unless whoever starts the
@@ -234,6 +232,8 @@ fn run_task(
         }
     }
     let mut images = Vec::new();
+    // PNGs only for an answer that carries them or for --output.
+    let wanted = task.send_images || save.is_some();
     let mut progress = TaskProgress {
         shared,
         cancel: &task.cancel,
@@ -277,7 +277,6 @@ fn run_task(
             }
         };
         for m in out.made {
-            let wanted = task.send_images || saves;
             let png = if !wanted {
                 Ok(Vec::new())
             } else {
@@ -302,7 +301,7 @@ fn run_task(
                 png,
                 record: m.record,
             };
-            if let Err(m) = save(&image) {
+            if let Some(Err(m)) = save.map(|save| save(&image)) {
                 return TaskResult::Failed {
                     message: m,
                     client_error: false,
