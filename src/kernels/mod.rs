@@ -80,8 +80,9 @@ pub fn describe_cpu_kernels() -> String {
         winograd::Mode::F4 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F4.name),
     };
     format!(
-        "CPU kernels: f32 gemm {f32_kernel}, f32 3x3 conv {conv3x3}; bf16 {}; softmax, GEGLU \
-         and conversions {simd}",
+        "CPU kernels: f32 gemm {f32_kernel}, f32 3x3 conv {conv3x3}, f32 attention {}; bf16 {}; \
+         softmax, GEGLU and conversions {simd}",
+        attention::f32_kernel(),
         gemm_bf16::Bf16Kernel::detect().name()
     )
 }

@@ -65,6 +65,33 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
     vectorized(Row { row, scale })
 }
 
+/// `exp(scale * (row - max))` in place, vectorised for this CPU, and the reciprocal of their sum
+/// (NaN for a row of -inf or one holding NaN / +inf), for f32 attention, which divides its product
+/// with `v` by the sum instead of normalising every probability.
+pub(crate) fn softmax_row_unnormalised(row: &mut [f32], scale: f32) -> f32 {
+    let mut inv = f32::NAN;
+    vectorized(Unnormalised {
+        row,
+        scale,
+        inv: &mut inv,
+    });
+    inv
+}
+
+/// One row's exponentials and the reciprocal of their sum.
+struct Unnormalised<'a> {
+    row: &'a mut [f32],
+    scale: f32,
+    inv: &'a mut f32,
+}
+
+impl Vectorized for Unnormalised<'_> {
+    #[inline(always)]
+    fn run(self) {
+        *self.inv = exponentials(self.row, self.scale);
+    }
+}
+
 /// The unnormalised softmax of `scale * row` for bf16 attention: `exp(scale * (row - max))`
 /// rounded to bf16 into `out` (as long as `row`; `row` is left holding them in f32), and the
 /// reciprocal of their (f32) sum, by which
