@@ -6,12 +6,20 @@
 //! product on one thread. Unfused, the scores of m18's 64x64 self-attention (4096 x 4096 per head)
 //! were written, read, written and read again through memory.
 //!
-//! f32 (the default) is diffusers' attention with the products in gemm's f32 kernel; bf16 computes
+//! f32 (the default) is diffusers' attention. With AVX-512 its two products run this module's own
+//! kernels (`avx512`): `k^T` packed once per head, `q k^T` and `p v` in register tiles that read q
+//! and `v` where they lie; gemm's sgemm packed both operands again for every block of query rows,
+//! which cost a quarter of the attention (the portable path, which every CPU without AVX-512 runs,
+//! still uses it). The exponentials are left unnormalised and the product with `v` is divided by
+//! each row's sum (one pass over the scores fewer). m18's 64x64 self-attention (2 x 8 heads, 4096 x
+//! 4096, width 40) took 409 ms with sgemm and 287-304 ms with these kernels on a 2-vCPU Zen 4, where
+//! each product alone runs at 87-92 % of the core's f32 peak (the rest is the softmax). bf16 computes
 //! it as PyTorch's CPU scaled-dot-product attention does in bf16: the scores are bf16 products
 //! summed in f32, the exponentials are f32 and rounded to bf16 for the product with `v`, which
 //! again sums in f32 and is divided by the exponentials' f32 sum; the output is rounded once.
 //!
-//! Tested against the plain (unfused) attention of `models::attention` on the same values.
+//! Tested against the plain (unfused) attention of `models::attention` on the same values, this
+//! CPU's kernels and the portable ones, on shapes whose widths and key counts end off the tiles.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
