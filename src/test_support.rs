@@ -1,4 +1,5 @@
-//! Helpers shared by the unit tests (fixture paths and recorded tokenizer cases).
+//! Helpers shared by the unit tests (fixture paths, recorded tokenizer cases, tensor differences and
+//! the timing of the ignored speed tests).
 
 use std::path::PathBuf;
 
@@ -44,4 +45,17 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The shortest wall time in seconds of `runs` calls of `f` after one warm-up call: the speed tests
+/// run on shared VMs, where the best run is the one least disturbed by the host.
+pub fn best_time(runs: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..runs.max(1))
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }

@@ -634,20 +634,10 @@ mod tests {
         );
         let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let (q32, k32, v32) = (f32(&q), f32(&k), f32(&v));
-        // The best of five runs after a warm-up (the machines this runs on are shared VMs).
-        let time = |f: &dyn Fn()| {
-            f();
-            (0..5)
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    f();
-                    start.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
         let scale = 1.0 / 40f64.sqrt();
-        let bf = time(&|| drop(attend(&q, &k, &v, scale).unwrap()));
-        let fl = time(&|| drop(attend(&q32, &k32, &v32, scale).unwrap()));
+        let time = crate::test_support::best_time;
+        let bf = time(5, &mut || drop(attend(&q, &k, &v, scale).unwrap()));
+        let fl = time(5, &mut || drop(attend(&q32, &k32, &v32, scale).unwrap()));
         println!(
             "self-attention 2x8x4096x4096x40: bf16 {:.1} ms, f32 {:.1} ms",
             bf * 1e3,

@@ -852,17 +852,7 @@ mod tests {
             let a = values(m * k, 3);
             let b = values(k * n, 5);
             let mut c = vec![0f32; m * n];
-            // The best of five runs after a warm-up (the machines this runs on are shared VMs).
-            let time = |f: &mut dyn FnMut()| {
-                f();
-                (0..5)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64()
-                    })
-                    .fold(f64::INFINITY, f64::min)
-            };
+            let time = |f: &mut dyn FnMut()| crate::test_support::best_time(5, f);
             let flop = 2.0 * (m * n * k) as f64;
             let kernel = Bf16Kernel::detect();
             let t_bf16 = time(&mut || {

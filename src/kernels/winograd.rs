@@ -707,17 +707,14 @@ mod tests {
             let flop = 2.0 * (g.b * g.co * g.ci * 9 * g.h * g.w) as f64;
             let mut line = format!("b{} {}->{} {}x{}:", g.b, g.ci, g.co, g.h, g.w);
             for mode in [Mode::Im2col, Mode::F2, Mode::F4] {
-                let time = || {
-                    let start = std::time::Instant::now();
+                let best = crate::test_support::best_time(3, &mut || {
                     let mut out = initial_output(None, None, g.b * g.co, g.h * g.w);
                     match choose(&g, mode) {
                         Some(t) => accumulate(t, &x, &w, &mut out, &g),
                         None => im2col_conv(&x, &w, &mut out, &g, 1 << 21, false),
                     }
                     std::hint::black_box(&out);
-                    start.elapsed().as_secs_f64()
-                };
-                let best = (0..3).map(|_| time()).fold(f64::INFINITY, f64::min);
+                });
                 line += &format!(
                     "  {mode:?} {:.1} ms ({:.0} GFLOP/s direct-equivalent)",
                     best * 1e3,
