@@ -294,22 +294,20 @@ mod avx512 {
         assert!(inv.len() >= rows && acc.len() >= rows * d);
         // Columns of the output in chunks of up to three 16-lane registers; a last chunk with 8
         // or fewer columns past its whole registers takes them in an 8-lane register (twice the
-        // throughput of a 16-lane one on Zen 4: m18's width 40 is 16 + 16 + 8).
+        // throughput of a 16-lane one on Zen 4: m18's width 40 is 16 + 16 + 8), one with 9 to 15
+        // in one more (masked) 16-lane register.
         for c0 in (0..d).step_by(48) {
-            let rest = d - c0;
-            let (whole, tail) = if rest >= 48 {
-                (3, 0)
-            } else {
-                (rest / 16, rest % 16)
-            };
+            let rest = (d - c0).min(48);
             let args = (rows, m, d, c0);
-            match (whole, tail) {
-                (0, _) => columns::<0, true>(args, probs, v, acc),
+            match (rest / 16, rest % 16) {
+                (0, _) if rest <= 8 => columns::<0, true>(args, probs, v, acc),
                 (1, 1..=8) => columns::<1, true>(args, probs, v, acc),
-                (1, 0) | (0..=1, 9..) => columns::<1, false>(args, probs, v, acc),
                 (2, 1..=8) => columns::<2, true>(args, probs, v, acc),
-                (2, 0) => columns::<2, false>(args, probs, v, acc),
-                _ => columns::<3, false>(args, probs, v, acc),
+                _ => match rest.div_ceil(16) {
+                    1 => columns::<1, false>(args, probs, v, acc),
+                    2 => columns::<2, false>(args, probs, v, acc),
+                    _ => columns::<3, false>(args, probs, v, acc),
+                },
             }
         }
         for (row, inv) in acc.chunks_exact_mut(d).zip(inv).take(rows) {
@@ -552,9 +550,12 @@ mod tests {
     }
 
     /// (batch, heads, queries, keys, width): m18's widths 40, 80 and 160, and widths that end in
-    /// a partial register (4, 24, 100), with query and key counts off the kernels' tiles.
-    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+    /// a partial register of 8 lanes or fewer (4, 24, 100) or of more (12, 28), with query and key
+    /// counts off the kernels' tiles.
+    const SHAPES: [(usize, usize, usize, usize, usize); 9] = [
         (1, 1, 5, 7, 4),
+        (1, 1, 9, 40, 12),
+        (1, 1, 9, 40, 28),
         (2, 3, 130, 77, 64),
         (1, 2, 65, 200, 40),
         (1, 2, 33, 300, 80),
