@@ -157,25 +157,7 @@ impl Element for f32 {
         acc: &mut [f32],
         inv: &mut Vec<f32>,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if h.kt.is_some() {
-            // SAFETY: the head was made on a CPU with AVX-512 (kt is Some); probs holds rows x m,
-            // v m x d, acc rows x d and inv rows values.
-            unsafe { avx512::weighted((rows, m, d), probs, h.v, inv, acc) };
-            return;
-        }
-        let none = gemm::Parallelism::None;
-        super::sgemm(
-            (rows, d, m),
-            acc,
-            d,
-            false,
-            probs,
-            (m, 1),
-            h.v,
-            (d, 1),
-            none,
-        );
+        value_product((rows, d, m), probs, h, acc);
         for (row, inv) in acc.chunks_mut(d.max(1)).zip(inv.iter()) {
             row.iter_mut().for_each(|v| *v *= inv);
         }
@@ -186,6 +168,29 @@ impl Element for f32 {
     fn storage(out: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(out)
     }
+}
+
+/// `acc` (rows x d) = probs (rows x m) v (m x d) with this head's kernel.
+fn value_product((rows, d, m): (usize, usize, usize), probs: &[f32], h: &F32Head, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if h.kt.is_some() {
+        // SAFETY: the head was made on a CPU with AVX-512 (kt is Some); probs holds rows x m,
+        // v m x d and acc rows x d values.
+        unsafe { avx512::weighted((rows, m, d), probs, h.v, acc) };
+        return;
+    }
+    let none = gemm::Parallelism::None;
+    super::sgemm(
+        (rows, d, m),
+        acc,
+        d,
+        false,
+        probs,
+        (m, 1),
+        h.v,
+        (d, 1),
+        none,
+    );
 }
 
 /// The f32 products of the attention with AVX-512F: `q k^T` from `k^T` packed once per head, and
@@ -278,20 +283,18 @@ mod avx512 {
         }
     }
 
-    /// `acc` (rows x d) = probs (rows x m) v (m x d), each row then times its `inv`.
+    /// `acc` (rows x d) = probs (rows x m) v (m x d).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and VL; `probs` holds rows x m values, `v` m x d, `inv` rows, `acc` rows x d.
+    /// The CPU has AVX-512F and VL; `probs` holds rows x m values, `v` m x d, `acc` rows x d.
     #[target_feature(enable = "avx512f,avx512vl")]
     pub(super) unsafe fn weighted(
         (rows, m, d): (usize, usize, usize),
         probs: &[f32],
         v: &[f32],
-        inv: &[f32],
         acc: &mut [f32],
     ) {
-        assert!(probs.len() >= rows * m && v.len() >= m * d);
-        assert!(inv.len() >= rows && acc.len() >= rows * d);
+        assert!(probs.len() >= rows * m && v.len() >= m * d && acc.len() >= rows * d);
         // Columns of the output in chunks of up to three 16-lane registers; a last chunk with 8
         // or fewer columns past its whole registers takes them in an 8-lane register (twice the
         // throughput of a 16-lane one on Zen 4: m18's width 40 is 16 + 16 + 8), one with 9 to 15
@@ -309,9 +312,6 @@ mod avx512 {
                     _ => columns::<3, false>(args, probs, v, acc),
                 },
             }
-        }
-        for (row, inv) in acc.chunks_exact_mut(d).zip(inv).take(rows) {
-            row.iter_mut().for_each(|x| *x *= inv);
         }
     }
 
