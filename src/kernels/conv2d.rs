@@ -142,7 +142,7 @@ pub(crate) struct Geometry {
     pub padding: usize,
     pub stride: usize,
     pub dilation: usize,
-    /// The largest Winograd tile the layer allows (3x3 stride-1 f32 layers only).
+    /// The largest Winograd tile the layer allows (3x3 stride-1 layers; bf16 only F(4x4)).
     pub winograd: Largest,
 }
 
@@ -475,9 +475,13 @@ pub(crate) fn conv2d_bf16(
     tile_elems: usize,
 ) -> Vec<half::bf16> {
     use super::convert::Value;
+    use super::winograd;
     let Some((oh, ow)) = g.out_hw() else {
         return Vec::new();
     };
+    if let Some(t) = winograd::choose_bf16(g, winograd::Mode::get()) {
+        return winograd::conv_bf16(t, x, w, bias, residual, g);
+    }
     let opx = oh * ow;
     let len = g.b * g.co * opx;
     let fill = |out: &mut [std::mem::MaybeUninit<half::bf16>]| {

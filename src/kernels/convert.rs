@@ -37,12 +37,25 @@ pub(crate) fn round(x: f32) -> bf16 {
 pub(crate) trait Value: Copy + Default + Send + Sync {
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
+    /// `src` as f32 values: itself for f32, else widened into `buf` (at least as long).
+    #[inline(always)]
+    fn widen<'b>(src: &'b [Self], buf: &'b mut [f32]) -> &'b [f32] {
+        let buf = &mut buf[..src.len()];
+        for (d, s) in buf.iter_mut().zip(src) {
+            *d = s.get();
+        }
+        buf
+    }
 }
 
 impl Value for f32 {
     #[inline(always)]
     fn get(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn widen<'b>(src: &'b [f32], _: &'b mut [f32]) -> &'b [f32] {
+        src
     }
     #[inline(always)]
     fn put(v: f32) -> f32 {

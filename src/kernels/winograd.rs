@@ -18,16 +18,23 @@
 //! an f64 direct convolution; the README's "Which precision on which CPU" and BENCHMARKS.md give
 //! the figures on the full-size models and the parity suite.
 //!
-//! bf16 keeps the im2col kernel. Tried (transforms in f32 on the widened values, the transformed
-//! weights and input rounded to bf16 for the bf16 kernel), it was slower and less precise on Zen 5
-//! (m18 512x512, 2 threads): UNet step 3.66 s against 3.32 s with im2col, VAE decode 6.43 s against
-//! 6.28 s (F(2x2) everywhere: 4.51 s and 8.29 s), and the image's mean deviation from fp32 1.13
-//! levels against 0.47. Once the products are twice as fast, the transforms and the extra rounding
-//! passes cost more than the multiplications they save.
+//! bf16 (`--dtype bf16`): the layers that allow F(4x4) (the VAE's) run it in f32 on the widened
+//! bf16 input and weights, with the bias and residual added and one rounding per output
+//! ([`conv_bf16`]: the same bits as the f32 kernel on those values, rounded); F(4x4)'s 4x fewer
+//! products in f32 beat the im2col kernel's bf16 products by 6-17 % on the VAE decoder's layers
+//! (Zen 4, `winograd_speed`), and the result is closer to f32 than bf16 products are. Everything
+//! else keeps the bf16 im2col kernel: F(2x2) in f32 gains nothing over bf16 products, which run at
+//! twice the f32 rate. Tried and not kept: the transformed weights and input rounded to bf16 for
+//! the bf16 kernel, which was slower and less precise on Zen 5 (m18 512x512, 2 threads): UNet step
+//! 3.66 s against 3.32 s with im2col, VAE decode 6.43 s against 6.28 s (F(2x2) everywhere: 4.51 s
+//! and 8.29 s), and the image's mean deviation from fp32 1.13 levels against 0.47.
 
+use half::bf16;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::conv2d::Geometry;
+use super::convert::Value;
 use super::{vectorized, SendPtr, Vectorized};
 
 /// Floats of transformed input and output per band (16 MiB each at most).
@@ -201,9 +208,72 @@ struct Plan<'a> {
     nty: usize,
 }
 
+/// The bf16 variant for this convolution (`--dtype bf16`), or `None` for the bf16 im2col kernel:
+/// in `auto`, F(4x4) where [`choose`] picks it (the VAE's large layers), computed in f32 on the
+/// widened values. F(2x2)'s 2.25x fewer products in f32 do not beat the im2col kernel's bf16
+/// products, which run at twice the f32 rate; F(4x4)'s 4x do, by 6-17 % on the VAE decoder's
+/// layers (`winograd_speed`, Zen 4).
+pub(crate) fn choose_bf16(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
+    choose(g, mode).filter(|t| mode != Mode::Auto || t.m == 4)
+}
+
+/// Where the output transform puts each output row.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    /// Added into an f32 output that already holds the starting values.
+    Add(SendPtr<f32>),
+    /// Written once into a bf16 output: `bias[co] + residual + conv`, rounded.
+    Bf16 {
+        out: SendPtr<MaybeUninit<bf16>>,
+        bias: Option<&'a [f32]>,
+        residual: Option<&'a [bf16]>,
+    },
+}
+
 /// `out += conv3x3(x, w)` with padding 1 (NCHW `x`, [co, ci, 3, 3] `w`, NCHW `out` already holding
 /// the bias and residual, or zeros).
 pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &Geometry) {
+    assert_eq!(out.len(), g.b * g.co * g.h * g.w, "winograd: output size");
+    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g);
+}
+
+/// `bias + residual + conv3x3(x, w)` for bf16 `x`, `w` and `residual`: the transforms, products and
+/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16.
+pub(crate) fn conv_bf16(
+    t: &Tiling,
+    x: &[bf16],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    residual: Option<&[bf16]>,
+    g: &Geometry,
+) -> Vec<bf16> {
+    let len = g.b * g.co * g.h * g.w;
+    if let Some(r) = residual {
+        assert_eq!(r.len(), len, "winograd: residual size");
+    }
+    let fill = |out: &mut [MaybeUninit<bf16>]| {
+        let out = SendPtr(out.as_mut_ptr());
+        run(
+            t,
+            x,
+            w,
+            Sink::Bf16 {
+                out,
+                bias,
+                residual,
+            },
+            g,
+        );
+    };
+    // SAFETY: the output transform writes every (image, channel, row) of the output once: each
+    // output channel's task covers all of its rows, band after band, and all of each row.
+    unsafe { super::convert::filled(len, fill) }
+}
+
+/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read.
+fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
+    assert_eq!(x.len(), g.b * g.ci * g.h * g.w, "winograd: input size");
+    assert_eq!(w.len(), g.co * g.ci * 9, "winograd: weight size");
     let a = t.a;
     let plan = Plan {
         t,
@@ -219,7 +289,6 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
     let band_rows = (BAND_FLOATS / (a * a * plan.ntx * (g.ci + cob))).clamp(1, rows_total);
     let mut buffers = Scratch::take();
     let [v, mv, u] = &mut buffers.0;
-    let dst = SendPtr(out.as_mut_ptr());
     for co0 in (0..g.co).step_by(cob) {
         let nco = cob.min(g.co - co0);
         // U[p][col][ci]: every element is written.
@@ -285,7 +354,7 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
                         co: co0 + col,
                         col,
                         nco,
-                        out: dst,
+                        sink,
                     })
                 });
         }
@@ -351,26 +420,28 @@ impl<'a> Band<'a> {
 }
 
 /// The input transform of channel `ci` for a band's tile rows into V[p][ci][..].
-struct InputTask<'a> {
+struct InputTask<'a, X> {
     band: Band<'a>,
-    x: &'a [f32],
+    x: &'a [X],
     ci: usize,
     v: SendPtr<f32>,
 }
 
-impl Vectorized for InputTask<'_> {
+impl<X: Value> Vectorized for InputTask<'_, X> {
     #[inline(always)]
     fn run(self) {
         let Plan { t, g, ntx, nty } = self.band.plan;
         let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
         let (m, a, ci) = (t.m, t.a, self.ci);
         // tmp: a rows over the padded input columns (-1 .. m*ntx + m - 1); ph: one tmp row split
-        // by column phase mod m, so that each tile's k-th column is ph[k % m][tile + k / m].
+        // by column phase mod m, so that each tile's k-th column is ph[k % m][tile + k / m]; wide:
+        // an input row widened to f32 (bf16 input only).
         let tl = m * (ntx + 1);
         let pl = ntx + 1;
         scratch.clear();
-        scratch.resize(a * tl + m * pl, 0.0);
-        let (tmp, ph) = scratch.split_at_mut(a * tl);
+        scratch.resize(a * tl + m * pl + g.w, 0.0);
+        let (tmp, rest) = scratch.split_at_mut(a * tl);
+        let (ph, wide) = rest.split_at_mut(m * pl);
         for (ri, r) in rows.enumerate() {
             let (b, ty) = (r / nty, r % nty);
             let plane = &self.x[(b * g.ci + ci) * g.h * g.w..][..g.h * g.w];
@@ -381,7 +452,7 @@ impl Vectorized for InputTask<'_> {
                 if y < 0 || y >= g.h as isize {
                     continue;
                 }
-                let src = &plane[y as usize * g.w..][..g.w];
+                let src = X::widen(&plane[y as usize * g.w..][..g.w], wide);
                 for i in 0..a {
                     let c = t.bt[i * a + k];
                     if c != 0.0 {
@@ -420,9 +491,9 @@ impl Vectorized for InputTask<'_> {
 }
 
 /// U[p][col][ci] = (G g G^T)[p] for one output channel and every input channel at once.
-struct WeightTask<'a> {
+struct WeightTask<'a, X> {
     plan: Plan<'a>,
-    w: &'a [f32],
+    w: &'a [X],
     co: usize,
     col: usize,
     nco: usize,
@@ -430,7 +501,7 @@ struct WeightTask<'a> {
     scratch: &'a mut Vec<f32>,
 }
 
-impl Vectorized for WeightTask<'_> {
+impl<X: Value> Vectorized for WeightTask<'_, X> {
     #[inline(always)]
     fn run(self) {
         let Plan { t, g, .. } = self.plan;
@@ -442,7 +513,7 @@ impl Vectorized for WeightTask<'_> {
         let wk = &self.w[self.co * n * 9..][..n * 9];
         for (ci, kernel) in wk.chunks_exact(9).enumerate() {
             for (l, v) in kernel.iter().enumerate() {
-                k[l * n + ci] = *v;
+                k[l * n + ci] = v.get();
             }
         }
         for i in 0..a {
@@ -478,14 +549,14 @@ impl Vectorized for WeightTask<'_> {
     }
 }
 
-/// The output transform of one output channel for a band's tile rows, added into `out`.
+/// The output transform of one output channel for a band's tile rows, into `sink`.
 struct OutputTask<'a> {
     band: Band<'a>,
     mv: &'a [f32],
     co: usize,
     col: usize,
     nco: usize,
-    out: SendPtr<f32>,
+    sink: Sink<'a>,
 }
 
 impl Vectorized for OutputTask<'_> {
@@ -496,8 +567,9 @@ impl Vectorized for OutputTask<'_> {
         let (m, a) = (t.m, t.a);
         let (oh, ow) = (g.h, g.w);
         scratch.clear();
-        scratch.resize(a * m * ntx + m * ntx, 0.0);
-        let (s, y) = scratch.split_at_mut(a * m * ntx);
+        scratch.resize(a * m * ntx + m * ntx + ow, 0.0);
+        let (s, rest) = scratch.split_at_mut(a * m * ntx);
+        let (y, line) = rest.split_at_mut(m * ntx);
         for (ri, r) in rows.enumerate() {
             let (b, ty) = (r / nty, r % nty);
             // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once.
@@ -530,26 +602,52 @@ impl Vectorized for OutputTask<'_> {
                         }
                     }
                 }
-                // SAFETY: output row oy of channel `co` of image b: written by this channel's
-                // task alone (bands run one after another), inside `out` (b x co x oh x ow).
-                let orow = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        self.out.get().add(((b * g.co + self.co) * oh + oy) * ow),
-                        ow,
-                    )
-                };
-                // Interleave the m column phases back into the row.
-                let full = ow / m;
-                for (tx, o) in orow[..full * m].chunks_exact_mut(m).enumerate() {
-                    for (c, o) in o.iter_mut().enumerate() {
-                        *o += y[c * ntx + tx];
+                let at = ((b * g.co + self.co) * oh + oy) * ow;
+                // SAFETY (both arms): output row oy of channel `co` of image b, written by this
+                // channel's task alone (bands run one after another), inside the output
+                // (b x co x oh x ow).
+                match self.sink {
+                    Sink::Add(out) => {
+                        let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), ow) };
+                        interleave(orow, y, m, ntx);
                     }
-                }
-                for (c, o) in orow[full * m..].iter_mut().enumerate() {
-                    *o += y[c * ntx + full];
+                    Sink::Bf16 {
+                        out,
+                        bias,
+                        residual,
+                    } => {
+                        let bias = bias.map_or(0.0, |b| b[self.co]);
+                        match residual {
+                            Some(r) => {
+                                for (l, r) in line.iter_mut().zip(&r[at..at + ow]) {
+                                    *l = r.get() + bias;
+                                }
+                            }
+                            None => line.fill(bias),
+                        }
+                        interleave(line, y, m, ntx);
+                        let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), ow) };
+                        for (o, l) in orow.iter_mut().zip(&*line) {
+                            o.write(bf16::put(*l));
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// `row += y`, with the m column phases of `y` (m rows of `ntx` tiles) interleaved back.
+#[inline(always)]
+fn interleave(row: &mut [f32], y: &[f32], m: usize, ntx: usize) {
+    let full = row.len() / m;
+    for (tx, o) in row[..full * m].chunks_exact_mut(m).enumerate() {
+        for (c, o) in o.iter_mut().enumerate() {
+            *o += y[c * ntx + tx];
+        }
+    }
+    for (c, o) in row[full * m..].iter_mut().enumerate() {
+        *o += y[c * ntx + full];
     }
 }
 
@@ -653,6 +751,45 @@ mod tests {
         }
     }
 
+    /// bf16 input, weights and residual: the same bits as the f32 kernel on the widened values
+    /// with the bias and residual as its starting value, rounded once; with and without either,
+    /// both variants, edges that cut tiles, several weight blocks and single-row bands.
+    #[test]
+    fn bf16_matches_f32_on_the_same_values_bit_for_bit() {
+        use crate::kernels::conv2d::initial_output;
+        use crate::kernels::convert::{to_bf16, to_f32};
+        for t in [&F2, &F4] {
+            for g in [
+                geom(2, 3, 7, 5, 4),
+                geom(1, 8, 9, 12, 6),
+                geom(1, 4, 13, 1, 5),
+                geom(1, 3, 6, 6, 40),
+                geom(1, 300, 5, 70, 2),
+            ] {
+                let x = to_bf16(&values(g.b * g.ci * g.h * g.w, 0.2));
+                let w = to_bf16(&values(g.co * g.ci * 9, 1.7));
+                let res = to_bf16(&values(g.b * g.co * g.h * g.w, 3.1));
+                let bias = values(g.co, 0.4);
+                for (b, r) in [
+                    (None, None),
+                    (Some(&bias[..]), None),
+                    (Some(&bias[..]), Some(&res[..])),
+                    (None, Some(&res[..])),
+                ] {
+                    let got = conv_bf16(t, &x, &w, b, r, &g);
+                    let r32 = r.map(to_f32);
+                    let mut want = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
+                    accumulate(t, &to_f32(&x), &to_f32(&w), &mut want, &g);
+                    let want = to_bf16(&want);
+                    assert_eq!(got.len(), want.len());
+                    let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                    let what = (t.name, b.is_some(), r.is_some());
+                    assert_eq!(differ, 0, "{g:?} (variant, bias, residual) {what:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn auto_picks_by_tile_count_and_only_eligible_layers() {
         // UNet at 64x64 latents (batch 2): F(4x4) where allowed, else F(2x2); 32x32: F(2x2);
@@ -681,6 +818,16 @@ mod tests {
         for g in [strided, one_by_one] {
             assert!(choose(&g, Mode::F4).is_none(), "{g:?}");
         }
+        // bf16: F(4x4) only (the VAE's layers), unless a variant is forced.
+        assert_eq!(
+            choose_bf16(&geom(1, 128, 512, 512, 128), Mode::Auto)
+                .unwrap()
+                .m,
+            4
+        );
+        assert!(choose_bf16(&only_f2, Mode::Auto).is_none());
+        assert!(choose_bf16(&geom(2, 320, 64, 64, 320), Mode::Im2col).is_none());
+        assert_eq!(choose_bf16(&only_f2, Mode::F2).unwrap().m, 2);
         assert_eq!(Mode::parse(" F4 "), Some(Mode::F4));
         assert_eq!(Mode::parse("winograd"), None);
     }
@@ -690,14 +837,17 @@ mod tests {
     #[test]
     #[ignore]
     fn winograd_speed() {
-        use crate::kernels::conv2d::{im2col_conv, initial_output};
+        use crate::kernels::conv2d::{conv2d_bf16, im2col_conv, initial_output};
+        use crate::kernels::convert::to_bf16;
         let shapes = [
             geom(2, 320, 64, 64, 320),
             geom(2, 640, 32, 32, 640),
             geom(2, 1280, 16, 16, 1280),
             geom(2, 1280, 8, 8, 1280),
+            geom(2, 2560, 16, 16, 1280),
             geom(1, 512, 64, 64, 512),
             geom(1, 512, 128, 128, 512),
+            geom(1, 512, 256, 256, 256),
             geom(1, 256, 256, 256, 256),
             geom(1, 128, 512, 512, 128),
         ];
@@ -706,6 +856,11 @@ mod tests {
             let w = values(g.co * g.ci * 9, 1.7);
             let flop = 2.0 * (g.b * g.co * g.ci * 9 * g.h * g.w) as f64;
             let mut line = format!("b{} {}->{} {}x{}:", g.b, g.ci, g.co, g.h, g.w);
+            let (xb, wb) = (to_bf16(&x), to_bf16(&w));
+            let im2col_only = Geometry {
+                winograd: Largest::F2,
+                ..g
+            };
             for mode in [Mode::Im2col, Mode::F2, Mode::F4] {
                 let best = crate::test_support::best_time(3, &mut || {
                     let mut out = initial_output(None, None, g.b * g.co, g.h * g.w);
@@ -715,10 +870,19 @@ mod tests {
                     }
                     std::hint::black_box(&out);
                 });
+                // bf16 in and out: its im2col kernel, or the f32 Winograd on widened values.
+                let best_bf16 = crate::test_support::best_time(3, &mut || {
+                    let out = match choose(&g, mode) {
+                        Some(t) => conv_bf16(t, &xb, &wb, None, None, &g),
+                        None => conv2d_bf16(&xb, &wb, None, None, &im2col_only, 1 << 21),
+                    };
+                    std::hint::black_box(&out);
+                });
                 line += &format!(
-                    "  {mode:?} {:.1} ms ({:.0} GFLOP/s direct-equivalent)",
+                    "  {mode:?} {:.1} ms ({:.0} GFLOP/s direct-equivalent), bf16 {:.1} ms",
                     best * 1e3,
-                    flop / best / 1e9
+                    flop / best / 1e9,
+                    best_bf16 * 1e3
                 );
             }
             println!("{line}");
