@@ -4,6 +4,12 @@
 //!
 //! Owned here because no crate in candle's tree has one: gemm 0.19 does f16 (by converting to f32)
 //! but not bf16, and oneDNN is not a Rust crate. Kernels, chosen at run time ([`Bf16Kernel::detect`]):
+//! - **AMX** (Intel Sapphire Rapids and later, on Linux): `tdpbf16ps` on 16 x 16 tiles of C,
+//!   a 32 x 32 block of C in four tile registers over k steps of 32 (the `amx` module). Used
+//!   only where CPUID has AMX-TILE and AMX-BF16, Linux grants the tile state
+//!   (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) and a self-test in a child process gets the exact
+//!   product; `ALTDIFF_AMX=0` turns it off. Not yet run on AMX hardware: its tests there say
+//!   whether it is right, and the self-test keeps a wrong or crashing kernel from being used.
 //! - **AVX512-BF16** (Zen 4 / Zen 5, Intel Cooper Lake and Sapphire Rapids): `vdpbf16ps`, which
 //!   multiplies pairs of bf16 and adds both products to f32 lanes. B is packed into panels of
 //!   [`NR`] columns with each k-pair interleaved into one 32-bit word; A's k-pair words are
@@ -15,9 +21,8 @@
 //!   sgemm it picks at run time). The same numbers up to f32 rounding order; bf16's memory saving
 //!   without its speed.
 //!
-//! AMX (`tdpbf16ps`) is not here yet: no machine this was written on had it.
-//!
-//! Both kernels are tested against an f64 product of the same bf16 values, and against each other.
+//! Every kernel is tested against an f64 product of the same bf16 values; the AMX block's packing,
+//! addressing and edges are also tested everywhere through a scalar model of its tile instructions.
 
 use half::bf16;
 
@@ -35,6 +40,8 @@ const NC: usize = 1024;
 /// Which bf16 kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
+    /// `tdpbf16ps` on AMX tiles (with AVX512-BF16 for the products whose B is packed beforehand).
+    Amx,
     /// `vdpbf16ps` (AVX512-BF16 with AVX-512F).
     Avx512Bf16,
     /// Convert to f32, then gemm's f32 kernels.
@@ -44,18 +51,34 @@ pub enum Bf16Kernel {
 impl Bf16Kernel {
     /// The best kernel this CPU runs.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
-            return Bf16Kernel::Avx512Bf16;
+        if Bf16Kernel::Amx.supported() {
+            Bf16Kernel::Amx
+        } else if Bf16Kernel::Avx512Bf16.supported() {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Portable
         }
-        Bf16Kernel::Portable
+    }
+
+    /// Whether this CPU (and OS) runs the kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            Bf16Kernel::Amx => Bf16Kernel::Avx512Bf16.supported() && amx::available(),
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512bf16")
+                    && std::arch::is_x86_feature_detected!("avx512f")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Bf16Kernel::Avx512Bf16 => false,
+            Bf16Kernel::Portable => true,
+        }
     }
 
     /// A name for `-v` and benchmarks.
     pub fn name(self) -> &'static str {
         match self {
+            Bf16Kernel::Amx => "amx (tdpbf16ps)",
             Bf16Kernel::Avx512Bf16 => "avx512-bf16 (vdpbf16ps)",
             Bf16Kernel::Portable => "portable (bf16 -> f32, f32 gemm)",
         }
@@ -160,8 +183,9 @@ pub unsafe fn gemm_bf16_raw(
 ) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Bf16Kernel::Avx512Bf16 if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 => {
-            avx512::gemm((m, n, k), a, b, c, ldc, accumulate, threads)
+        Bf16Kernel::Amx | Bf16Kernel::Avx512Bf16 if kernel.supported() => {
+            let amx = kernel == Bf16Kernel::Amx;
+            avx512::gemm((m, n, k), a, b, c, ldc, accumulate, threads, amx)
         }
         _ => portable((m, n, k), a, b, c, ldc, accumulate, threads),
     }
@@ -193,13 +217,15 @@ impl PackedB {
         assert!(b.holds(k, n), "B is too short");
         let data = match kernel {
             #[cfg(target_arch = "x86_64")]
-            Bf16Kernel::Avx512Bf16 if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 => {
+            // AMX CPUs multiply a packed B with the AVX512-BF16 kernel (one thread's many small
+            // products: attention's blocks of query rows).
+            Bf16Kernel::Amx | Bf16Kernel::Avx512Bf16 if Bf16Kernel::Avx512Bf16.supported() => {
                 let (kp, panels) = (k.div_ceil(2), n.div_ceil(NR));
                 let mut words = vec![0u32; kp * panels * NR];
                 for pc in (0..kp).step_by(KC) {
                     let kc = KC.min(kp - pc);
                     let block = &mut words[pc * panels * NR..][..kc * panels * NR];
-                    avx512::pack_b(b, k, pc, kc, 0, n, block);
+                    avx512::pack_b(b, k, (pc, kc, kc), 0, n, block);
                 }
                 Packing::Panels(words)
             }
@@ -349,8 +375,12 @@ mod avx512 {
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
+    /// The blocks of C, split between `threads`, each through [`block`] (or, with `amx`, the AMX
+    /// kernel's [`super::amx::block`]).
+    ///
     /// # Safety
-    /// As [`super::gemm_bf16_raw`], on a CPU with AVX512-BF16.
+    /// As [`super::gemm_bf16_raw`], on a CPU with AVX512-BF16 (and, with `amx`, usable AMX tiles).
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm(
         (m, n, k): (usize, usize, usize),
         a: Matrix<'_, bf16>,
@@ -359,21 +389,23 @@ mod avx512 {
         ldc: usize,
         accumulate: bool,
         threads: usize,
+        amx: bool,
     ) {
         let cptr = crate::kernels::SendPtr(c);
         // Split between threads in whole tiles: the columns when there are enough column tiles,
         // else the rows (so a tall, narrow product does not pack all of B's work onto few tiles).
         let threads = threads.max(1);
+        let mr = if amx { super::amx::MR } else { MR };
         let col_tiles = n.div_ceil(NR);
-        let blocks: Vec<(usize, usize, usize, usize)> = if col_tiles >= 2 * threads || m <= MR {
+        let blocks: Vec<(usize, usize, usize, usize)> = if col_tiles >= 2 * threads || m <= mr {
             let per = col_tiles.div_ceil(threads.min(col_tiles)) * NR;
             (0..n)
                 .step_by(per)
                 .map(|j0| (0, m, j0, (j0 + per).min(n)))
                 .collect()
         } else {
-            let row_tiles = m.div_ceil(MR);
-            let per = row_tiles.div_ceil(threads.min(row_tiles)) * MR;
+            let row_tiles = m.div_ceil(mr);
+            let per = row_tiles.div_ceil(threads.min(row_tiles)) * mr;
             (0..m)
                 .step_by(per)
                 .map(|i0| (i0, (i0 + per).min(m), 0, n))
@@ -383,8 +415,23 @@ mod avx512 {
             // SAFETY: this block writes only rows [i0, i1) x columns [j0, j1) of C, inside `c`
             // (checked by the caller); the other blocks are disjoint from it; the caller checked
             // the CPU's features.
-            let b = Source::Pack(b);
-            unsafe { block((i0, i1), (j0, j1), k, a, b, cptr.get(), ldc, accumulate) }
+            unsafe {
+                if amx {
+                    super::amx::block::<false>(
+                        (i0, i1),
+                        (j0, j1),
+                        k,
+                        a,
+                        b,
+                        cptr.get(),
+                        ldc,
+                        accumulate,
+                    )
+                } else {
+                    let b = Source::Pack(b);
+                    block((i0, i1), (j0, j1), k, a, b, cptr.get(), ldc, accumulate)
+                }
+            }
         };
         if blocks.len() > 1 && (m * n * k) >= (1 << 18) {
             blocks.par_iter().for_each(work);
@@ -432,7 +479,7 @@ mod avx512 {
                 // This (k block, column block)'s panels: panel p at p * NR * kc.
                 let panels = match b {
                     Source::Pack(b) => {
-                        pack_b(b, k, pc, kc, jc, nc, &mut bpack);
+                        pack_b(b, k, (pc, kc, kc), jc, nc, &mut bpack);
                         bpack.as_ptr()
                     }
                     Source::Packed(words, total) => {
@@ -480,7 +527,7 @@ mod avx512 {
     /// The k-pair word of A row `i` (pair `p`): element 2p in the low half, 2p + 1 (or zero past
     /// k) in the high.
     #[inline]
-    fn a_pair(a: Matrix<'_, bf16>, k: usize, i: usize, p: usize) -> u32 {
+    pub(super) fn a_pair(a: Matrix<'_, bf16>, k: usize, i: usize, p: usize) -> u32 {
         let lo = a.at(i, 2 * p).to_bits() as u32;
         let hi = if 2 * p + 1 < k {
             a.at(i, 2 * p + 1).to_bits() as u32
@@ -536,16 +583,20 @@ mod avx512 {
     }
 
     /// Packs k-pairs [p0, p0 + kc) x columns [j0, j0 + nc) of B into panels of NR columns: panel c
-    /// holds, for each pair, NR words (B[2p, j] low, B[2p + 1, j] high; zero past the ends).
+    /// holds, for each pair, NR words (B[2p, j] low, B[2p + 1, j] high; zero past the ends), then
+    /// zero words for pairs kc..kcp (`kcp` >= kc: the panel's length in pairs).
     pub(super) fn pack_b(
         b: Matrix<'_, bf16>,
         k: usize,
-        p0: usize,
-        kc: usize,
+        (p0, kc, kcp): (usize, usize, usize),
         j0: usize,
         nc: usize,
         out: &mut [u32],
     ) {
+        debug_assert!(kcp >= kc);
+        for panel in 0..nc.div_ceil(NR) {
+            out[panel * NR * kcp + kc * NR..(panel + 1) * NR * kcp].fill(0);
+        }
         let bits = |v: &bf16| v.to_bits() as u32;
         if b.cs == 1 {
             // Rows of B are contiguous (an im2col matrix): read each pair of rows once, in
@@ -556,7 +607,7 @@ mod avx512 {
                 let r1 = (k0 + 1 < k).then(|| &b.data[(k0 + 1) * b.rs + j0..][..nc]);
                 for (panel, jr) in (0..nc).step_by(NR).enumerate() {
                     let cols = NR.min(nc - jr);
-                    let d = &mut out[panel * NR * kc + p * NR..][..NR];
+                    let d = &mut out[panel * NR * kcp + p * NR..][..NR];
                     if cols == NR {
                         let hi = r1.map(|r1| r1[jr..jr + NR].as_ptr());
                         // SAFETY: r0 (and r1) hold NR values from jr and d holds NR words
@@ -585,7 +636,7 @@ mod avx512 {
         }
         for (panel, jr) in (0..nc).step_by(NR).enumerate() {
             let cols = NR.min(nc - jr);
-            let dst = &mut out[panel * NR * kc..(panel + 1) * NR * kc];
+            let dst = &mut out[panel * NR * kcp..][..NR * kc];
             if b.rs == 1 && k.is_multiple_of(2) {
                 // B is a transposed row-major matrix (a linear layer's W^T): column j's k-pairs
                 // are adjacent bf16 in W's row j, so each word is read as it lies.
@@ -686,6 +737,8 @@ mod avx512 {
     }
 }
 
+pub(crate) mod amx;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +759,12 @@ mod tests {
     /// Checks `kernel` on an m x k by k x n product (strided views, each operand row-major or
     /// transposed, accumulate or not) against the f64 product of the same bf16 values.
     fn check(kernel: Bf16Kernel, m: usize, n: usize, k: usize, threads: usize) {
+        check_impl(kernel, m, n, k, threads, false)
+    }
+
+    /// [`check`], or with `model` the AMX block through its scalar model of the tile instructions
+    /// (on one thread; B is not prepacked there).
+    fn check_impl(kernel: Bf16Kernel, m: usize, n: usize, k: usize, threads: usize, model: bool) {
         let ldc = n + 2;
         // Row-major A (row stride k + 3) or A stored transposed ([k, m], row stride m + 1); the
         // same for B ([k, n] with stride n + 5, or [n, k] with stride k + 1).
@@ -739,9 +798,18 @@ mod tests {
             for (accumulate, prepacked) in
                 [(false, false), (true, false), (false, true), (true, true)]
             {
+                if model && prepacked {
+                    continue;
+                }
                 let start: Vec<f32> = values(m * ldc, 99).iter().map(|v| v.to_f32()).collect();
                 let mut c = start.clone();
-                if prepacked {
+                if model {
+                    // SAFETY: c holds m rows of ldc >= n; a is m x k and b k x n.
+                    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                    unsafe {
+                        amx::block::<true>((0, m), (0, n), k, a, b, c.as_mut_ptr(), ldc, accumulate)
+                    };
+                } else if prepacked {
                     gemm_bf16_packed(m, a, &packed, &mut c, ldc, accumulate);
                 } else {
                     gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
@@ -804,6 +872,32 @@ mod tests {
             for threads in [1, 2, 3] {
                 check(Bf16Kernel::Avx512Bf16, m, n, k, threads);
             }
+        }
+    }
+
+    #[test]
+    fn amx_kernel_matches_the_exact_product() {
+        if !Bf16Kernel::Amx.supported() {
+            eprintln!(
+                "skipped: no usable AMX here (needs AMX-TILE and AMX-BF16 (amx_tile, amx_bf16), \
+                 AVX512-BF16 and Linux's tile state); its scalar model is tested instead"
+            );
+            return;
+        }
+        for (m, n, k) in SHAPES {
+            for threads in [1, 2, 3] {
+                check(Bf16Kernel::Amx, m, n, k, threads);
+            }
+        }
+    }
+
+    /// The AMX block's packing, addressing, edges and accumulation on any CPU, with the tile
+    /// instructions replaced by their scalar model.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn amx_block_model_matches_the_exact_product() {
+        for (m, n, k) in SHAPES {
+            check_impl(Bf16Kernel::Amx, m, n, k, 1, true);
         }
     }
 

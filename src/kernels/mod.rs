@@ -70,7 +70,7 @@ pub fn describe_cpu_kernels() -> String {
     let (f32_kernel, simd) = ("gemm's (neon / generic)", "generic");
     let conv3x3 = match winograd::Mode::get() {
         winograd::Mode::Auto => format!(
-            "Winograd {} (UNet) / {} (VAE decoder) from {} tiles, else im2col",
+            "Winograd {} (UNet, f32) / {} (VAE, f32 and bf16) from {} tiles, else im2col",
             winograd::F2.name,
             winograd::F4.name,
             winograd::MIN_TILES
@@ -80,7 +80,7 @@ pub fn describe_cpu_kernels() -> String {
         winograd::Mode::F4 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F4.name),
     };
     format!(
-        "CPU kernels: f32 gemm {f32_kernel}, f32 3x3 conv {conv3x3}, f32 attention {}; bf16 {}; \
+        "CPU kernels: f32 gemm {f32_kernel}, 3x3 conv {conv3x3}, f32 attention {}; bf16 {}; \
          softmax, GEGLU and conversions {simd}",
         attention::f32_kernel(),
         gemm_bf16::Bf16Kernel::detect().name()
@@ -89,8 +89,8 @@ pub fn describe_cpu_kernels() -> String {
 
 /// A hint for f32 runs on CPUs with bf16 instructions, once per run.
 pub fn bf16_hint() -> Option<&'static str> {
-    (gemm_bf16::Bf16Kernel::detect() == gemm_bf16::Bf16Kernel::Avx512Bf16).then_some(
-        "this CPU has AVX512-BF16: --dtype bf16 needs about half the memory of f32 and runs the \
+    (gemm_bf16::Bf16Kernel::detect() != gemm_bf16::Bf16Kernel::Portable).then_some(
+        "this CPU has bf16 instructions (AVX512-BF16 or AMX): --dtype bf16 needs about half the memory of f32 and runs the \
          UNet about 1.5x faster and the VAE decode a little faster, at bf16 precision (see the \
          README's \"Which precision on which CPU\")",
     )

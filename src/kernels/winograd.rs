@@ -20,7 +20,7 @@
 //!
 //! bf16 (`--dtype bf16`): the layers that allow F(4x4) (the VAE's) run it in f32 on the widened
 //! bf16 input and weights, with the bias and residual added and one rounding per output
-//! ([`conv_bf16`]: the same bits as the f32 kernel on those values, rounded); F(4x4)'s 4x fewer
+//! (`conv_bf16`: the same bits as the f32 kernel on those values, rounded); F(4x4)'s 4x fewer
 //! products in f32 beat the im2col kernel's bf16 products by 6-17 % on the VAE decoder's layers
 //! (Zen 4, `winograd_speed`), and the result is closer to f32 than bf16 products are. Everything
 //! else keeps the bf16 im2col kernel: F(2x2) in f32 gains nothing over bf16 products, which run at
