@@ -727,22 +727,26 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// Both variants against the f64 direct convolution: sizes that are and are not multiples of
-    /// the tile, one pixel wide, batches, more output channels than one weight block, and bands of
-    /// a single tile row (a wide, many-channel layer).
+    /// Sizes that are and are not multiples of the tile, one pixel wide, batches, more output
+    /// channels than one weight block, and bands of a single tile row (a wide, many-channel layer).
+    fn edge_shapes() -> [Geometry; 8] {
+        [
+            geom(1, 1, 1, 1, 1),
+            geom(2, 3, 7, 5, 4),
+            geom(1, 8, 9, 12, 6),
+            geom(1, 5, 8, 8, 3),
+            geom(3, 2, 1, 9, 2),
+            geom(1, 4, 13, 1, 5),
+            geom(1, 3, 6, 6, 40),
+            geom(1, 300, 5, 70, 2),
+        ]
+    }
+
+    /// Both variants against the f64 direct convolution on [`edge_shapes`].
     #[test]
     fn matches_direct_convolution() {
         for t in [&F2, &F4] {
-            for g in [
-                geom(1, 1, 1, 1, 1),
-                geom(2, 3, 7, 5, 4),
-                geom(1, 8, 9, 12, 6),
-                geom(1, 5, 8, 8, 3),
-                geom(3, 2, 1, 9, 2),
-                geom(1, 4, 13, 1, 5),
-                geom(1, 3, 6, 6, 40),
-                geom(1, 300, 5, 70, 2),
-            ] {
+            for g in edge_shapes() {
                 let err = worst_error(t, &g);
                 // f32 rounding of the transforms: about 2^-24 x (the transforms' gain).
                 let bound = if t.m == 4 { 2e-6 } else { 5e-7 };
@@ -753,19 +757,13 @@ mod tests {
 
     /// bf16 input, weights and residual: the same bits as the f32 kernel on the widened values
     /// with the bias and residual as its starting value, rounded once; with and without either,
-    /// both variants, edges that cut tiles, several weight blocks and single-row bands.
+    /// both variants, on [`edge_shapes`].
     #[test]
     fn bf16_matches_f32_on_the_same_values_bit_for_bit() {
         use crate::kernels::conv2d::initial_output;
         use crate::kernels::convert::{to_bf16, to_f32};
         for t in [&F2, &F4] {
-            for g in [
-                geom(2, 3, 7, 5, 4),
-                geom(1, 8, 9, 12, 6),
-                geom(1, 4, 13, 1, 5),
-                geom(1, 3, 6, 6, 40),
-                geom(1, 300, 5, 70, 2),
-            ] {
+            for g in edge_shapes() {
                 let x = to_bf16(&values(g.b * g.ci * g.h * g.w, 0.2));
                 let w = to_bf16(&values(g.co * g.ci * 9, 1.7));
                 let res = to_bf16(&values(g.b * g.co * g.h * g.w, 3.1));
