@@ -90,8 +90,8 @@ pub fn describe_cpu_kernels() -> String {
 /// A hint for f32 runs on CPUs with bf16 instructions, once per run.
 pub fn bf16_hint() -> Option<&'static str> {
     (gemm_bf16::Bf16Kernel::detect() != gemm_bf16::Bf16Kernel::Portable).then_some(
-        "this CPU has bf16 instructions (AVX512-BF16 or AMX): --dtype bf16 needs about half the memory of f32 and runs the \
-         UNet about 1.5x faster and the VAE decode a little faster, at bf16 precision (see the \
+        "this CPU has bf16 instructions (AVX512-BF16 or AMX): --dtype bf16 needs about half \
+         the memory of f32 and runs the UNet about 1.5x faster and the VAE decode a little faster, at bf16 precision (see the \
          README's \"Which precision on which CPU\")",
     )
 }

@@ -209,10 +209,8 @@ struct Plan<'a> {
 }
 
 /// The bf16 variant for this convolution (`--dtype bf16`), or `None` for the bf16 im2col kernel:
-/// in `auto`, F(4x4) where [`choose`] picks it (the VAE's large layers), computed in f32 on the
-/// widened values. F(2x2)'s 2.25x fewer products in f32 do not beat the im2col kernel's bf16
-/// products, which run at twice the f32 rate; F(4x4)'s 4x do, by 6-17 % on the VAE decoder's
-/// layers (`winograd_speed`, Zen 4).
+/// in `auto`, only F(4x4) where [`choose`] picks it (the VAE's large layers; see the module
+/// documentation for why not F(2x2)).
 pub(crate) fn choose_bf16(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
     choose(g, mode).filter(|t| mode != Mode::Auto || t.m == 4)
 }
