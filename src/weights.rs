@@ -307,20 +307,27 @@ impl MappedFile {
         // which lives as long as `self`; every bit pattern is an f32.
         let src =
             unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) };
-        let mut out = vec![half::bf16::ZERO; src.len()];
-        for (i, (s, d)) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK)).enumerate() {
-            crate::kernels::convert::round_into(s, d);
-            #[cfg(unix)]
-            // SAFETY: as in `load`: the map is private and read-only, dropped pages are read again
-            // from the file if touched (the next chunk's first page may be).
-            unsafe {
-                let _ = self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    a + i * CHUNK * 4,
-                    s.len() * 4,
-                );
-            }
-        }
+        use crate::kernels::convert::{filled, round_into_uninit};
+        // A chunk a task: each one faults in its own fresh pages (a zero fill first would be one
+        // more pass over them, on one thread).
+        let round = |dst: &mut [std::mem::MaybeUninit<half::bf16>]| {
+            let chunks = dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK));
+            chunks.enumerate().for_each(|(i, (d, s))| {
+                round_into_uninit(s, d);
+                #[cfg(unix)]
+                // SAFETY: as in `load`: the map is private and read-only, dropped pages are read
+                // again from the file if touched (the next chunk's first page may be).
+                unsafe {
+                    let _ = self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        a + i * CHUNK * 4,
+                        s.len() * 4,
+                    );
+                }
+            })
+        };
+        // SAFETY: the chunks cover `dst`, and `round_into_uninit` writes every element of each.
+        let out = unsafe { filled(src.len(), round) };
         Tensor::from_vec(out, shape, &Device::Cpu).ok()
     }
 }
@@ -383,27 +390,14 @@ impl<T: TensorSource> SimpleBackend for Backend<T> {
 
 impl TensorSource for MappedSafetensors {
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        converted(self.load(name, None)?, name, dtype, dev)
+        // On the CPU in the run's dtype straight from the file (a map, or f32 rounded to bf16
+        // from the map); elsewhere as stored, then moved and converted.
+        let want = dev.is_cpu().then_some(dtype);
+        converted(self.load(name, want)?, name, dtype, dev)
     }
 
     fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
-    }
-}
-
-/// Tensors loaded up front (the CPU path), floating-point ones already in the run's dtype.
-impl TensorSource for HashMap<String, Tensor> {
-    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self
-            .get(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            })?;
-        converted(t.clone(), name, dtype, dev)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.contains_key(name)
     }
 }
 
@@ -553,47 +547,15 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
-    let names = || {
-        let names: Vec<String> = weights
-            .files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect();
-        format!("cannot read weights {}", names.join(", "))
-    };
     match weights.format {
-        WeightFormat::Safetensors if device.is_cpu() => {
-            // On the CPU every tensor is read now, in parallel: those stored in the run's dtype
-            // are private maps of the file (no copy), the others are converted from the map. Tensors no network asks for (the VAE's encoder) are freed as
-            // soon as the network is built.
-            let mapped = MappedSafetensors::open(&weights.files)?;
-            let tensors = mapped
-                .index
-                .par_iter()
-                .map(|(name, _)| {
-                    // Non-float tensors (buffers such as position ids) stay as stored: the
-                    // backend rejects them if a network asks for one as a weight.
-                    let t = mapped.load(name, Some(dtype))?;
-                    let t = if t.dtype().is_float() {
-                        t.to_dtype(dtype)?
-                    } else {
-                        t
-                    };
-                    Ok((name.clone(), t))
-                })
-                .collect::<candle_core::Result<HashMap<_, _>>>()
-                .context(names)?;
-            Ok(VarBuilder::from_backend(
-                Box::new(Backend(tensors)),
-                dtype,
-                device.clone(),
-            ))
-        }
         WeightFormat::Safetensors => {
-            // On GPUs each tensor is read when the network asks for it.
-            let mapped = MappedSafetensors::open(&weights.files)?;
+            // Each tensor is read when the network asks for it, so it is the network's alone: a
+            // layer that turns its weight into another layout (bf16 linear layers pack W^T once)
+            // frees the original at once, and tensors no network asks for (the VAE's encoder) are
+            // never read. On the CPU a tensor stored in the run's dtype is a private map of the
+            // file (no copy); see `MappedSafetensors::load`.
             Ok(VarBuilder::from_backend(
-                Box::new(Backend(mapped)),
+                Box::new(Backend(MappedSafetensors::open(&weights.files)?)),
                 dtype,
                 device.clone(),
             ))

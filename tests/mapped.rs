@@ -159,3 +159,37 @@ fn the_loader_maps_large_tensors_and_copies_the_rest() {
         assert!(!is_mapped(storage_ptr(&big)), "{file}: bf16 big");
     }
 }
+
+/// The CPU loader reads each tensor when the network asks for it and keeps no reference: once the
+/// caller drops it, its map is gone although the `VarBuilder` lives on (a layer that repacks its
+/// weight does not hold two copies while the rest of the network loads); asked for again, it is
+/// read anew.
+#[test]
+fn the_cpu_loader_keeps_no_tensor_it_handed_out() {
+    use altdiff::weights::{var_builder, WeightFormat, Weights};
+    use candle_core::{DType, Device};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights");
+    let path = dir.join("model.safetensors");
+    let weights = Weights {
+        format: WeightFormat::Safetensors,
+        files: vec![path.clone()],
+    };
+    let before = maps_of(&path);
+    let vb = var_builder(&weights, DType::F32, &Device::Cpu).unwrap();
+    let opened = maps_of(&path);
+    let big = vb.get((128, 129), "big").unwrap();
+    assert!(is_mapped(storage_ptr(&big)));
+    assert_eq!(maps_of(&path), opened + 1);
+    let values = big.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    drop(big);
+    assert_eq!(maps_of(&path), opened, "the loader still holds `big`");
+    let again = vb.get((128, 129), "big").unwrap();
+    assert_eq!(
+        again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        values
+    );
+    assert!(vb.contains_tensor("big"));
+    assert!(vb.get((128, 129), "missing").is_err());
+    drop((again, vb));
+    assert_eq!(maps_of(&path), before);
+}

@@ -201,6 +201,16 @@ pub struct PackedB {
     data: Packing,
 }
 
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self.data {
+            Packing::Panels(_) => "panels",
+            Packing::F32(_) => "f32",
+        };
+        write!(f, "PackedB {{ k: {}, n: {}, {how} }}", self.k, self.n)
+    }
+}
+
 enum Packing {
     /// k-pair words in panels of [`NR`] columns, one block of [`KC`] pairs after another.
     Panels(Vec<u32>),
@@ -209,6 +219,11 @@ enum Packing {
 }
 
 impl PackedB {
+    /// (k, n): B's rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
     /// Packs the k x n matrix `b` for `kernel`.
     ///
     /// # Panics
@@ -220,13 +235,17 @@ impl PackedB {
             // AMX CPUs multiply a packed B with the AVX512-BF16 kernel (one thread's many small
             // products: attention's blocks of query rows).
             Bf16Kernel::Amx | Bf16Kernel::Avx512Bf16 if Bf16Kernel::Avx512Bf16.supported() => {
+                use rayon::prelude::*;
                 let (kp, panels) = (k.div_ceil(2), n.div_ceil(NR));
                 let mut words = vec![0u32; kp * panels * NR];
-                for pc in (0..kp).step_by(KC) {
-                    let kc = KC.min(kp - pc);
-                    let block = &mut words[pc * panels * NR..][..kc * panels * NR];
-                    avx512::pack_b(b, k, (pc, kc, kc), 0, n, block);
-                }
+                // One k block per task (a layer's weights are packed at load).
+                words
+                    .par_chunks_mut(KC * panels * NR)
+                    .enumerate()
+                    .for_each(|(i, block)| {
+                        let (pc, kc) = (i * KC, KC.min(kp - i * KC));
+                        avx512::pack_b(b, k, (pc, kc, kc), 0, n, block);
+                    });
                 Packing::Panels(words)
             }
             _ => Packing::F32(dense(b, k, n)),
@@ -248,6 +267,23 @@ pub fn gemm_bf16_packed(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_bf16_packed_par(m, a, b, c, ldc, accumulate, 1)
+}
+
+/// [`gemm_bf16_packed`] split between `threads` threads (rayon) when the work is large enough: a
+/// layer's weight packed once at load, multiplied by each call's activations.
+///
+/// # Panics
+/// When `a` or `c` is too short for its shape (a caller's bug).
+pub fn gemm_bf16_packed_par(
+    m: usize,
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
     let (n, k) = (b.n, b.k);
     if m == 0 || n == 0 {
         return;
@@ -261,29 +297,79 @@ pub fn gemm_bf16_packed(
         return;
     }
     match &b.data {
-        // SAFETY: `c` holds m rows of ldc >= n (checked above) and is borrowed mutably; the
-        // panels were made by the AVX512-BF16 kernel, so this CPU has it.
         #[cfg(target_arch = "x86_64")]
-        Packing::Panels(words) => unsafe {
+        Packing::Panels(words) => {
             let source = avx512::Source::Packed(words, n.div_ceil(NR));
-            avx512::block(
-                (0, m),
-                (0, n),
-                k,
-                a,
-                source,
+            let cptr = crate::kernels::SendPtr(c.as_mut_ptr());
+            let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
+                // SAFETY: `c` holds m rows of ldc >= n (checked above) and is borrowed mutably;
+                // the parts are disjoint blocks of it whose columns start at whole panels; the
+                // panels were made by the AVX512-BF16 kernel, so this CPU has it.
+                unsafe {
+                    avx512::block(
+                        (i0, i1),
+                        (j0, j1),
+                        k,
+                        a,
+                        source,
+                        cptr.get(),
+                        ldc,
+                        accumulate,
+                    )
+                }
+            };
+            on_threads((m, n, k), threads, MR, run)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Packing::Panels(_) => unreachable!("panels are only made on x86_64"),
+        // SAFETY: `c` holds m rows of ldc >= n (checked above) and is borrowed mutably; b32 is
+        // k x n.
+        Packing::F32(b32) => unsafe {
+            let a32 = dense(a, m, k);
+            portable_f32(
+                (m, n, k),
+                &a32,
+                b32,
                 c.as_mut_ptr(),
                 ldc,
                 accumulate,
+                threads,
             )
         },
-        #[cfg(not(target_arch = "x86_64"))]
-        Packing::Panels(_) => unreachable!("panels are only made on x86_64"),
-        // SAFETY: as above; b32 is k x n.
-        Packing::F32(b32) => unsafe {
-            let a32 = dense(a, m, k);
-            portable_f32((m, n, k), &a32, b32, c.as_mut_ptr(), ldc, accumulate, 1)
-        },
+    }
+}
+
+/// Runs `work` on the blocks (rows i0..i1, columns j0..j1) of an m x n product split between
+/// `threads` in whole tiles: the columns (whole panels of [`NR`]) when there are enough column
+/// tiles, else the rows (`mr` at a time, so a tall, narrow product does not leave its work on few
+/// tiles); in parallel when there are several blocks and enough work.
+fn on_threads(
+    (m, n, k): (usize, usize, usize),
+    threads: usize,
+    mr: usize,
+    work: impl Fn(&(usize, usize, usize, usize)) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    let threads = threads.max(1);
+    let col_tiles = n.div_ceil(NR);
+    let blocks: Vec<(usize, usize, usize, usize)> = if col_tiles >= 2 * threads || m <= mr {
+        let per = col_tiles.div_ceil(threads.min(col_tiles)) * NR;
+        (0..n)
+            .step_by(per)
+            .map(|j0| (0, m, j0, (j0 + per).min(n)))
+            .collect()
+    } else {
+        let row_tiles = m.div_ceil(mr);
+        let per = row_tiles.div_ceil(threads.min(row_tiles)) * mr;
+        (0..m)
+            .step_by(per)
+            .map(|i0| (i0, (i0 + per).min(m), 0, n))
+            .collect()
+    };
+    if blocks.len() > 1 && (m * n * k) >= (1 << 18) {
+        blocks.par_iter().for_each(work);
+    } else {
+        blocks.iter().for_each(work);
     }
 }
 
@@ -372,7 +458,6 @@ mod avx512 {
         /// Packed beforehand ([`super::PackedB`]): the words and the number of column panels.
         Packed(&'a [u32], usize),
     }
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     /// The blocks of C, split between `threads`, each through [`block`] (or, with `amx`, the AMX
@@ -392,25 +477,7 @@ mod avx512 {
         amx: bool,
     ) {
         let cptr = crate::kernels::SendPtr(c);
-        // Split between threads in whole tiles: the columns when there are enough column tiles,
-        // else the rows (so a tall, narrow product does not pack all of B's work onto few tiles).
-        let threads = threads.max(1);
         let mr = if amx { super::amx::MR } else { MR };
-        let col_tiles = n.div_ceil(NR);
-        let blocks: Vec<(usize, usize, usize, usize)> = if col_tiles >= 2 * threads || m <= mr {
-            let per = col_tiles.div_ceil(threads.min(col_tiles)) * NR;
-            (0..n)
-                .step_by(per)
-                .map(|j0| (0, m, j0, (j0 + per).min(n)))
-                .collect()
-        } else {
-            let row_tiles = m.div_ceil(mr);
-            let per = row_tiles.div_ceil(threads.min(row_tiles)) * mr;
-            (0..m)
-                .step_by(per)
-                .map(|i0| (i0, (i0 + per).min(m), 0, n))
-                .collect()
-        };
         let work = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
             // SAFETY: this block writes only rows [i0, i1) x columns [j0, j1) of C, inside `c`
             // (checked by the caller); the other blocks are disjoint from it; the caller checked
@@ -433,11 +500,7 @@ mod avx512 {
                 }
             }
         };
-        if blocks.len() > 1 && (m * n * k) >= (1 << 18) {
-            blocks.par_iter().for_each(work);
-        } else {
-            blocks.iter().for_each(work);
-        }
+        super::on_threads((m, n, k), threads, mr, work)
     }
 
     /// C[i0..i1, j0..j1] (+)= A[i0..i1, :] x B[:, j0..j1], blocked; B packed (here or
@@ -446,7 +509,7 @@ mod avx512 {
     ///
     /// # Safety
     /// `c` points at a matrix of row stride ldc whose block [i0, i1) x [j0, j1) this call alone
-    /// writes; prepacked panels cover k x j1 of B with j0 a multiple of NC; the CPU has
+    /// writes; prepacked panels cover k x j1 of B with j0 a multiple of NR; the CPU has
     /// AVX512-BF16.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn block(
@@ -793,7 +856,7 @@ mod tests {
             (a_views[1], b_views[1]),
             (a_views[0], b_views[1]),
         ] {
-            // B packed per call, and packed once beforehand ([`PackedB`], one thread).
+            // B packed per call, and packed once beforehand ([`PackedB`], on the same threads).
             let packed = PackedB::new(kernel, b, (k, n));
             for (accumulate, prepacked) in
                 [(false, false), (true, false), (false, true), (true, true)]
@@ -810,7 +873,7 @@ mod tests {
                         amx::block::<true>((0, m), (0, n), k, a, b, c.as_mut_ptr(), ldc, accumulate)
                     };
                 } else if prepacked {
-                    gemm_bf16_packed(m, a, &packed, &mut c, ldc, accumulate);
+                    gemm_bf16_packed_par(m, a, &packed, &mut c, ldc, accumulate, threads);
                 } else {
                     gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
                 }

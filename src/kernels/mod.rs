@@ -79,11 +79,18 @@ pub fn describe_cpu_kernels() -> String {
         winograd::Mode::F2 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F2.name),
         winograd::Mode::F4 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F4.name),
     };
+    let bf16 = gemm_bf16::Bf16Kernel::detect();
+    // `linear::Linear` packs bf16 weights at load for this kernel only.
+    let packed = if bf16 == gemm_bf16::Bf16Kernel::Avx512Bf16 {
+        ", linear weights packed at load"
+    } else {
+        ""
+    };
     format!(
-        "CPU kernels: f32 gemm {f32_kernel}, 3x3 conv {conv3x3}, f32 attention {}; bf16 {}; \
+        "CPU kernels: f32 gemm {f32_kernel}, 3x3 conv {conv3x3}, f32 attention {}; bf16 {}{packed}; \
          softmax, GEGLU and conversions {simd}",
         attention::f32_kernel(),
-        gemm_bf16::Bf16Kernel::detect().name()
+        bf16.name()
     )
 }
 
