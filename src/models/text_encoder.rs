@@ -36,8 +36,9 @@ impl SelfAttention {
         })
     }
 
-    /// `mask` is additive, [B, 1, 1, L], in f32.
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `mask` is additive, [B, 1, 1, L], in f32; `keys`, when known, the number of real tokens of
+    /// each row, which come first (see [`Keys`]).
+    fn forward(&self, xs: &Tensor, mask: &Tensor, keys: &Keys) -> candle_core::Result<Tensor> {
         let (b, l, h) = xs.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
@@ -49,14 +50,53 @@ impl SelfAttention {
         let q = split(self.query.forward(xs)?)?.to_dtype(DType::F32)?;
         let k = split(self.key.forward(xs)?)?.to_dtype(DType::F32)?;
         let v = split(self.value.forward(xs)?)?.to_dtype(DType::F32)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(&v)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)?
-            .reshape((b, l, h))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = match keys {
+            // The fused kernel over each row's real keys: the masked ones' probabilities are
+            // exactly zero (exp of f32::MIN below the row's maximum), so they are left out.
+            Keys::Prefix(lens) if crate::kernels::attention::applies(&q) => {
+                let rows = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        let (q, k, v) =
+                            (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                        let (k, v) = (k.narrow(2, 0, n)?, v.narrow(2, 0, n)?);
+                        crate::kernels::attention::attend(&q, &k, &v, scale)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+            _ => {
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+            }
+        };
+        let ctx = ctx.to_dtype(dtype)?.transpose(1, 2)?.reshape((b, l, h))?;
         self.norm.forward(&(self.output.forward(&ctx)? + xs)?)
+    }
+}
+
+/// Which keys each row of a batch attends to.
+enum Keys {
+    /// The first n of each row (every row's real tokens come first, at least one of them).
+    Prefix(Vec<usize>),
+    /// As the additive mask says.
+    Masked,
+}
+
+impl Keys {
+    /// From a [B, L] mask of 1s (real tokens) and 0s.
+    fn of(mask: &Tensor) -> candle_core::Result<Self> {
+        let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let lens = rows
+            .iter()
+            .map(|row| {
+                let n = row.iter().take_while(|&&m| m == 1.0).count();
+                (n > 0 && row[n..].iter().all(|&m| m == 0.0)).then_some(n)
+            })
+            .collect::<Option<Vec<_>>>();
+        Ok(lens.map_or(Keys::Masked, Keys::Prefix))
     }
 }
 
@@ -97,9 +137,14 @@ impl Layer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let attn = self.attention.forward(xs, mask)?;
-        let ff = self.act.forward(&self.intermediate.forward(&attn)?)?;
+    fn forward(&self, xs: &Tensor, mask: &Tensor, keys: &Keys) -> candle_core::Result<Tensor> {
+        let attn = self.attention.forward(xs, mask, keys)?;
+        let hidden = self.intermediate.forward(&attn)?;
+        let ff = match self.act {
+            // One vectorised pass on the CPU (candle's is a scalar erf per value).
+            candle_nn::Activation::Gelu => crate::kernels::geglu::gelu_erf(&hidden)?,
+            act => act.forward(&hidden)?,
+        };
         self.norm.forward(&(self.output.forward(&ff)? + attn)?)
     }
 }
@@ -199,9 +244,10 @@ impl TextEncoder {
         .add(&self.position_embeddings.forward(&positions)?)?;
         let mut xs = self.embeddings_norm.forward(&xs)?;
         // transformers: (1 - mask) * finfo(f32).min, added to the scores.
-        let additive = ((1.0 - mask_f)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
+        let additive = ((1.0 - &mask_f)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
+        let keys = Keys::of(&mask_f)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &additive)?;
+            xs = layer.forward(&xs, &additive, &keys)?;
         }
         match &self.projection {
             Projection::Last(proj) => proj.forward(&xs),
@@ -227,6 +273,63 @@ pub fn max_tokens(max_positions: usize, padding_idx: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused attention over each row's real keys gives what the additive mask gives, and
+    /// only masks whose real tokens come first take it.
+    #[test]
+    fn attention_over_real_keys_matches_the_masked_attention() {
+        let cfg: TextEncoderConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 10, "hidden_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 8, "max_position_embeddings": 20
+        }))
+        .unwrap();
+        let dev = Device::Cpu;
+        let mut weights = std::collections::HashMap::new();
+        for (i, name) in ["query", "key", "value", "output"].iter().enumerate() {
+            let t = |shape: &[usize], seed: f64| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|j| ((j as f64 * 0.37 + seed).sin() * 0.2) as f32)
+                    .collect();
+                Tensor::from_vec(v, shape, &dev).unwrap()
+            };
+            let at = if *name == "output" {
+                "output.dense".to_string()
+            } else {
+                format!("self.{name}")
+            };
+            weights.insert(format!("{at}.weight"), t(&[64, 64], i as f64));
+            weights.insert(format!("{at}.bias"), t(&[64], i as f64 + 0.5));
+        }
+        weights.insert(
+            "output.LayerNorm.weight".into(),
+            Tensor::ones(64, DType::F32, &dev).unwrap(),
+        );
+        weights.insert(
+            "output.LayerNorm.bias".into(),
+            Tensor::zeros(64, DType::F32, &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let attention = SelfAttention::new(vb, &cfg).unwrap();
+        let x: Vec<f32> = (0..2 * 9 * 64).map(|i| (i as f32 * 0.11).cos()).collect();
+        let x = Tensor::from_vec(x, (2, 9, 64), &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 1., 1., 0., 0., 0., 0., 0.], [1.; 9]], &dev).unwrap();
+        let additive = ((1.0 - &mask).unwrap() * f32::MIN as f64)
+            .unwrap()
+            .reshape((2, 1, 1, 9))
+            .unwrap();
+        let keys = Keys::of(&mask).unwrap();
+        assert!(matches!(&keys, Keys::Prefix(n) if n == &[4, 9]));
+        let fused = attention.forward(&x, &additive, &keys).unwrap();
+        let masked = attention.forward(&x, &additive, &Keys::Masked).unwrap();
+        let d = crate::test_support::max_abs_diff(&fused, &masked);
+        assert!(d < 1e-5, "{d}");
+        // Real tokens after a pad, or none at all: the mask decides.
+        for row in [[1f32, 0., 1.], [0.; 3]] {
+            let mask = Tensor::new(&[row], &dev).unwrap();
+            assert!(matches!(Keys::of(&mask).unwrap(), Keys::Masked));
+        }
+    }
 
     #[test]
     fn position_ids_follow_xlmr() {
