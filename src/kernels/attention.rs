@@ -417,7 +417,7 @@ impl Element for bf16 {
         }
     }
     fn scores((rows, m, d): (usize, usize, usize), q: &[bf16], h: &Bf16Head, scores: &mut [f32]) {
-        gemm_bf16_packed(rows, Matrix::rows(q, d), &h.kt, scores, m, false);
+        gemm_bf16_packed(rows, Matrix::rows(q, d), &h.kt, scores, m, false, 1);
     }
     fn probabilities(scores: &mut [f32], m: usize, scale: f32, scratch: &mut Self::Scratch) {
         let (rounded, inv) = scratch;
@@ -435,7 +435,7 @@ impl Element for bf16 {
         acc: &mut [f32],
         (rounded, inv): &mut Self::Scratch,
     ) {
-        gemm_bf16_packed(rows, Matrix::rows(rounded, m), &h.v, acc, d, false);
+        gemm_bf16_packed(rows, Matrix::rows(rounded, m), &h.v, acc, d, false, 1);
         for (row, inv) in acc.chunks_mut(d.max(1)).zip(inv.iter()) {
             row.iter_mut().for_each(|v| *v *= inv);
         }

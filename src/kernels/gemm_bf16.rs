@@ -254,28 +254,14 @@ impl PackedB {
     }
 }
 
-/// `c = a x b` (`accumulate`: `c += a x b`) for `a` [m, k] and a packed `b` [k, n], on the calling
-/// thread (for callers that run many small products in parallel).
+/// `c = a x b` (`accumulate`: `c += a x b`) for `a` [m, k] and a packed `b` [k, n], split between
+/// `threads` threads (rayon) when the work is large enough: 1 for callers that run many small
+/// products in parallel (attention's blocks of query rows), more for a layer's weight packed once
+/// at load and multiplied by each call's activations.
 ///
 /// # Panics
 /// When `a` or `c` is too short for its shape (a caller's bug).
 pub fn gemm_bf16_packed(
-    m: usize,
-    a: Matrix<'_, bf16>,
-    b: &PackedB,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_bf16_packed_par(m, a, b, c, ldc, accumulate, 1)
-}
-
-/// [`gemm_bf16_packed`] split between `threads` threads (rayon) when the work is large enough: a
-/// layer's weight packed once at load, multiplied by each call's activations.
-///
-/// # Panics
-/// When `a` or `c` is too short for its shape (a caller's bug).
-pub fn gemm_bf16_packed_par(
     m: usize,
     a: Matrix<'_, bf16>,
     b: &PackedB,
@@ -873,7 +859,7 @@ mod tests {
                         amx::block::<true>((0, m), (0, n), k, a, b, c.as_mut_ptr(), ldc, accumulate)
                     };
                 } else if prepacked {
-                    gemm_bf16_packed_par(m, a, &packed, &mut c, ldc, accumulate, threads);
+                    gemm_bf16_packed(m, a, &packed, &mut c, ldc, accumulate, threads);
                 } else {
                     gemm_bf16(kernel, (m, n, k), a, b, &mut c, ldc, accumulate, threads);
                 }
@@ -980,6 +966,7 @@ mod tests {
                     &mut c,
                     3,
                     accumulate,
+                    1,
                 );
                 assert_eq!(c, [want; 6], "prepacked, accumulate {accumulate}");
                 c.fill(1.5);

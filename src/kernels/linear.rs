@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::gemm_bf16::{gemm_bf16, gemm_bf16_packed_par, Bf16Kernel, Matrix, PackedB};
+use super::gemm_bf16::{gemm_bf16, gemm_bf16_packed, Bf16Kernel, Matrix, PackedB};
 
 /// A linear layer with PyTorch's weight names (`weight` `[out, in]`, optional `bias` `[out]`).
 #[derive(Debug, Clone)]
@@ -306,7 +306,7 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
         };
         let x = super::contiguous(x, l, "linear: the input")?;
         let mut out = initial_output(self.bias, m, n)?;
-        gemm_bf16_packed_par(
+        gemm_bf16_packed(
             m,
             Matrix::rows(x, k),
             self.packed,
