@@ -270,12 +270,13 @@ impl Pipeline {
         self.build_vae(self.weights(&self.files.vae_weights)?)
     }
 
-    /// Frees `slot` after its stage when loading per stage, with the convolution scratch the stage
-    /// kept (sized by its layers).
+    /// Frees `slot` after its stage when loading per stage, with the convolution scratch and the
+    /// allocator's pooled blocks the stage kept (sized by its layers).
     fn release<T>(&self, slot: &RefCell<Option<T>>) {
         if self.per_stage {
             *slot.borrow_mut() = None;
             crate::kernels::winograd::release_scratch();
+            crate::alloc::new_stage();
         }
     }
 
