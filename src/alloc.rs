@@ -269,10 +269,11 @@ pub mod mapped {
 /// glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh maps and unmaps them on
 /// free, so every large activation of every UNet evaluation is memory the kernel must clear again
 /// (`clear_page_erms` was 11 % of a whole m18 fp32 512x512 run on the Zen 4 machine, `perf`; the
-/// same buffers recur at every step). Blocks of [`MIN`] bytes or more are therefore rounded up to
-/// whole 2 MiB (huge-page) classes, and a freed one waits here, up to [`cap`] bytes in all, for an
-/// allocation of the same class; when the pool is full the least recently freed blocks go back to
-/// the system. `ALTDIFF_REUSE_MIB=0` turns it off (every block goes straight back, as before).
+/// same buffers recur at every step). Blocks of [`MIN`] bytes or more (aligned to at most a page)
+/// are therefore rounded up to whole 2 MiB (huge-page) classes, and a freed one waits here, up to
+/// [`cap`] bytes in all, for an allocation of the same class; when the pool is full the least
+/// recently freed blocks are unmapped. `ALTDIFF_REUSE_MIB=0` turns it off (every block is unmapped
+/// when freed).
 ///
 /// Measured on that machine (m18 fp32 512x512, 3 DDIM steps, 2 threads, one run each): UNet step
 /// 9.40 s without the pool, 8.66 / 8.77 / 8.49 s with 128 / 256 / 512 MiB, for a peak RSS of
@@ -281,20 +282,23 @@ pub mod mapped {
 /// The pool never raises the peak: it holds at most the room between the large blocks in use
 /// (`live`) and the most they have been since the stage began (`high`), so that in-use plus pooled
 /// never exceeds what the stage's peak would be without a pool. A fresh block that would break this
-/// sends the oldest pooled blocks back first, and [`new_stage`] (a model unloaded) empties the pool
-/// and starts a new peak. Measured (m18 fp32 512x512, 1 PNDM step, 2 threads, Zen 4): peak RSS
-/// 3.61 GiB with a plain 128 MiB pool and 3.49 GiB without one.
+/// unmaps the oldest pooled blocks first, and [`new_stage`] (a model unloaded) empties the pool and
+/// starts a new peak. Every block is a memory map of its own ([`map`]), so an unmapped one leaves
+/// the process at once: glibc, which served the blocks below 32 MiB from its heaps, kept freed ones
+/// resident. Measured (m18 fp32 512x512, 2 PNDM steps, 2 threads, Zen 4, paired runs): peak RSS
+/// 3.61-3.62 GiB with a plain 128 MiB pool, 3.56-3.57 GiB bounded by the peak with glibc's blocks,
+/// 3.48-3.49 GiB with maps of its own, at the same UNet step time.
 ///
 /// A reused block holds what its last user left (`alloc_zeroed` clears it); a block may serve
-/// any alignment its address satisfies. No allocation happens under the lock (the slots are a
-/// fixed array), and `System` frees a block whatever alignment its layout names (`free(3)`).
+/// any alignment up to a page. No allocation happens under the lock (the slots are a fixed array).
 #[cfg(target_os = "linux")]
 pub(crate) mod reuse {
-    use std::alloc::{GlobalAlloc, Layout, System};
     use std::sync::Mutex;
 
     /// Blocks at least this large are pooled.
     pub const MIN: usize = 4 << 20;
+    /// The alignment every block has (a memory map's).
+    const PAGE: usize = 4096;
     /// Their sizes are rounded up to multiples of this.
     const CLASS: usize = 2 << 20;
     const SLOTS: usize = 48;
@@ -342,9 +346,40 @@ pub(crate) mod reuse {
 
     /// Gives a block of `class` bytes back to the system.
     fn free(ptr: usize, class: usize) {
-        // SAFETY: a block of `class` bytes from System, no longer used by anyone (the callers'
-        // promise); `System` frees whatever alignment the layout names.
-        unsafe { System.dealloc(ptr as *mut u8, Layout::from_size_align_unchecked(class, 1)) }
+        // SAFETY: a block of `class` bytes from `map`, no longer used by anyone (the callers'
+        // promise). A failure would leave the pages mapped, nothing worse.
+        unsafe {
+            libc::munmap(ptr as *mut libc::c_void, class);
+        }
+    }
+
+    /// A fresh, zeroed block of `class(size)` bytes, page-aligned: a memory map of its own, so
+    /// that it leaves the process's memory as soon as it is freed (glibc would keep blocks below
+    /// 32 MiB in its heaps after a free, resident: 60-85 MiB more peak RSS, m18 fp32). Null
+    /// when the system refuses.
+    pub fn map(size: usize) -> *mut u8 {
+        // SAFETY: a new anonymous private map; nothing else refers to its address range.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                class(size),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            std::ptr::null_mut()
+        } else {
+            p.cast()
+        }
+    }
+
+    /// Whether an allocation of `size` bytes aligned to `align` is a block of this pool (made by
+    /// [`map`]); larger alignments than a page go to the system allocator.
+    pub fn handles(size: usize, align: usize) -> bool {
+        size >= MIN && align <= PAGE
     }
 
     const EMPTY: Slot = Slot {
@@ -426,11 +461,10 @@ pub(crate) mod reuse {
     ///
     /// # Safety
     /// `ptr` is a live block of `class(size)` bytes from `System`, no longer used by anyone.
-    pub unsafe fn give(ptr: *mut u8, size: usize, align: usize) {
+    pub unsafe fn give(ptr: *mut u8, size: usize) {
         let class = class(size);
         let Ok(mut pool) = POOL.lock() else {
-            // SAFETY: the caller's block of `class` bytes from System.
-            unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(class, align)) };
+            free(ptr as usize, class);
             return;
         };
         if cap() == 0 {
@@ -496,25 +530,16 @@ fn pooled(layout: Layout, zeroed: bool) -> *mut u8 {
     }
     reuse::fresh(layout.size());
     let size = reuse::class(layout.size());
-    // SAFETY: a non-zero size (at least reuse::MIN) and the caller's alignment.
-    let class = unsafe { Layout::from_size_align_unchecked(size, layout.align()) };
-    // SAFETY: `class` is a valid, non-zero layout.
-    let p = unsafe {
-        if zeroed {
-            System.alloc_zeroed(class)
-        } else {
-            System.alloc(class)
-        }
-    };
-    let p = checked(p, size);
+    // A fresh map is already zero.
+    let p = checked(reuse::map(layout.size()), size);
     advise(p, size);
     p
 }
 
 // SAFETY: every call is forwarded to `System` with the same arguments, except for the blocks that
 // are file maps (`mapped`), which are unmapped or copied out instead, and blocks of `reuse::MIN`
-// bytes or more, which are `reuse::class(size)` bytes from `System` (or such a block reused) and go
-// back to the pool or the system with that size; `advise` does not touch the
+// bytes or more aligned to at most a page, which are memory maps of `reuse::class(size)` bytes (or
+// such a block reused) and go back to the pool or are unmapped with that size; `advise` does not touch the
 // memory or the allocator's bookkeeping; a refused block ends the process instead of returning.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -523,7 +548,7 @@ unsafe impl GlobalAlloc for Allocator {
             mapped::INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         #[cfg(target_os = "linux")]
-        if layout.size() >= reuse::MIN {
+        if reuse::handles(layout.size(), layout.align()) {
             return pooled(layout, false);
         }
         let p = checked(unsafe { System.alloc(layout) }, layout.size());
@@ -533,7 +558,7 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(target_os = "linux")]
-        if layout.size() >= reuse::MIN {
+        if reuse::handles(layout.size(), layout.align()) {
             return pooled(layout, true);
         }
         let p = checked(unsafe { System.alloc_zeroed(layout) }, layout.size());
@@ -547,9 +572,9 @@ unsafe impl GlobalAlloc for Allocator {
             return;
         }
         #[cfg(target_os = "linux")]
-        if layout.size() >= reuse::MIN {
+        if reuse::handles(layout.size(), layout.align()) {
             // SAFETY: a block `alloc` made of reuse::class(size) bytes, freed by its owner.
-            unsafe { reuse::give(ptr, layout.size(), layout.align()) };
+            unsafe { reuse::give(ptr, layout.size()) };
             return;
         }
         unsafe { System.dealloc(ptr, layout) }
@@ -559,7 +584,11 @@ unsafe impl GlobalAlloc for Allocator {
         #[cfg(target_os = "linux")]
         {
             let map = mapped::is_map(ptr, layout.size());
-            let (old_pooled, new_pooled) = (layout.size() >= reuse::MIN, new_size >= reuse::MIN);
+            let align = layout.align();
+            let (old_pooled, new_pooled) = (
+                reuse::handles(layout.size(), align),
+                reuse::handles(new_size, align),
+            );
             if old_pooled
                 && new_pooled
                 && !map
