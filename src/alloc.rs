@@ -511,7 +511,7 @@ pub(crate) mod reuse {
 }
 
 /// A model was unloaded: the freed large blocks kept for reuse go back to the system, and the next
-/// stage's memory peak is counted afresh (see [`reuse`]). Nothing elsewhere than Linux.
+/// stage's memory peak is counted afresh (see the `reuse` pool). Nothing elsewhere than Linux.
 pub fn new_stage() {
     #[cfg(target_os = "linux")]
     reuse::new_stage();
