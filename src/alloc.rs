@@ -21,11 +21,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
-/// Blocks at least this large get the huge-page advice: glibc maps every block of 32 MiB or more
-/// on its own (its largest mmap threshold), so the advice never lands on memory glibc keeps in its
-/// heaps after a free. Advised from 4 MiB, the heaps' freed huge pages stayed resident: 55-85 MiB
-/// more peak RSS in an m18 fp32 run, with no measurable speed gain since the smaller blocks are
-/// reused from [`reuse`]'s pool instead of being faulted in afresh (paired runs, Zen 4, 2026-12-06).
+/// Blocks at least this large get the huge-page advice. It was chosen when glibc still served the
+/// blocks below 32 MiB from its heaps: advised from 4 MiB, the heaps' freed huge pages stayed
+/// resident (55-85 MiB more peak RSS in an m18 fp32 run, no measurable speed gain; paired runs,
+/// Zen 4, 2026-12-06). Blocks of [`reuse::MIN`] bytes or more are now [`reuse`]'s own maps, which
+/// leave nothing resident when unmapped, so a lower threshold is worth measuring again.
 #[cfg(target_os = "linux")]
 const HUGE_MIN: usize = 32 << 20;
 #[cfg(target_os = "linux")]
