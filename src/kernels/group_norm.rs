@@ -61,20 +61,43 @@ impl GroupNorm {
         self.run(xs, true)
     }
 
-    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+    /// GroupNorm of `xs` [B, C, H, W] as tokens [B, H*W, C], the layout a transformer's projection
+    /// reads (`norm(x).permute(0, 2, 3, 1).reshape(B, H*W, C)`). On the CPU the kernel writes the
+    /// tokens directly: the same values as [`Module::forward`], without candle's strided copy (one
+    /// thread, one element at a time) of the whole feature map.
+    pub fn forward_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        if let Some(op) = self.op(xs, false, true)? {
+            return xs.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        self.forward(xs)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b, h * w, c))
+    }
+
+    /// The CPU kernel for `xs`, if it applies.
+    fn op(&self, xs: &Tensor, silu: bool, tokens: bool) -> Result<Option<GroupNormOp>> {
         let channels = self.weight.dim(0)?;
-        if xs.device().is_cpu()
+        let applies = xs.device().is_cpu()
             && matches!(xs.dtype(), DType::F32 | DType::BF16)
             && xs.rank() >= 2
-            && xs.dim(1)? == channels
-        {
-            let op = GroupNormOp {
-                groups: self.groups,
-                eps: self.eps,
-                gamma: self.weight.to_dtype(DType::F32)?.to_vec1()?,
-                beta: self.bias.to_dtype(DType::F32)?.to_vec1()?,
-                silu,
-            };
+            && xs.dim(1)? == channels;
+        if !applies {
+            return Ok(None);
+        }
+        Ok(Some(GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            gamma: self.weight.to_dtype(DType::F32)?.to_vec1()?,
+            beta: self.bias.to_dtype(DType::F32)?.to_vec1()?,
+            silu,
+            tokens,
+        }))
+    }
+
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        let channels = self.weight.dim(0)?;
+        if let Some(op) = self.op(xs, silu, false)? {
             return xs.contiguous()?.apply_op1_no_bwd(&op);
         }
         let norm = candle_nn::GroupNorm::new(
@@ -105,11 +128,16 @@ struct GroupNormOp {
     gamma: Vec<f32>,
     beta: Vec<f32>,
     silu: bool,
+    /// Written as tokens [B, spatial, C] (without SiLU).
+    tokens: bool,
 }
 
 impl GroupNormOp {
     /// The op on `x` ([B, C, spatial]: `shape` is (channels, spatial, groups)).
     fn apply<T: Value>(&self, x: &[T], shape: (usize, usize, usize)) -> Vec<T> {
+        if self.tokens {
+            return group_norm_tokens(x, shape, &self.gamma, &self.beta, self.eps);
+        }
         group_norm(x, shape, &self.gamma, &self.beta, self.eps, self.silu)
     }
 }
@@ -133,6 +161,9 @@ impl CustomOp1 for GroupNormOp {
             CpuStorage::BF16(v) => CpuStorage::BF16(self.apply(&v[a..b], shape)),
             _ => candle_core::bail!("group_norm: input must be f32 or bf16"),
         };
+        if self.tokens {
+            return Ok((out, Shape::from((dims[0], spatial, dims[1]))));
+        }
         Ok((out, l.shape().clone()))
     }
 }
@@ -241,6 +272,116 @@ pub(crate) fn group_norm<T: Value>(
     unsafe { filled(x.len(), fill) }
 }
 
+/// One (image, group)'s mean and `1 / sqrt(var + eps)`, as [`Group`] computes them.
+struct Stats<'a, T> {
+    x: &'a [T],
+    eps: f64,
+    out: &'a mut (f32, f32),
+}
+
+impl<T: Value> Vectorized for Stats<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (mean, var) = moments(self.x);
+        *self.out = (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32);
+    }
+}
+
+/// Positions per block of [`group_norm_tokens`] (a block of all channels stays in L2).
+const TOKEN_BLOCK: usize = 64;
+/// Channels normalised together before they are written across the block's token rows.
+const CHANNEL_BLOCK: usize = 16;
+
+/// One block of positions of one image, written as token rows of all channels.
+struct TokenBlock<'a, T> {
+    /// The image's [C, spatial] values.
+    x: &'a [T],
+    /// Token rows `p0..p0 + n` of the image ([n, C]).
+    out: &'a mut [MaybeUninit<T>],
+    p0: usize,
+    spatial: usize,
+    /// Per channel: its group's mean, `gamma * rstd` and beta.
+    mean: &'a [f32],
+    scale: &'a [f32],
+    beta: &'a [f32],
+}
+
+impl<T: Value> Vectorized for TokenBlock<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let channels = self.mean.len();
+        let n = self.out.len() / channels.max(1);
+        let mut tile = [[0f32; TOKEN_BLOCK]; CHANNEL_BLOCK];
+        for c0 in (0..channels).step_by(CHANNEL_BLOCK) {
+            let cb = CHANNEL_BLOCK.min(channels - c0);
+            for (i, row) in tile.iter_mut().enumerate().take(cb) {
+                let c = c0 + i;
+                let (mean, scale, shift) = (self.mean[c], self.scale[c], self.beta[c]);
+                let xs = &self.x[c * self.spatial + self.p0..][..n];
+                for (y, &v) in row.iter_mut().zip(xs) {
+                    // The same expression as `Group`: bit-identical values.
+                    *y = (v.get() - mean) * scale + shift;
+                }
+            }
+            for (j, token) in self.out.chunks_exact_mut(channels).enumerate() {
+                for (i, o) in token[c0..c0 + cb].iter_mut().enumerate() {
+                    o.write(T::put(tile[i][j]));
+                }
+            }
+        }
+    }
+}
+
+/// GroupNorm over [B, C, spatial] data (contiguous), written as tokens [B, spatial, C]: the values
+/// of [`group_norm`] without SiLU, transposed in cache-sized blocks on all threads.
+pub(crate) fn group_norm_tokens<T: Value>(
+    x: &[T],
+    (channels, spatial, groups): (usize, usize, usize),
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Vec<T> {
+    let cg = channels / groups.max(1);
+    let chunk = (cg * spatial).max(1);
+    let mut stats = vec![(0f32, 0f32); x.len() / chunk];
+    stats
+        .par_iter_mut()
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| vectorized(Stats { x, eps, out }));
+    let image = (channels * spatial).max(1);
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        out.par_chunks_mut(image)
+            .zip(x.par_chunks(image))
+            .enumerate()
+            .for_each(|(b, (out, x))| {
+                // Per channel: its group's mean, gamma * rstd (as `Group`), and beta.
+                let per_channel = |f: &dyn Fn(usize, (f32, f32)) -> f32| -> Vec<f32> {
+                    (0..channels)
+                        .map(|c| f(c, stats[b * groups + c / cg]))
+                        .collect()
+                };
+                let mean = per_channel(&|_, (m, _)| m);
+                let scale = per_channel(&|c, (_, r)| gamma[c] * r);
+                out.par_chunks_mut(TOKEN_BLOCK * channels)
+                    .enumerate()
+                    .for_each(|(blk, out)| {
+                        vectorized(TokenBlock {
+                            x,
+                            out,
+                            p0: blk * TOKEN_BLOCK,
+                            spatial,
+                            mean: &mean,
+                            scale: &scale,
+                            beta,
+                        })
+                    })
+            })
+    };
+    // SAFETY: the images' chunks cover the output; each block task writes every channel of each
+    // of its token rows (`TokenBlock` covers all channel blocks).
+    unsafe { filled(x.len(), fill) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +450,45 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
             assert!(rel < 1.0 / 128.0, "silu {silu}: {rel}");
+        }
+    }
+
+    /// Tokens [B, H*W, C]: exactly the values of the NCHW kernel, transposed, in f32 and bf16, on
+    /// sizes that end off the position and channel blocks.
+    #[test]
+    fn tokens_are_the_transposed_values() {
+        for (shape, groups) in [
+            (vec![2, 40, 9, 11], 8),
+            (vec![1, 16, 8, 8], 16),
+            (vec![2, 6, 1, 130], 3),
+            (vec![1, 33, 3, 5], 11),
+        ] {
+            let (b, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+            let n: usize = shape.iter().product();
+            let norm =
+                GroupNorm::new(t(c, &[c], 1.0, 1.0), t(c, &[c], 2.0, 0.0), groups, 1e-5).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let x = t(n, &shape, 0.2, 0.7).to_dtype(dtype).unwrap();
+                let got = norm.forward_tokens(&x).unwrap();
+                let want = norm
+                    .forward(&x)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .reshape((b, h * w, c))
+                    .unwrap();
+                assert_eq!(got.dims(), [b, h * w, c]);
+                assert_eq!(got.dtype(), dtype);
+                let flat = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                assert_eq!(flat(&got), flat(&want), "{shape:?} {dtype:?}");
+            }
         }
     }
 

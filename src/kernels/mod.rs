@@ -21,6 +21,8 @@
 //!   path through f32), for `--dtype bf16` on the CPU, and the [`linear`] layers that use it.
 //! - [`geglu`]: the feed-forward's GEGLU in one pass with a vectorised erf.
 //! - [`convert`]: f32 <-> bf16 conversion of whole buffers, vectorised.
+//! - [`tokens`]: a transformer's tokens back into the NCHW feature map with the residual added,
+//!   in one blocked pass (the way in is fused into [`GroupNorm::forward_tokens`]).
 //!
 //! The crate's own loops (softmax, GEGLU, GroupNorm, conversions, Winograd transforms) are
 //! compiled for the CPU's best instruction set at run time through one pulp dispatch
@@ -34,6 +36,7 @@ pub mod gemm_bf16;
 pub mod group_norm;
 pub mod linear;
 pub mod softmax;
+pub mod tokens;
 pub mod winograd;
 
 pub use conv2d::Conv2d;

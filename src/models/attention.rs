@@ -11,7 +11,8 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::kernels::linear::{linear, linear_no_bias, Linear};
 
-use crate::kernels::{Conv2d, GroupNorm};
+use crate::kernels::tokens::tokens_to_map_add;
+use crate::kernels::GroupNorm;
 
 /// Multi-head attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`, `to_out.0`).
 pub struct Attention {
@@ -397,11 +398,6 @@ impl BasicTransformerBlock {
     }
 }
 
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// Settings of one `Transformer2DModel`.
 #[derive(Debug, Clone, Copy)]
 pub struct TransformerConfig {
@@ -420,23 +416,32 @@ pub struct TransformerConfig {
 }
 
 /// diffusers' `Transformer2DModel` for continuous inputs.
+///
+/// Both kinds of projection run on the tokens [B, H*W, C]: SD 1.x's 1x1 convolutions on the
+/// feature map are the same sums as a linear layer with their [C, C] weight on the tokens (only
+/// the order of the additions may differ). The tokens come straight out of the GroupNorm
+/// ([`GroupNorm::forward_tokens`]) and go back into the feature map with the residual added in
+/// one pass ([`tokens_to_map_add`]): the permuted copies in between were candle's one-thread
+/// strided copies of the whole feature map.
 pub struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
-    proj_out: Projection,
+    proj_out: Linear,
 }
 
 impl SpatialTransformer {
     /// Loads `attentions.N` of a UNet block.
     pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> candle_core::Result<Self> {
         let c = cfg.channels;
-        let proj = |name: &str| -> candle_core::Result<Projection> {
-            Ok(if cfg.use_linear_projection {
-                Projection::Linear(linear(c, c, vb.pp(name))?)
-            } else {
-                Projection::Conv(Conv2d::load(c, c, 1, Default::default(), vb.pp(name))?)
-            })
+        let proj = |name: &str| -> candle_core::Result<Linear> {
+            let vb = vb.pp(name);
+            if cfg.use_linear_projection {
+                return linear(c, c, vb);
+            }
+            // The 1x1 convolution's [C, C, 1, 1] weight as a linear layer's [C, C] (a view).
+            let weight = vb.get((c, c, 1, 1), "weight")?.squeeze(3)?.squeeze(2)?;
+            Linear::new(candle_nn::Linear::new(weight, Some(vb.get(c, "bias")?)))
         };
         let blocks = (0..cfg.depth)
             .map(|i| {
@@ -458,24 +463,10 @@ impl SpatialTransformer {
 
     /// `xs` [B, C, H, W], `context` [B, M, Cc].
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
-        };
-        let to_map = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
-        };
-        let normed = self.norm.forward(xs)?;
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(p) => to_tokens(&p.forward(&normed)?)?,
-            Projection::Linear(p) => p.forward(&to_tokens(&normed)?)?,
-        };
+        let mut tokens = self.proj_in.forward(&self.norm.forward_tokens(xs)?)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        match &self.proj_out {
-            Projection::Conv(p) => p.forward_add(&to_map(&tokens)?, xs),
-            Projection::Linear(p) => to_map(&p.forward(&tokens)?)? + xs,
-        }
+        tokens_to_map_add(&self.proj_out.forward(&tokens)?, xs)
     }
 }
