@@ -33,6 +33,26 @@ pub fn tokenizer_cases() -> Vec<(String, Vec<u32>, Vec<u32>)> {
         .collect()
 }
 
+/// A CPU tensor of `shape` holding `amp * sin(0.377 i + phase)` (i the flat index): smooth, signed
+/// values with no two neighbours alike.
+pub fn sine(shape: &[usize], phase: f32, amp: f32) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (i as f32 * 0.377 + phase).sin() * amp)
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// Every value of `t` as f32, in order (for exact comparisons).
+pub fn flat_f32(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// The largest |a - b| of two tensors of the same shape, as f32.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)

@@ -536,15 +536,9 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn t(shape: &[usize], phase: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (i as f32 * 0.377 + phase).sin() * 1.5)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
+        crate::test_support::sine(shape, phase, 1.5)
             .to_dtype(DType::BF16)
             .unwrap()
     }

@@ -479,14 +479,7 @@ mod tests {
                     .unwrap();
                 assert_eq!(got.dims(), [b, h * w, c]);
                 assert_eq!(got.dtype(), dtype);
-                let flat = |t: &Tensor| {
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                };
+                let flat = crate::test_support::flat_f32;
                 assert_eq!(flat(&got), flat(&want), "{shape:?} {dtype:?}");
             }
         }

@@ -152,14 +152,10 @@ impl CustomOp2 for TokensToMapAdd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::test_support::{flat_f32, sine};
 
     fn t(shape: &[usize], phase: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (i as f32 * 0.377 + phase).sin() * 3.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        sine(shape, phase, 3.0)
     }
 
     /// candle's permute, copy and add, on shapes whose channels and positions end off the tiles;
@@ -182,15 +178,7 @@ mod tests {
                     .unwrap();
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(got.dtype(), dtype);
-                let (got, want) = (
-                    got.to_dtype(DType::F32).unwrap().flatten_all().unwrap(),
-                    want.to_dtype(DType::F32).unwrap().flatten_all().unwrap(),
-                );
-                assert_eq!(
-                    got.to_vec1::<f32>().unwrap(),
-                    want.to_vec1::<f32>().unwrap(),
-                    "{b}x{c}x{h}x{w} {dtype:?}"
-                );
+                assert_eq!(flat_f32(&got), flat_f32(&want), "{b}x{c}x{h}x{w} {dtype:?}");
             }
         }
     }
