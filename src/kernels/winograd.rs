@@ -687,26 +687,28 @@ impl Vectorized for OutputTask<'_> {
             // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once.
             // F(2x2) written out (A^T = [1 1 1 0; 0 1 -1 -1]), the same sums in the same order.
             let m_row = |p: usize| &self.mv[(p * self.nco + self.col) * nt + ri * ntx..][..ntx];
-            for i in (0..a).filter(|_| f2) {
-                let (m0, m1, m2, m3) = (
-                    m_row(i * 4),
-                    m_row(i * 4 + 1),
-                    m_row(i * 4 + 2),
-                    m_row(i * 4 + 3),
-                );
-                let (s0, s1) = s[i * 2 * ntx..(i * 2 + 2) * ntx].split_at_mut(ntx);
-                zip3_with(s0, m0, m1, m2, |a, b, c| a + b + c);
-                zip3_with(s1, m1, m2, m3, |a, b, c| a - b - c);
-            }
-            for i in (0..a).filter(|_| !f2) {
-                for c in 0..m {
-                    let d = &mut s[(i * m + c) * ntx..][..ntx];
-                    d.fill(0.0);
-                    for j in 0..a {
-                        let coef = t.at[c * a + j];
-                        if coef != 0.0 {
-                            let src = ((i * a + j) * self.nco + self.col) * nt + ri * ntx;
-                            axpy(d, &self.mv[src..][..ntx], coef);
+            if f2 {
+                for i in 0..4 {
+                    let (m0, m1, m2, m3) = (
+                        m_row(i * 4),
+                        m_row(i * 4 + 1),
+                        m_row(i * 4 + 2),
+                        m_row(i * 4 + 3),
+                    );
+                    let (s0, s1) = s[i * 2 * ntx..(i * 2 + 2) * ntx].split_at_mut(ntx);
+                    zip3_with(s0, m0, m1, m2, |a, b, c| a + b + c);
+                    zip3_with(s1, m1, m2, m3, |a, b, c| a - b - c);
+                }
+            } else {
+                for i in 0..a {
+                    for c in 0..m {
+                        let d = &mut s[(i * m + c) * ntx..][..ntx];
+                        d.fill(0.0);
+                        for j in 0..a {
+                            let coef = t.at[c * a + j];
+                            if coef != 0.0 {
+                                axpy(d, m_row(i * a + j), coef);
+                            }
                         }
                     }
                 }
@@ -717,22 +719,20 @@ impl Vectorized for OutputTask<'_> {
                     break;
                 }
                 // y[c] = sum_i A^T[rr][i] s[i][c].
-                for c in (0..m).filter(|_| f2) {
-                    let row = |i: usize| &s[(i * 2 + c) * ntx..][..ntx];
+                for c in 0..m {
+                    let row = |i: usize| &s[(i * m + c) * ntx..][..ntx];
                     let d = &mut y[c * ntx..][..ntx];
-                    if rr == 0 {
-                        zip3_with(d, row(0), row(1), row(2), |a, b, c| a + b + c);
-                    } else {
-                        zip3_with(d, row(1), row(2), row(3), |a, b, c| a - b - c);
-                    }
-                }
-                for c in (0..m).filter(|_| !f2) {
-                    let d = &mut y[c * ntx..][..ntx];
-                    d.fill(0.0);
-                    for i in 0..a {
-                        let coef = t.at[rr * a + i];
-                        if coef != 0.0 {
-                            axpy(d, &s[(i * m + c) * ntx..][..ntx], coef);
+                    match (f2, rr) {
+                        (true, 0) => zip3_with(d, row(0), row(1), row(2), |a, b, c| a + b + c),
+                        (true, _) => zip3_with(d, row(1), row(2), row(3), |a, b, c| a - b - c),
+                        (false, _) => {
+                            d.fill(0.0);
+                            for i in 0..a {
+                                let coef = t.at[rr * a + i];
+                                if coef != 0.0 {
+                                    axpy(d, row(i), coef);
+                                }
+                            }
                         }
                     }
                 }
