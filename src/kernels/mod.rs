@@ -73,10 +73,12 @@ pub fn describe_cpu_kernels() -> String {
     let (f32_kernel, simd) = ("gemm's (neon / generic)", "generic");
     let conv3x3 = match winograd::Mode::get() {
         winograd::Mode::Auto => format!(
-            "Winograd {} (UNet, f32) / {} (VAE, f32 and bf16) from {} tiles, else im2col",
+            "Winograd {} (UNet, f32) from {} tiles / {} (VAE, f32 and bf16) from {} tiles, \
+             else im2col",
             winograd::F2.name,
+            winograd::MIN_TILES_F2,
             winograd::F4.name,
-            winograd::MIN_TILES
+            winograd::MIN_TILES_F4
         ),
         winograd::Mode::Im2col => "im2col (ALTDIFF_CONV3X3)".to_string(),
         winograd::Mode::F2 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F2.name),

@@ -15,9 +15,18 @@
 //! the table-driven passes cost more than their arithmetic. Per call on a 2-vCPU Zen 4, 2 threads:
 //! 320 channels at 64x64 (batch 2) 50.8 -> 46.1 ms, 640 at 32x32 46.5 -> 42.9 ms.
 //!
-//! Memory stays bounded whatever the image size: the tiles are taken in bands of tile rows whose
-//! transformed input fits `BAND_FLOATS`, and the transformed weights are made for a block of
-//! output channels at a time (no per-layer copy kept at load: it would be 1.8-4x the weights).
+//! Memory stays bounded whatever the image size (`Budget`): the tiles are taken in bands of tile
+//! rows whose transformed input and output fit a budget, and the transformed weights are made for a
+//! block of output channels at a time (no per-layer copy kept at load: it would be 1.8-4x the
+//! weights). A layer that fits one band has its input transformed once for all its blocks (the
+//! UNet's 16x16 and 8x8 levels); otherwise each block transforms the bands again, which costs
+//! little where there are few blocks (the 64x64 and 32x32 levels).
+//!
+//! F(2x2)'s weight transform is written out too (`WeightTask::run_f2`): a kernel value or a halved
+//! sum of three per position, made from 64 input channels at a time in L1. With the input
+//! transformed once per layer, F(2x2) now beats im2col at 16x16 (`MIN_TILES_F2`): per call on
+//! the 2-vCPU Zen 4, 1280 channels at 16x16, batch 2: weights 17 -> 9 ms, the call 64 -> 47 ms,
+//! against im2col's 72-78 ms.
 //!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
 //! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
@@ -42,11 +51,6 @@ use std::mem::MaybeUninit;
 use super::conv2d::Geometry;
 use super::convert::Value;
 use super::{vectorized, SendPtr, Vectorized};
-
-/// Floats of transformed input and output per band (16 MiB each at most).
-const BAND_FLOATS: usize = 1 << 22;
-/// Floats of transformed weights per block of output channels (32 MiB).
-const WEIGHT_FLOATS: usize = 1 << 23;
 
 /// One Winograd variant: output tile `m` x `m`, input tile `a` = m + 2, and its matrices (row-major
 /// `B^T` a x a, `G` a x 3, `A^T` m x a).
@@ -181,9 +185,11 @@ fn tiles(g: &Geometry, m: usize) -> usize {
 
 /// The Winograd variant for this convolution, or `None` for the im2col kernel: only 3x3,
 /// stride 1, padding 1, dilation 1; in `auto`, F(4x4) when the layer allows it and the batch has at
-/// least `MIN_TILES` 4x4 tiles, else F(2x2) when it has that many 2x2 tiles. Fewer tiles do not pay
-/// for transforming the weights on every call (measured by `winograd_speed` on the UNet's and
-/// the VAE decoder's shapes: the UNet's 1280-channel levels stay on im2col at 512x512).
+/// least `MIN_TILES_F4` 4x4 tiles, else F(2x2) when it has `MIN_TILES_F2` 2x2 tiles. Fewer tiles do
+/// not pay for transforming the weights on every call: the weight transform's cost per pair of
+/// channels is fixed, the products it saves grow with the tiles (`winograd_speed`, 2-vCPU Zen 4,
+/// ms, im2col / F(2x2)): 1280 channels at 16x16, batch 2 (128 tiles) 72 / 47, batch 1 (64 tiles)
+/// 38 / 28; at 8x8, batch 2 (32 tiles) 19-21 / 19-23, a draw, so im2col.
 pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
     let eligible = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1 && g.dilation == 1;
     if !eligible || g.b * g.h * g.w == 0 || g.ci == 0 || g.co == 0 {
@@ -193,14 +199,17 @@ pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
         Mode::Im2col => None,
         Mode::F2 => Some(&F2),
         Mode::F4 => Some(&F4),
-        Mode::Auto if g.winograd == Largest::F4 && tiles(g, 4) >= MIN_TILES => Some(&F4),
-        Mode::Auto if tiles(g, 2) >= MIN_TILES => Some(&F2),
+        Mode::Auto if g.winograd == Largest::F4 && tiles(g, 4) >= MIN_TILES_F4 => Some(&F4),
+        Mode::Auto if tiles(g, 2) >= MIN_TILES_F2 => Some(&F2),
         Mode::Auto => None,
     }
 }
 
-/// The fewest tiles for which `auto` picks a Winograd variant.
-pub(crate) const MIN_TILES: usize = 256;
+/// The fewest 4x4 tiles for which `auto` picks F(4x4) (its weights are 4x the kernel's: at 64
+/// tiles it is slower than im2col).
+pub(crate) const MIN_TILES_F4: usize = 256;
+/// The fewest 2x2 tiles for which `auto` picks F(2x2).
+pub(crate) const MIN_TILES_F2: usize = 64;
 
 /// `dst += c * src`, elementwise (vectorised by the caller's pulp dispatch).
 #[inline(always)]
@@ -298,6 +307,66 @@ pub(crate) fn conv_bf16(
 
 /// The convolution into `sink`; `x` and `w` are widened to f32 as they are read.
 fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
+    run_within(t, x, w, sink, g, &BUDGET)
+}
+
+/// How much transformed data one convolution may hold (floats), which sets its blocks of output
+/// channels and its bands of tile rows.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    /// Transformed weights per block of output channels.
+    weights: usize,
+    /// Transformed input and output per band of tile rows.
+    band: usize,
+    /// A layer whose transformed input and output fit `one_band` with blocks of `one_band_weights`
+    /// is done in one band: its input transformed once for all its blocks, which are small enough
+    /// to stay in cache from their transform to their products. The UNet's 2560 -> 1280 channel
+    /// layers at 16x16 (batch 2) otherwise take two bands and seven blocks: 132-135 ms per call
+    /// against 91-124 ms in one band (Zen 4, `winograd_speed`).
+    one_band_weights: usize,
+    one_band: usize,
+}
+
+/// 32 MiB of weights per block, 16 MiB per band; 8 MiB blocks in bands of up to 24 MiB.
+const BUDGET: Budget = Budget {
+    weights: 1 << 23,
+    band: 1 << 22,
+    one_band_weights: 1 << 21,
+    one_band: 6 << 20,
+};
+
+/// A convolution's output channels per block of transformed weights (a multiple of 16, gemm's row
+/// blocking) and tile rows per band.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Cut {
+    cob: usize,
+    band_rows: usize,
+}
+
+impl Budget {
+    fn cut(&self, plan: &Plan) -> Cut {
+        let g = plan.g;
+        let a2 = plan.t.a * plan.t.a;
+        let rows_total = g.b * plan.nty;
+        let cob = |floats: usize| {
+            ((floats / (a2 * g.ci)) / 16 * 16)
+                .clamp(16, g.co.next_multiple_of(16))
+                .min(g.co)
+        };
+        let small = cob(self.one_band_weights);
+        if a2 * plan.ntx * rows_total * (g.ci + small) <= self.one_band {
+            return Cut {
+                cob: small,
+                band_rows: rows_total,
+            };
+        }
+        let cob = cob(self.weights);
+        let band_rows = (self.band / (a2 * plan.ntx * (g.ci + cob))).clamp(1, rows_total);
+        Cut { cob, band_rows }
+    }
+}
+
+fn run_within<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, budget: &Budget) {
     assert_eq!(x.len(), g.b * g.ci * g.h * g.w, "winograd: input size");
     assert_eq!(w.len(), g.co * g.ci * 9, "winograd: weight size");
     let a = t.a;
@@ -308,13 +377,18 @@ fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
         nty: g.h.div_ceil(t.m),
     };
     let rows_total = g.b * plan.nty;
-    // Output channels per block of transformed weights (a multiple of 16, gemm's row blocking),
-    // then tile rows per band so that the transformed input and output fit the band budget.
-    let cob = ((WEIGHT_FLOATS / (a * a * g.ci)) / 16 * 16).clamp(16, g.co.next_multiple_of(16));
-    let cob = cob.min(g.co);
-    let band_rows = (BAND_FLOATS / (a * a * plan.ntx * (g.ci + cob))).clamp(1, rows_total);
+    let Cut { cob, band_rows } = budget.cut(&plan);
+    let bands: Vec<_> = (0..rows_total)
+        .step_by(band_rows)
+        .map(|r0| r0..(r0 + band_rows).min(rows_total))
+        .collect();
     let mut buffers = Scratch::take();
     let [v, mv, u] = &mut buffers.0;
+    // One band: its input is transformed once, before the first block.
+    let once = bands.len() == 1;
+    if once {
+        transform_input(plan, x, &bands[0], v);
+    }
     for co0 in (0..g.co).step_by(cob) {
         let nco = cob.min(g.co - co0);
         // U[p][col][ci]: every element is written.
@@ -333,24 +407,13 @@ fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
                     scratch,
                 })
             });
-        for r0 in (0..rows_total).step_by(band_rows) {
-            let rows = r0..(r0 + band_rows).min(rows_total);
+        for rows in &bands {
+            if !once {
+                transform_input(plan, x, rows, v);
+            }
             let nt = rows.len() * plan.ntx;
-            // V[p][ci][tile]: every element is written.
-            let v = grow(v, a * a * g.ci * nt);
-            let vp = SendPtr(v.as_mut_ptr());
-            (0..g.ci)
-                .into_par_iter()
-                .for_each_init(Vec::new, |scratch, ci| {
-                    vectorized(InputTask {
-                        band: Band::new(plan, &rows, scratch),
-                        x,
-                        ci,
-                        v: vp,
-                    })
-                });
             let mv = grow(mv, a * a * nco * nt);
-            let (u, v) = (&*u, &*v);
+            let (u, v) = (&*u, &v[..a * a * g.ci * nt]);
             // M_p = U_p (nco x ci) x V_p (ci x nt), one position per task.
             mv.par_chunks_mut(nco * nt)
                 .enumerate()
@@ -375,7 +438,7 @@ fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
                 .into_par_iter()
                 .for_each_init(Vec::new, |scratch, col| {
                     vectorized(OutputTask {
-                        band: Band::new(plan, &rows, scratch),
+                        band: Band::new(plan, rows, scratch),
                         mv,
                         co: co0 + col,
                         col,
@@ -386,6 +449,24 @@ fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
         }
     }
     buffers.give_back();
+}
+
+/// V[p][ci][tile] for a band's tile rows, into `v` (grown to fit; every element is written).
+fn transform_input<X: Value>(plan: Plan, x: &[X], rows: &std::ops::Range<usize>, v: &mut Vec<f32>) {
+    let g = plan.g;
+    let nt = rows.len() * plan.ntx;
+    let v = grow(v, plan.t.a * plan.t.a * g.ci * nt);
+    let vp = SendPtr(v.as_mut_ptr());
+    (0..g.ci)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch, ci| {
+            vectorized(InputTask {
+                band: Band::new(plan, rows, scratch),
+                x,
+                ci,
+                v: vp,
+            })
+        });
 }
 
 /// `buf`'s first `n` elements, growing it (with zeros) when it is shorter: the callers write every
@@ -399,7 +480,7 @@ fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// The transformed input, output and weights, kept between convolutions: fresh buffers of this size
 /// for every layer cost page faults and TLB flushes that took as long as the transforms themselves.
-/// They are bounded by `BAND_FLOATS` and `WEIGHT_FLOATS` (64 MiB in all) and freed by
+/// They are bounded by [`BUDGET`] (80 MiB in all at most) and freed by
 /// [`release_scratch`].
 struct Scratch([Vec<f32>; 3]);
 
@@ -615,6 +696,9 @@ struct WeightTask<'a, X> {
 impl<X: Value> Vectorized for WeightTask<'_, X> {
     #[inline(always)]
     fn run(self) {
+        if self.plan.t.written_out {
+            return self.run_f2();
+        }
         let Plan { t, g, .. } = self.plan;
         let (a, n) = (t.a, g.ci);
         // k[l]: kernel element l of every input channel; gg[i*3 + c]: (G g)[i][c] of every one.
@@ -655,6 +739,61 @@ impl<X: Value> Vectorized for WeightTask<'_, X> {
                         axpy(d, &gg[(i * 3 + c) * n..][..n], coef);
                     }
                 }
+            }
+        }
+    }
+}
+
+impl<X: Value> WeightTask<'_, X> {
+    /// F(2x2, 3x3)'s weight transform written out: `G`'s rows are (1, 0, 0), (1/2, 1/2, 1/2),
+    /// (1/2, -1/2, 1/2) and (0, 0, 1), so each of the 16 positions is a kernel value or a halved sum
+    /// of three. The input channels are taken `CH` at a time: their kernels transposed into nine
+    /// rows that stay in L1, then combined as whole rows straight into the 16 rows of U. The general
+    /// path made nine channel-long rows and twelve more of `G g`, passes that each went out of L1 at
+    /// 1280 channels, and a fill and up to three multiply-adds per row of U. The same products and
+    /// sums in the same order as the general path: the same values.
+    #[inline(always)]
+    fn run_f2(self) {
+        const CH: usize = 64;
+        let n = self.plan.g.ci;
+        self.scratch.clear();
+        self.scratch.resize(21 * CH, 0.0);
+        let (k, gg) = self.scratch.split_at_mut(9 * CH);
+        let wk = &self.w[self.co * n * 9..][..n * 9];
+        // SAFETY: row `col` of U_p (nco x ci), p < 16: written by this channel's task alone,
+        // inside U (16 x nco x ci); the 16 rows are disjoint.
+        let mut u: [&mut [f32]; 16] = std::array::from_fn(|p| unsafe {
+            std::slice::from_raw_parts_mut(self.u.get().add((p * self.nco + self.col) * n), n)
+        });
+        let h = 0.5f32;
+        let sum = move |a: f32, b: f32, c: f32| (h * a + h * b) + h * c;
+        let alt = move |a: f32, b: f32, c: f32| (h * a - h * b) + h * c;
+        for c0 in (0..n).step_by(CH) {
+            let len = CH.min(n - c0);
+            // k[l * CH + i]: kernel element l of input channel c0 + i.
+            for (i, kernel) in wk[c0 * 9..(c0 + len) * 9].chunks_exact(9).enumerate() {
+                for (l, v) in kernel.iter().enumerate() {
+                    k[l * CH + i] = v.get();
+                }
+            }
+            // gg[(r * 3 + c) * CH..]: (G g)[r][c], from kernel rows 0, 1 and 2 of column c.
+            for c in 0..3 {
+                let krow = |l: usize| &k[(l * 3 + c) * CH..][..len];
+                let (k0, k1, k2) = (krow(0), krow(1), krow(2));
+                let at = |r: usize| (r * 3 + c) * CH..(r * 3 + c) * CH + len;
+                gg[at(0)].copy_from_slice(k0);
+                zip3_with(&mut gg[at(1)], k0, k1, k2, sum);
+                zip3_with(&mut gg[at(2)], k0, k1, k2, alt);
+                gg[at(3)].copy_from_slice(k2);
+            }
+            // U[r * 4 + j] = ((G g) G^T)[r][j], from columns 0, 1 and 2 of row r.
+            for (r, ur) in u.chunks_exact_mut(4).enumerate() {
+                let col = |c: usize| &gg[(r * 3 + c) * CH..][..len];
+                let (g0, g1, g2) = (col(0), col(1), col(2));
+                ur[0][c0..][..len].copy_from_slice(g0);
+                zip3_with(&mut ur[1][c0..][..len], g0, g1, g2, sum);
+                zip3_with(&mut ur[2][c0..][..len], g0, g1, g2, alt);
+                ur[3][c0..][..len].copy_from_slice(g2);
             }
         }
     }
@@ -848,11 +987,16 @@ mod tests {
 
     /// Largest error relative to the sum of |products|, for `out` started at `start`.
     fn worst_error(t: &Tiling, g: &Geometry) -> f64 {
+        worst_error_within(t, g, &BUDGET)
+    }
+
+    fn worst_error_within(t: &Tiling, g: &Geometry, budget: &Budget) -> f64 {
         let x = values(g.b * g.ci * g.h * g.w, 0.2);
         let w = values(g.co * g.ci * 9, 1.7);
         let start = values(g.b * g.co * g.h * g.w, 3.1);
         let mut out = start.clone();
-        accumulate(t, &x, &w, &mut out, g);
+        let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
+        run_within(t, &x, &w, sink, g, budget);
         let (want, mag) = direct(&x, &w, g);
         out.iter()
             .zip(&start)
@@ -887,6 +1031,60 @@ mod tests {
                 assert!(err < bound, "{} {g:?}: relative error {err:e}", t.name);
             }
         }
+    }
+
+    fn plan_of<'a>(t: &'a Tiling, g: &'a Geometry) -> Plan<'a> {
+        Plan {
+            t,
+            g,
+            ntx: g.w.div_ceil(t.m),
+            nty: g.h.div_ceil(t.m),
+        }
+    }
+
+    /// Every way of cutting a layer gives the direct convolution's values: blocks of 16 output
+    /// channels in bands of one tile row (the input transformed again for every block), the same
+    /// blocks in one band (transformed once), and the default budget; and the default budget cuts
+    /// the UNet's layers as intended.
+    #[test]
+    fn every_cut_matches_direct_convolution() {
+        let many = Budget {
+            weights: 1,
+            band: 1,
+            one_band_weights: 1,
+            one_band: 0,
+        };
+        let one_band = Budget {
+            one_band: usize::MAX,
+            ..many
+        };
+        let g = geom(2, 3, 6, 6, 40);
+        let cut = |t, g, b: &Budget| b.cut(&plan_of(t, g));
+        let (cob, band_rows) = (16, 1);
+        assert_eq!(cut(&F2, &g, &many), Cut { cob, band_rows });
+        let band_rows = 2 * 3;
+        assert_eq!(cut(&F2, &g, &one_band), Cut { cob, band_rows });
+        for t in [&F2, &F4] {
+            for g in edge_shapes().iter().chain([&g]) {
+                for budget in [&many, &one_band, &BUDGET] {
+                    let err = worst_error_within(t, g, budget);
+                    let bound = if t.m == 4 { 2e-6 } else { 5e-7 };
+                    assert!(err < bound, "{} {g:?} {budget:?}: {err:e}", t.name);
+                }
+            }
+        }
+        // The UNet at 512x512 (batch 2): 1280 and 2560 channels at 16x16 in one band of small
+        // blocks, 320 at 64x64 in bands of one block.
+        let one = |g: Geometry, cob| Cut {
+            cob,
+            band_rows: g.b * g.h / 2,
+        };
+        let g = geom(2, 1280, 16, 16, 1280);
+        assert_eq!(cut(&F2, &g, &BUDGET), one(g, 96));
+        let g = geom(2, 2560, 16, 16, 1280);
+        assert_eq!(cut(&F2, &g, &BUDGET), one(g, 48));
+        let c = cut(&F2, &geom(2, 320, 64, 64, 320), &BUDGET);
+        assert!(c.cob == 320 && c.band_rows < 64, "{c:?}");
     }
 
     /// F(2x2)'s written-out transforms give exactly the values of the table-driven general path
@@ -952,17 +1150,26 @@ mod tests {
 
     #[test]
     fn auto_picks_by_tile_count_and_only_eligible_layers() {
-        // UNet at 64x64 latents (batch 2): F(4x4) where allowed, else F(2x2); 32x32: F(2x2);
-        // 16x16 and 8x8: im2col.
+        // UNet at 64x64 latents (batch 2): F(4x4) where allowed, else F(2x2); 32x32 and 16x16
+        // (also batch 1): F(2x2); 8x8: im2col. F(4x4) from 256 4x4 tiles only.
         assert_eq!(choose(&geom(2, 320, 64, 64, 320), Mode::Auto).unwrap().m, 4);
+        assert_eq!(choose(&geom(1, 512, 32, 32, 512), Mode::Auto).unwrap().m, 2);
         let only_f2 = Geometry {
             winograd: Largest::F2,
             ..geom(2, 320, 64, 64, 320)
         };
         assert_eq!(choose(&only_f2, Mode::Auto).unwrap().m, 2);
         assert_eq!(choose(&geom(2, 640, 32, 32, 640), Mode::Auto).unwrap().m, 2);
-        assert!(choose(&geom(2, 1280, 16, 16, 1280), Mode::Auto).is_none());
+        assert_eq!(
+            choose(&geom(2, 1280, 16, 16, 1280), Mode::Auto).unwrap().m,
+            2
+        );
+        assert_eq!(
+            choose(&geom(1, 1280, 16, 16, 1280), Mode::Auto).unwrap().m,
+            2
+        );
         assert!(choose(&geom(2, 1280, 8, 8, 1280), Mode::Auto).is_none());
+        assert!(choose(&geom(1, 1280, 14, 14, 1280), Mode::Auto).is_none());
         assert!(choose(&geom(2, 320, 64, 64, 320), Mode::Im2col).is_none());
         assert_eq!(choose(&geom(1, 2, 3, 3, 1), Mode::F4).unwrap().m, 4);
         let strided = Geometry {
@@ -993,7 +1200,8 @@ mod tests {
     }
 
     /// Per-layer times of im2col, F(2x2) and F(4x4) on the UNet's and VAE decoder's shapes:
-    /// `cargo test --release --lib winograd_speed -- --ignored --nocapture`.
+    /// `cargo test --release --lib winograd_speed -- --ignored --nocapture` (the figures in
+    /// [`choose`] and the module documentation).
     #[test]
     #[ignore]
     fn winograd_speed() {
@@ -1005,13 +1213,23 @@ mod tests {
             geom(2, 1280, 16, 16, 1280),
             geom(2, 1280, 8, 8, 1280),
             geom(2, 2560, 16, 16, 1280),
+            geom(1, 1280, 16, 16, 1280),
             geom(1, 512, 64, 64, 512),
             geom(1, 512, 128, 128, 512),
             geom(1, 512, 256, 256, 256),
             geom(1, 256, 256, 256, 256),
             geom(1, 128, 512, 512, 128),
         ];
+        // `WINOGRAD_SHAPES=1280-1280-16,2560-1280-16` (ci-co-size) runs only those.
+        let only = std::env::var("WINOGRAD_SHAPES").ok();
         for g in shapes {
+            let name = format!("{}-{}-{}", g.ci, g.co, g.h);
+            if only
+                .as_ref()
+                .is_some_and(|o| !o.split(',').any(|s| s == name))
+            {
+                continue;
+            }
             let x = values(g.b * g.ci * g.h * g.w, 0.2);
             let w = values(g.co * g.ci * 9, 1.7);
             let flop = 2.0 * (g.b * g.co * g.ci * 9 * g.h * g.w) as f64;
