@@ -71,14 +71,22 @@ pub fn describe_cpu_kernels() -> String {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let (f32_kernel, simd) = ("gemm's (neon / generic)", "generic");
+    let amx = gemm_bf16::Bf16Kernel::detect() == gemm_bf16::Bf16Kernel::Amx;
     let conv3x3 = match winograd::Mode::get() {
         winograd::Mode::Auto => format!(
-            "Winograd {} (UNet, f32) from {} tiles / {} (VAE, f32 and bf16) from {} tiles, \
-             else im2col",
+            "f32: Winograd {} (UNet) from {} tiles / {} (VAE) from {} tiles; bf16: {} in f32 \
+             from {} tiles{}; else im2col",
             winograd::F2.name,
             winograd::MIN_TILES_F2,
             winograd::F4.name,
-            winograd::MIN_TILES_F4
+            winograd::MIN_TILES_F4,
+            winograd::F4.name,
+            if amx {
+                winograd::MIN_TILES_F4
+            } else {
+                winograd::MIN_TILES_BF16_F4
+            },
+            if amx { " (VAE)" } else { "" }
         ),
         winograd::Mode::Im2col => "im2col (ALTDIFF_CONV3X3)".to_string(),
         winograd::Mode::F2 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F2.name),

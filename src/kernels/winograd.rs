@@ -28,21 +28,29 @@
 //! the 2-vCPU Zen 4, 1280 channels at 16x16, batch 2: weights 17 -> 9 ms, the call 64 -> 47 ms,
 //! against im2col's 72-78 ms.
 //!
+//! F(4x4)'s input and output transforms are written out the same way (`InputTask::run_f4`:
+//! input rows split once into the four column phases; `bt4_row` and `at_row`: the table's
+//! products and sums in its order, tested bit for bit against it); its weight transform stays
+//! table-driven (1-6 ms a call). 320 channels at 64x64, batch 2: input 12 -> 6 ms, output
+//! 8 -> 5 ms, the call 42-51 -> 32-33 ms (Zen 4).
+//!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
 //! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
 //! an f64 direct convolution; the README's "Which precision on which CPU" and BENCHMARKS.md give
 //! the figures on the full-size models and the parity suite.
 //!
-//! bf16 (`--dtype bf16`): the layers that allow F(4x4) (the VAE's) run it in f32 on the widened
-//! bf16 input and weights, with the bias and residual added and one rounding per output
-//! (`conv_bf16`: the same bits as the f32 kernel on those values, rounded); F(4x4)'s 4x fewer
-//! products in f32 beat the im2col kernel's bf16 products by 6-17 % on the VAE decoder's layers
-//! (Zen 4, `winograd_speed`), and the result is closer to f32 than bf16 products are. Everything
-//! else keeps the bf16 im2col kernel: F(2x2) in f32 gains nothing over bf16 products, which run at
-//! twice the f32 rate. Tried and not kept: the transformed weights and input rounded to bf16 for
-//! the bf16 kernel, which was slower and less precise on Zen 5 (m18 512x512, 2 threads): UNet step
-//! 3.66 s against 3.32 s with im2col, VAE decode 6.43 s against 6.28 s (F(2x2) everywhere: 4.51 s
-//! and 8.29 s), and the image's mean deviation from fp32 1.13 levels against 0.47.
+//! bf16 (`--dtype bf16`): F(4x4) runs in f32 on the widened bf16 input and weights, with the bias
+//! and residual added and one rounding per output (`conv_bf16`: the same bits as the f32 kernel on
+//! those values, rounded). Its 4x fewer products in f32 beat the im2col kernel's bf16 products,
+//! which run at twice the f32 rate: on the VAE decoder's layers by 6-17 % with the table-driven
+//! transforms, and with the written-out ones on the UNet's too, from 32 tiles (`choose_bf16`),
+//! where the f32 UNet cannot use F(4x4) (its parity). The bf16 result is rounded once from f32
+//! sums, so it is no further from f32 than the bf16 products'. F(2x2) in f32 gains nothing over
+//! bf16 products (2.25x fewer at half the rate). Tried and not kept: the transformed weights and
+//! input rounded to bf16 for the bf16 kernel, which was slower and less precise on Zen 5 (m18
+//! 512x512, 2 threads): UNet step 3.66 s against 3.32 s with im2col, VAE decode 6.43 s against
+//! 6.28 s (F(2x2) everywhere: 4.51 s and 8.29 s), and the image's mean deviation from fp32 1.13
+//! levels against 0.47.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -125,7 +133,7 @@ pub(crate) const F4: Tiling = Tiling {
         0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
     ],
     name: "F(4x4,3x3)",
-    written_out: false,
+    written_out: true,
 };
 
 /// The largest Winograd tile a layer allows.
@@ -235,6 +243,72 @@ fn zip3_with(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f
     }
 }
 
+/// `dst[i] = f(a[i], b[i], c[i], d[i])` (vectorised by the caller's pulp dispatch).
+#[inline(always)]
+fn zip4_with(dst: &mut [f32], [a, b, c, d]: [&[f32]; 4], f: impl Fn(f32, f32, f32, f32) -> f32) {
+    for (o, (((&a, &b), &c), &d)) in dst.iter_mut().zip(a.iter().zip(b).zip(c).zip(d)) {
+        *o = f(a, b, c, d);
+    }
+}
+
+/// `dst[i] = f(a[i], b[i], c[i], d[i], e[i])` (vectorised by the caller's pulp dispatch).
+#[inline(always)]
+fn zip5_with(
+    dst: &mut [f32],
+    [a, b, c, d, e]: [&[f32]; 5],
+    f: impl Fn(f32, f32, f32, f32, f32) -> f32,
+) {
+    let rows = a.iter().zip(b).zip(c).zip(d).zip(e);
+    for (o, ((((&a, &b), &c), &d), &e)) in dst.iter_mut().zip(rows) {
+        *o = f(a, b, c, d, e);
+    }
+}
+
+/// Row `r` of F(4x4)'s `B^T` applied to the six rows `x`, into `dst`: the table's products and
+/// sums in the table's order (its zero coefficients left out), so the general path's values.
+#[inline(always)]
+fn bt4_row(r: usize, x: [&[f32]; 6], dst: &mut [f32]) {
+    let [x0, x1, x2, x3, x4, x5] = x;
+    match r {
+        0 => zip3_with(dst, x0, x2, x4, |a, b, c| 4.0 * a - 5.0 * b + c),
+        1 => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            -4.0 * a - 4.0 * b + c + d
+        }),
+        2 => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            4.0 * a - 4.0 * b - c + d
+        }),
+        3 => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            -2.0 * a - b + 2.0 * c + d
+        }),
+        4 => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            2.0 * a - b - 2.0 * c + d
+        }),
+        _ => zip3_with(dst, x1, x3, x5, |a, b, c| 4.0 * a - 5.0 * b + c),
+    }
+}
+
+/// Row `r` of `A^T` (F(2x2): 2 x 4, F(4x4): 4 x 6) applied to the rows `x` (one per transformed
+/// position; F(2x2) reads the first four), into `dst`: the table's products and sums in the
+/// table's order, so the general path's values.
+#[inline(always)]
+fn at_row(m: usize, r: usize, x: [&[f32]; 6], dst: &mut [f32]) {
+    let [x0, x1, x2, x3, x4, x5] = x;
+    match (m, r) {
+        (2, 0) => zip3_with(dst, x0, x1, x2, |a, b, c| a + b + c),
+        (2, _) => zip3_with(dst, x1, x2, x3, |a, b, c| a - b - c),
+        (_, 0) => zip5_with(dst, [x0, x1, x2, x3, x4], |a, b, c, d, e| a + b + c + d + e),
+        (_, 1) => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            a - b + 2.0 * c - 2.0 * d
+        }),
+        (_, 2) => zip4_with(dst, [x1, x2, x3, x4], |a, b, c, d| {
+            a + b + 4.0 * c + 4.0 * d
+        }),
+        _ => zip5_with(dst, [x1, x2, x3, x4, x5], |a, b, c, d, e| {
+            a - b + 8.0 * c - 8.0 * d + e
+        }),
+    }
+}
+
 /// The shapes shared by the transforms of one convolution.
 #[derive(Clone, Copy)]
 struct Plan<'a> {
@@ -245,12 +319,37 @@ struct Plan<'a> {
     nty: usize,
 }
 
-/// The bf16 variant for this convolution (`--dtype bf16`), or `None` for the bf16 im2col kernel:
-/// in `auto`, only F(4x4) where [`choose`] picks it (the VAE's large layers; see the module
-/// documentation for why not F(2x2)).
+/// The bf16 variant for this convolution (`--dtype bf16`), or `None` for the bf16 im2col kernel.
+/// In `auto`: F(4x4) in f32 on the widened values (never F(2x2): see the module documentation)
+/// from `MIN_TILES_BF16_F4` 4x4 tiles, in the UNet too, where the bf16 products run at most twice
+/// the f32 rate (AVX512-BF16, or the portable kernel's f32 products); F(4x4)'s 4x fewer products
+/// then win (the bf16 result is rounded once from f32 sums, so its precision is the bf16 kernel's).
+/// With AMX, whose bf16 products run several times the f32 rate, only the VAE's large layers, as
+/// before (not measured: no AMX machine yet).
 pub(crate) fn choose_bf16(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
-    choose(g, mode).filter(|t| mode != Mode::Auto || t.m == 4)
+    static KERNEL: std::sync::OnceLock<super::gemm_bf16::Bf16Kernel> = std::sync::OnceLock::new();
+    let kernel = *KERNEL.get_or_init(super::gemm_bf16::Bf16Kernel::detect);
+    choose_bf16_for(g, mode, kernel)
 }
+
+fn choose_bf16_for(
+    g: &Geometry,
+    mode: Mode,
+    kernel: super::gemm_bf16::Bf16Kernel,
+) -> Option<&'static Tiling> {
+    use super::gemm_bf16::Bf16Kernel;
+    match mode {
+        Mode::Auto if kernel == Bf16Kernel::Amx => choose(g, mode).filter(|t| t.m == 4),
+        Mode::Auto => choose(g, Mode::F4).filter(|_| tiles(g, 4) >= MIN_TILES_BF16_F4),
+        _ => choose(g, mode),
+    }
+}
+
+/// The fewest 4x4 tiles for which bf16's `auto` picks F(4x4) in f32 over the bf16 im2col kernel
+/// (`winograd_speed`, 2-vCPU Zen 4, ms, bf16 im2col / F(4x4) in f32): 320 channels at 64x64,
+/// batch 2 (512 tiles) 40-42 / 31-32; 640 at 32x32 (128) 37-38 / 35-37; 1280 at 16x16 (32)
+/// 39-42 / 36-37; 2560 -> 1280 at 16x16 (32) 82-83 / 72-74; 1280 at 16x16, batch 1 (16) 20 / 24-26.
+pub(crate) const MIN_TILES_BF16_F4: usize = 32;
 
 /// Where the output transform puts each output row.
 #[derive(Clone, Copy)]
@@ -537,8 +636,10 @@ struct InputTask<'a, X> {
 impl<X: Value> Vectorized for InputTask<'_, X> {
     #[inline(always)]
     fn run(self) {
-        if self.band.plan.t.written_out {
-            return self.run_f2();
+        match self.band.plan.t {
+            t if t.written_out && t.m == 2 => return self.run_f2(),
+            t if t.written_out => return self.run_f4(),
+            _ => {}
         }
         let Plan { t, g, ntx, nty } = self.band.plan;
         let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
@@ -682,6 +783,65 @@ impl<X: Value> InputTask<'_, X> {
     }
 }
 
+impl<X: Value> InputTask<'_, X> {
+    /// F(4x4, 3x3)'s input transform written out: each tile row's six input rows are split once
+    /// into the four column phases (padded column 4 s + q in phase q at s), combined down the tile
+    /// (`B^T d`, [`bt4_row`]) phase by phase and then across it (`(B^T d) B`): a tile's six
+    /// columns are phases 0-3 at its index and phases 0-1 one further. The general path made each
+    /// of the 36 outputs with a fill and up to four multiply-adds over rows of 16-32 tiles. The
+    /// same products and sums in the same order: the same values.
+    #[inline(always)]
+    fn run_f4(self) {
+        let Plan { g, ntx, nty, .. } = self.band.plan;
+        let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
+        let ci = self.ci;
+        let pl = ntx + 1;
+        scratch.clear();
+        scratch.resize(48 * pl + g.w, 0.0);
+        // inp[(k * 4 + q) * pl + s]: input row k, padded column 4 s + q; comb: (B^T d) likewise.
+        let (inp, rest) = scratch.split_at_mut(24 * pl);
+        let (comb, wide) = rest.split_at_mut(24 * pl);
+        for (ri, r) in rows.enumerate() {
+            let (b, ty) = (r / nty, r % nty);
+            let plane = &self.x[(b * g.ci + ci) * g.h * g.w..][..g.h * g.w];
+            for k in 0..6 {
+                let phases = &mut inp[k * 4 * pl..][..4 * pl];
+                phases.fill(0.0);
+                let y = (ty * 4 + k) as isize - 1;
+                if y < 0 || y >= g.h as isize {
+                    continue;
+                }
+                let src = X::widen(&plane[y as usize * g.w..][..g.w], wide);
+                for (x, &v) in src.iter().enumerate() {
+                    let col = x + 1;
+                    phases[(col % 4) * pl + col / 4] = v;
+                }
+            }
+            for q in 0..4 {
+                let x = std::array::from_fn(|k| &inp[(k * 4 + q) * pl..][..pl]);
+                for i in 0..6 {
+                    bt4_row(i, x, &mut comb[(i * 4 + q) * pl..][..pl]);
+                }
+            }
+            for i in 0..6 {
+                let ph = |q: usize, shift: usize| &comb[(i * 4 + q) * pl + shift..][..ntx];
+                let x = [ph(0, 0), ph(1, 0), ph(2, 0), ph(3, 0), ph(0, 1), ph(1, 1)];
+                for j in 0..6 {
+                    // SAFETY: row ((i*6 + j) * ci_total + ci) of V, tiles ri*ntx .. +ntx: this
+                    // channel's task alone writes it, and it lies inside V (36*ci rows of nt).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            self.v.get().add(((i * 6 + j) * g.ci + ci) * nt + ri * ntx),
+                            ntx,
+                        )
+                    };
+                    bt4_row(j, x, dst);
+                }
+            }
+        }
+    }
+}
+
 /// U[p][col][ci] = (G g G^T)[p] for one output channel and every input channel at once.
 struct WeightTask<'a, X> {
     plan: Plan<'a>,
@@ -696,7 +856,7 @@ struct WeightTask<'a, X> {
 impl<X: Value> Vectorized for WeightTask<'_, X> {
     #[inline(always)]
     fn run(self) {
-        if self.plan.t.written_out {
+        if self.plan.t.written_out && self.plan.t.m == 2 {
             return self.run_f2();
         }
         let Plan { t, g, .. } = self.plan;
@@ -814,8 +974,7 @@ impl Vectorized for OutputTask<'_> {
     fn run(self) {
         let Plan { t, g, ntx, nty } = self.band.plan;
         let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
-        let (m, a) = (t.m, t.a);
-        let f2 = t.written_out;
+        let (m, a, written_out) = (t.m, t.a, t.written_out);
         let (oh, ow) = (g.h, g.w);
         scratch.clear();
         scratch.resize(a * m * ntx + m * ntx + ow, 0.0);
@@ -823,31 +982,22 @@ impl Vectorized for OutputTask<'_> {
         let (y, line) = rest.split_at_mut(m * ntx);
         for (ri, r) in rows.enumerate() {
             let (b, ty) = (r / nty, r % nty);
-            // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once.
-            // F(2x2) written out (A^T = [1 1 1 0; 0 1 -1 -1]), the same sums in the same order.
+            // s[i][c] = sum_j M[i*a + j] A^T[c][j]: the row transform of every tile at once,
+            // written out for F(2x2) and F(4x4) ([`at_row`]: the same sums in the same order).
             let m_row = |p: usize| &self.mv[(p * self.nco + self.col) * nt + ri * ntx..][..ntx];
-            if f2 {
-                for i in 0..4 {
-                    let (m0, m1, m2, m3) = (
-                        m_row(i * 4),
-                        m_row(i * 4 + 1),
-                        m_row(i * 4 + 2),
-                        m_row(i * 4 + 3),
-                    );
-                    let (s0, s1) = s[i * 2 * ntx..(i * 2 + 2) * ntx].split_at_mut(ntx);
-                    zip3_with(s0, m0, m1, m2, |a, b, c| a + b + c);
-                    zip3_with(s1, m1, m2, m3, |a, b, c| a - b - c);
-                }
-            } else {
-                for i in 0..a {
-                    for c in 0..m {
-                        let d = &mut s[(i * m + c) * ntx..][..ntx];
-                        d.fill(0.0);
-                        for j in 0..a {
-                            let coef = t.at[c * a + j];
-                            if coef != 0.0 {
-                                axpy(d, m_row(i * a + j), coef);
-                            }
+            for i in 0..a {
+                for c in 0..m {
+                    let d = &mut s[(i * m + c) * ntx..][..ntx];
+                    if written_out {
+                        let x = std::array::from_fn(|j| m_row(i * a + j.min(a - 1)));
+                        at_row(m, c, x, d);
+                        continue;
+                    }
+                    d.fill(0.0);
+                    for j in 0..a {
+                        let coef = t.at[c * a + j];
+                        if coef != 0.0 {
+                            axpy(d, m_row(i * a + j), coef);
                         }
                     }
                 }
@@ -861,17 +1011,16 @@ impl Vectorized for OutputTask<'_> {
                 for c in 0..m {
                     let row = |i: usize| &s[(i * m + c) * ntx..][..ntx];
                     let d = &mut y[c * ntx..][..ntx];
-                    match (f2, rr) {
-                        (true, 0) => zip3_with(d, row(0), row(1), row(2), |a, b, c| a + b + c),
-                        (true, _) => zip3_with(d, row(1), row(2), row(3), |a, b, c| a - b - c),
-                        (false, _) => {
-                            d.fill(0.0);
-                            for i in 0..a {
-                                let coef = t.at[rr * a + i];
-                                if coef != 0.0 {
-                                    axpy(d, row(i), coef);
-                                }
-                            }
+                    if written_out {
+                        let x = std::array::from_fn(|i| row(i.min(a - 1)));
+                        at_row(m, rr, x, d);
+                        continue;
+                    }
+                    d.fill(0.0);
+                    for i in 0..a {
+                        let coef = t.at[rr * a + i];
+                        if coef != 0.0 {
+                            axpy(d, row(i), coef);
                         }
                     }
                 }
@@ -1087,31 +1236,38 @@ mod tests {
         assert!(c.cob == 320 && c.band_rows < 64, "{c:?}");
     }
 
-    /// F(2x2)'s written-out transforms give exactly the values of the table-driven general path
-    /// (the same sums in the same order), in f32 and in bf16 with bias and residual, on
-    /// [`edge_shapes`] (odd widths and heights, one-pixel rows and columns, single-row bands).
+    /// The written-out transforms (F(2x2): input, weights and output; F(4x4): input and output)
+    /// give exactly the values of the table-driven general path (the same products and sums in the
+    /// same order), in f32 and in bf16 with bias and residual, on [`edge_shapes`] (odd widths and
+    /// heights, one-pixel rows and columns, single-row bands).
     #[test]
-    fn written_out_f2_is_the_table_driven_f2_bit_for_bit() {
+    fn written_out_transforms_are_the_table_driven_ones_bit_for_bit() {
         use crate::kernels::convert::to_bf16;
-        const TABLES: Tiling = Tiling {
+        const TABLES2: Tiling = Tiling {
             written_out: false,
             ..F2
         };
-        const { assert!(F2.written_out) };
-        for g in edge_shapes() {
-            let x = values(g.b * g.ci * g.h * g.w, 0.2);
-            let w = values(g.co * g.ci * 9, 1.7);
-            let start = values(g.b * g.co * g.h * g.w, 3.1);
-            let (mut fast, mut tables) = (start.clone(), start.clone());
-            accumulate(&F2, &x, &w, &mut fast, &g);
-            accumulate(&TABLES, &x, &w, &mut tables, &g);
-            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fast), bits(&tables), "f32 {g:?}");
-            let (xb, wb, rb) = (to_bf16(&x), to_bf16(&w), to_bf16(&start));
-            let bias = values(g.co, 0.4);
-            let fast = conv_bf16(&F2, &xb, &wb, Some(&bias), Some(&rb), &g);
-            let tables = conv_bf16(&TABLES, &xb, &wb, Some(&bias), Some(&rb), &g);
-            assert_eq!(fast, tables, "bf16 {g:?}");
+        const TABLES4: Tiling = Tiling {
+            written_out: false,
+            ..F4
+        };
+        const { assert!(F2.written_out && F4.written_out) };
+        for (fast_t, tables_t) in [(&F2, &TABLES2), (&F4, &TABLES4)] {
+            for g in edge_shapes() {
+                let x = values(g.b * g.ci * g.h * g.w, 0.2);
+                let w = values(g.co * g.ci * 9, 1.7);
+                let start = values(g.b * g.co * g.h * g.w, 3.1);
+                let (mut fast, mut tables) = (start.clone(), start.clone());
+                accumulate(fast_t, &x, &w, &mut fast, &g);
+                accumulate(tables_t, &x, &w, &mut tables, &g);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&tables), "f32 {} {g:?}", fast_t.name);
+                let (xb, wb, rb) = (to_bf16(&x), to_bf16(&w), to_bf16(&start));
+                let bias = values(g.co, 0.4);
+                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g);
+                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g);
+                assert_eq!(fast, tables, "bf16 {} {g:?}", fast_t.name);
+            }
         }
     }
 
@@ -1185,16 +1341,26 @@ mod tests {
         for g in [strided, one_by_one] {
             assert!(choose(&g, Mode::F4).is_none(), "{g:?}");
         }
-        // bf16: F(4x4) only (the VAE's layers), unless a variant is forced.
-        assert_eq!(
-            choose_bf16(&geom(1, 128, 512, 512, 128), Mode::Auto)
-                .unwrap()
-                .m,
-            4
-        );
-        assert!(choose_bf16(&only_f2, Mode::Auto).is_none());
-        assert!(choose_bf16(&geom(2, 320, 64, 64, 320), Mode::Im2col).is_none());
-        assert_eq!(choose_bf16(&only_f2, Mode::F2).unwrap().m, 2);
+        // bf16: F(4x4) only, from 32 tiles (the UNet's too) with AVX512-BF16 or the portable
+        // kernel, and only the VAE's large layers with AMX; unless a variant is forced.
+        use crate::kernels::gemm_bf16::Bf16Kernel::{Amx, Avx512Bf16, Portable};
+        let vae = geom(1, 128, 512, 512, 128);
+        let unet16 = Geometry {
+            winograd: Largest::F2,
+            ..geom(2, 1280, 16, 16, 1280)
+        };
+        let unet16_b1 = Geometry { b: 1, ..unet16 };
+        for kernel in [Amx, Avx512Bf16, Portable] {
+            let pick = |g: &Geometry, mode| choose_bf16_for(g, mode, kernel).map(|t| t.m);
+            assert_eq!(pick(&vae, Mode::Auto), Some(4));
+            let unet = if kernel == Amx { None } else { Some(4) };
+            assert_eq!(pick(&only_f2, Mode::Auto), unet, "{kernel:?}");
+            assert_eq!(pick(&unet16, Mode::Auto), unet, "{kernel:?}");
+            assert_eq!(pick(&unet16_b1, Mode::Auto), None, "{kernel:?}");
+            assert_eq!(pick(&geom(2, 320, 64, 64, 320), Mode::Im2col), None);
+            assert_eq!(pick(&only_f2, Mode::F2), Some(2));
+            assert_eq!(pick(&strided, Mode::Auto), None);
+        }
         assert_eq!(Mode::parse(" F4 "), Some(Mode::F4));
         assert_eq!(Mode::parse("winograd"), None);
     }
