@@ -346,9 +346,11 @@ fn choose_bf16_for(
 }
 
 /// The fewest 4x4 tiles for which bf16's `auto` picks F(4x4) in f32 over the bf16 im2col kernel
-/// (`winograd_speed`, 2-vCPU Zen 4, ms, bf16 im2col / F(4x4) in f32): 320 channels at 64x64,
-/// batch 2 (512 tiles) 40-42 / 31-32; 640 at 32x32 (128) 37-38 / 35-37; 1280 at 16x16 (32)
-/// 39-42 / 36-37; 2560 -> 1280 at 16x16 (32) 82-83 / 72-74; 1280 at 16x16, batch 1 (16) 20 / 24-26.
+/// (`winograd_speed`, 2-vCPU Zen 4, ms, bf16 im2col / F(4x4) in f32, over six runs on a noisy VM):
+/// 320 channels at 64x64, batch 2 (512 tiles) 33-42 / 31-38; 640 at 32x32 (128) 29-38 / 28-37;
+/// 1280 at 16x16 (32) 36-42 / 34-37 (outliers aside); 2560 -> 1280 at 16x16 (32) 72-83 / 71-74;
+/// 1280 at 16x16, batch 1 (16) 20-23 / 24-28, so not there. F(4x4) was ahead or level in all but
+/// one paired sample from 32 tiles; in whole runs the bf16 UNet step gained about 4 %.
 pub(crate) const MIN_TILES_BF16_F4: usize = 32;
 
 /// Where the output transform puts each output row.
