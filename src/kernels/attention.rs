@@ -617,27 +617,30 @@ mod tests {
         assert!(attend(&q, &t(&[1, 1, 4, 8], 0.0), &t(&[1, 1, 4, 8], 0.0), 1.0).is_err());
     }
 
-    /// Time of m18's 64x64 self-attention with guidance (16 heads of 4096 x 4096, width 40) in
-    /// bf16 and f32 (`cargo test --release --lib attention_speed -- --ignored --nocapture`).
+    /// Time of m18's and m9's 64x64 self-attention with guidance (4096 x 4096 per head) in bf16
+    /// and f32 (`cargo test --release --lib attention_speed -- --ignored --nocapture`).
     #[test]
     #[ignore = "a benchmark, not a test"]
     fn attention_speed() {
-        let (q, k, v) = (
-            t(&[2, 8, 4096, 40], 0.1),
-            t(&[2, 8, 4096, 40], 0.7),
-            t(&[2, 8, 4096, 40], 1.9),
-        );
-        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
-        let (q32, k32, v32) = (f32(&q), f32(&k), f32(&v));
-        let scale = 1.0 / 40f64.sqrt();
         let time = crate::test_support::best_time;
-        let bf = time(5, &mut || drop(attend(&q, &k, &v, scale).unwrap()));
-        let fl = time(5, &mut || drop(attend(&q32, &k32, &v32, scale).unwrap()));
-        println!(
-            "self-attention 2x8x4096x4096x40: bf16 {:.1} ms, f32 {:.1} ms",
-            bf * 1e3,
-            fl * 1e3
-        );
+        // m18 (5 heads of 64 at 320 channels) and m9 (8 heads of 40).
+        for (heads, d) in [(5, 64), (8, 40)] {
+            let (q, k, v) = (
+                t(&[2, heads, 4096, d], 0.1),
+                t(&[2, heads, 4096, d], 0.7),
+                t(&[2, heads, 4096, d], 1.9),
+            );
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let (q32, k32, v32) = (f32(&q), f32(&k), f32(&v));
+            let scale = 1.0 / (d as f64).sqrt();
+            let bf = time(5, &mut || drop(attend(&q, &k, &v, scale).unwrap()));
+            let fl = time(5, &mut || drop(attend(&q32, &k32, &v32, scale).unwrap()));
+            println!(
+                "self-attention 2x{heads}x4096x4096x{d}: bf16 {:.1} ms, f32 {:.1} ms",
+                bf * 1e3,
+                fl * 1e3
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!   broadcast to all lanes, read where they lie when A's rows are contiguous and k is even (else
 //!   from panels of [`MR`] rows packed the same way), so one instruction does 16 columns x 2 k for
 //!   one row; an 8 x 32 tile of C stays in 16 registers for a whole k block. The threads split the
-//!   columns (or, for a narrow product, the rows) in whole tiles.
+//!   columns (or, for a narrow product, the rows) in whole tiles. A B packed beforehand takes up
+//!   to 192 k-pairs in one block (a 320-input layer in one pass, not 128 + 32), and a product
+//!   into bf16 ([`gemm_bf16_packed_bf16`]) adds the bias and rounds in the tiles themselves.
 //! - **Portable**: A and B converted to f32, then gemm's f32 kernels (the AVX2 / AVX-512 / NEON
 //!   sgemm it picks at run time). The same numbers up to f32 rounding order; bf16's memory saving
 //!   without its speed.
@@ -68,6 +70,8 @@ impl Bf16Kernel {
             Bf16Kernel::Avx512Bf16 => {
                 std::arch::is_x86_feature_detected!("avx512bf16")
                     && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Bf16Kernel::Avx512Bf16 => false,
@@ -198,7 +202,21 @@ pub unsafe fn gemm_bf16_raw(
 pub struct PackedB {
     k: usize,
     n: usize,
+    /// k-pairs per block of the panels ([`packed_kc`]).
+    kc: usize,
     data: Packing,
+}
+
+/// k-pairs per block of a prepacked B with `kp` pairs: all of them up to one and a half
+/// [`KC`] (a 320-input layer's 160 pairs: one pass of its tiles over k instead of 128 + 32, each
+/// tile's partial sums stored and loaded once fewer; the panel of 160 pairs, 20 KiB, still fits
+/// L1), else [`KC`].
+fn packed_kc(kp: usize) -> usize {
+    if kp <= KC + KC / 2 {
+        kp.max(1)
+    } else {
+        KC
+    }
 }
 
 impl std::fmt::Debug for PackedB {
@@ -212,7 +230,7 @@ impl std::fmt::Debug for PackedB {
 }
 
 enum Packing {
-    /// k-pair words in panels of [`NR`] columns, one block of [`KC`] pairs after another.
+    /// k-pair words in panels of [`NR`] columns, one block of `kc` pairs after another.
     Panels(Vec<u32>),
     /// Row-major k x n.
     F32(Vec<f32>),
@@ -230,6 +248,7 @@ impl PackedB {
     /// When `b` is too short for its shape (a caller's bug).
     pub fn new(kernel: Bf16Kernel, b: Matrix<'_, bf16>, (k, n): (usize, usize)) -> Self {
         assert!(b.holds(k, n), "B is too short");
+        let kc = packed_kc(k.div_ceil(2));
         let data = match kernel {
             #[cfg(target_arch = "x86_64")]
             // AMX CPUs multiply a packed B with the AVX512-BF16 kernel (one thread's many small
@@ -240,17 +259,17 @@ impl PackedB {
                 let mut words = vec![0u32; kp * panels * NR];
                 // One k block per task (a layer's weights are packed at load).
                 words
-                    .par_chunks_mut(KC * panels * NR)
+                    .par_chunks_mut(kc * panels * NR)
                     .enumerate()
                     .for_each(|(i, block)| {
-                        let (pc, kc) = (i * KC, KC.min(kp - i * KC));
+                        let (pc, kc) = (i * kc, kc.min(kp - i * kc));
                         avx512::pack_b(b, k, (pc, kc, kc), 0, n, block);
                     });
                 Packing::Panels(words)
             }
             _ => Packing::F32(dense(b, k, n)),
         };
-        Self { k, n, data }
+        Self { k, n, kc, data }
     }
 }
 
@@ -285,7 +304,7 @@ pub fn gemm_bf16_packed(
     match &b.data {
         #[cfg(target_arch = "x86_64")]
         Packing::Panels(words) => {
-            let source = avx512::Source::Packed(words, n.div_ceil(NR));
+            let source = avx512::Source::Packed(words, n.div_ceil(NR), b.kc);
             let cptr = crate::kernels::SendPtr(c.as_mut_ptr());
             let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
                 // SAFETY: `c` holds m rows of ldc >= n (checked above) and is borrowed mutably;
@@ -322,6 +341,66 @@ pub fn gemm_bf16_packed(
                 threads,
             )
         },
+    }
+}
+
+/// `out = round(a x b + bias)` into bf16 (row stride `ldo`) for `a` [m, k] and a packed `b` [k, n]:
+/// a bf16 linear layer's whole output in one pass. The products are summed in f32 from the bias
+/// as [`gemm_bf16_packed`] sums them into a C that holds the bias, and each sum is rounded once as
+/// [`super::convert::round`] rounds (the same bits as rounding that C, tested), but no f32 C of the
+/// whole product is written or read again: a tile's sums go straight to bf16, and only a product
+/// with several k blocks keeps its partial sums, one block of C at a time, in a buffer that stays
+/// in L2. Filling C with the bias, and rounding it in another pass, had cost a 640 -> 5120 layer at
+/// 2048 tokens 59 ms against its products' 32 (Zen 4, 2 threads).
+///
+/// # Panics
+/// When `a`, `out` or `bias` is too short for its shape (a caller's bug).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_packed_bf16(
+    m: usize,
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [bf16],
+    ldo: usize,
+    threads: usize,
+) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.holds(m, k), "A is too short");
+    assert!(
+        ldo >= n && out.len() >= (m - 1) * ldo + n,
+        "out is too short"
+    );
+    assert!(bias.is_none_or(|b| b.len() >= n), "the bias is too short");
+    match &b.data {
+        #[cfg(target_arch = "x86_64")]
+        Packing::Panels(words) if k > 0 => {
+            let panels = (words.as_slice(), n.div_ceil(NR), b.kc);
+            let optr = crate::kernels::SendPtr(out.as_mut_ptr());
+            let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
+                // SAFETY: `out` holds m rows of ldo >= n (checked above) and is borrowed mutably;
+                // the parts are disjoint blocks of it whose columns start at whole panels; the
+                // panels were made by the AVX512-BF16 kernel, so this CPU has it; bias holds n.
+                unsafe {
+                    avx512::block_bf16((i0, i1), (j0, j1), k, a, panels, bias, optr.get(), ldo)
+                }
+            };
+            on_threads((m, n, k), threads, MR, run)
+        }
+        _ => {
+            // The f32 C the packed product sums into, from the bias, then rounded.
+            let mut c = match bias {
+                Some(b) => b[..n].repeat(m),
+                None => vec![0f32; m * n],
+            };
+            gemm_bf16_packed(m, a, b, &mut c, n, bias.is_some(), threads);
+            for (row, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
+                super::convert::round_into(row, &mut dst[..n]);
+            }
+        }
     }
 }
 
@@ -441,8 +520,9 @@ mod avx512 {
     pub(super) enum Source<'a> {
         /// Packed by the block, one (k block, column block) at a time.
         Pack(Matrix<'a, bf16>),
-        /// Packed beforehand ([`super::PackedB`]): the words and the number of column panels.
-        Packed(&'a [u32], usize),
+        /// Packed beforehand ([`super::PackedB`]): the words, the number of column panels and the
+        /// k-pairs per block.
+        Packed(&'a [u32], usize, usize),
     }
     use std::arch::x86_64::*;
 
@@ -509,66 +589,189 @@ mod avx512 {
         accumulate: bool,
     ) {
         let kp = k.div_ceil(2);
-        let direct = a.cs == 1 && k.is_multiple_of(2);
+        let kcb = match b {
+            Source::Pack(_) => KC,
+            Source::Packed(_, _, kc) => kc,
+        };
         let mut bpack = match b {
             Source::Pack(_) => vec![0u32; KC * NC.min((j1 - j0).div_ceil(NR) * NR)],
             Source::Packed(..) => Vec::new(),
         };
-        let mut apack = if direct {
-            Vec::new()
-        } else {
-            vec![0u32; KC * MC]
-        };
-        let zeros = [0u32; KC];
+        let mut rows_of_a = RowsOfA::new(a, k, kcb);
         let m = i1 - i0;
         for jc in (j0..j1).step_by(NC) {
             let nc = NC.min(j1 - jc);
-            for pc in (0..kp).step_by(KC) {
-                let kc = KC.min(kp - pc);
+            for pc in (0..kp).step_by(kcb) {
+                let kc = kcb.min(kp - pc);
                 // This (k block, column block)'s panels: panel p at p * NR * kc.
                 let panels = match b {
                     Source::Pack(b) => {
                         pack_b(b, k, (pc, kc, kc), jc, nc, &mut bpack);
                         bpack.as_ptr()
                     }
-                    Source::Packed(words, total) => {
+                    Source::Packed(words, total, _) => {
                         debug_assert!(words.len() >= (pc + kc) * total * NR);
                         words.as_ptr().add(pc * total * NR + jc * kc)
                     }
                 };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    if !direct {
-                        pack_a(a, k, i0 + ic, mc, pc, kc, &mut apack);
-                    }
+                    rows_of_a.pack(i0 + ic, mc, pc, kc);
                     let add = accumulate || pc > 0;
                     for ir in (0..mc).step_by(MR) {
                         let rows = MR.min(mc - ir);
-                        // Each tile row's k-pair words: one word apart where A lies, MR apart in
-                        // its packed panel; rows past the end read zeros.
-                        let (arows, astep) = if direct {
-                            let mut p = [zeros.as_ptr(); MR];
-                            for (r, row) in p.iter_mut().enumerate().take(rows) {
-                                let at = (i0 + ic + ir + r) * a.rs + 2 * pc;
-                                *row = a.data.as_ptr().add(at).cast::<u32>();
-                            }
-                            (p, 1)
-                        } else {
-                            let base = apack.as_ptr().add(ir * kc);
-                            (std::array::from_fn(|r| base.add(r)), MR)
-                        };
+                        let (arows, astep) = rows_of_a.tile(i0 + ic, ir, rows, pc, kc);
                         for jr in (0..nc).step_by(NR) {
                             let cols = NR.min(nc - jr);
                             let bp = panels.add(jr * kc);
                             let cp = c.add((i0 + ic + ir) * ldc + jc + jr);
+                            let base = if add { Base::Rows(cp, ldc) } else { Base::Zero };
+                            let dst = Dst::F32(cp, ldc);
                             if cols <= NR / 2 {
-                                tile::<1>(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                                tile::<1>(kc, &arows, astep, bp, (base, dst), rows, cols);
                             } else {
-                                tile::<2>(kc, &arows, astep, bp, cp, ldc, rows, cols, add);
+                                tile::<2>(kc, &arows, astep, bp, (base, dst), rows, cols);
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Columns of C per block of [`block_bf16`]: its partial sums (MC x NCF f32, 256 KiB) and a
+    /// k block of B's panels (at most 192 pairs x NCF words, 384 KiB) share L2.
+    const NCF: usize = 512;
+
+    /// out[i0..i1, j0..j1] = round(A[i0..i1, :] x B[:, j0..j1] + bias[j0..j1]) for prepacked
+    /// panels (words, column panels, k-pairs per block): each block of C (MC x NCF) takes all
+    /// its k blocks in turn, the partial sums of all but the last in a buffer of one block, the
+    /// last block's tiles adding them and rounding once into `out`. The sums are those of
+    /// [`block`] into a C that starts from the bias, in the same order.
+    ///
+    /// # Safety
+    /// `out` points at a bf16 matrix of row stride ldo whose block [i0, i1) x [j0, j1) this call
+    /// alone writes; the panels cover k x j1 of B with j0 a multiple of NR; `bias` holds j1
+    /// values; the CPU has AVX512-BF16.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block_bf16(
+        (i0, i1): (usize, usize),
+        (j0, j1): (usize, usize),
+        k: usize,
+        a: Matrix<'_, bf16>,
+        (words, total, kcb): (&[u32], usize, usize),
+        bias: Option<&[f32]>,
+        out: *mut bf16,
+        ldo: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        debug_assert!(words.len() >= kp * total * NR);
+        let mut partial = if kp > kcb {
+            vec![0f32; MC * NCF]
+        } else {
+            Vec::new()
+        };
+        let mut rows_of_a = RowsOfA::new(a, k, kcb);
+        let m = i1 - i0;
+        for jc in (j0..j1).step_by(NCF) {
+            let nc = NCF.min(j1 - jc);
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                for pc in (0..kp).step_by(kcb) {
+                    let kc = kcb.min(kp - pc);
+                    let (first, last) = (pc == 0, pc + kc == kp);
+                    let panels = words.as_ptr().add(pc * total * NR + jc * kc);
+                    rows_of_a.pack(i0 + ic, mc, pc, kc);
+                    for ir in (0..mc).step_by(MR) {
+                        let rows = MR.min(mc - ir);
+                        let (arows, astep) = rows_of_a.tile(i0 + ic, ir, rows, pc, kc);
+                        for jr in (0..nc).step_by(NR) {
+                            let cols = NR.min(nc - jr);
+                            let bp = panels.add(jr * kc);
+                            // (Used only when there are several k blocks, and then in bounds.)
+                            let part = partial.as_mut_ptr().wrapping_add(ir * NCF + jr);
+                            let base = match bias {
+                                _ if !first => Base::Rows(part, NCF),
+                                Some(b) => Base::Row(b.as_ptr().add(jc + jr)),
+                                None => Base::Zero,
+                            };
+                            let dst = if last {
+                                Dst::Bf16(out.add((i0 + ic + ir) * ldo + jc + jr), ldo)
+                            } else {
+                                Dst::F32(part, NCF)
+                            };
+                            if cols <= NR / 2 {
+                                tile::<1>(kc, &arows, astep, bp, (base, dst), rows, cols);
+                            } else {
+                                tile::<2>(kc, &arows, astep, bp, (base, dst), rows, cols);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A's rows as the tiles read them: k-pair words where A lies (its rows contiguous with an
+    /// even k), else packed one block of rows and k at a time into panels of MR rows.
+    struct RowsOfA<'a> {
+        a: Matrix<'a, bf16>,
+        k: usize,
+        direct: bool,
+        packed: Vec<u32>,
+        /// What rows past the end read.
+        zeros: Vec<u32>,
+    }
+
+    impl<'a> RowsOfA<'a> {
+        /// For k blocks of at most `kcb` pairs.
+        fn new(a: Matrix<'a, bf16>, k: usize, kcb: usize) -> Self {
+            let direct = a.cs == 1 && k.is_multiple_of(2);
+            Self {
+                a,
+                k,
+                direct,
+                packed: if direct {
+                    Vec::new()
+                } else {
+                    vec![0; kcb * MC]
+                },
+                zeros: vec![0; kcb],
+            }
+        }
+
+        /// Readies rows [i0, i0 + mc) x k-pairs [pc, pc + kc) (packs them unless direct).
+        fn pack(&mut self, i0: usize, mc: usize, pc: usize, kc: usize) {
+            if !self.direct {
+                pack_a(self.a, self.k, i0, mc, pc, kc, &mut self.packed);
+            }
+        }
+
+        /// The k-pair words of the tile of `rows` rows from row ir of the block readied at row
+        /// i0 (pairs pc..pc + kc): one word apart where A lies, MR apart in a packed panel; rows
+        /// past the end read zeros.
+        ///
+        /// # Safety
+        /// The block was readied with [`Self::pack`] for these i0, pc and kc, and holds row
+        /// ir + rows.
+        unsafe fn tile(
+            &self,
+            i0: usize,
+            ir: usize,
+            rows: usize,
+            pc: usize,
+            kc: usize,
+        ) -> ([*const u32; MR], usize) {
+            if self.direct {
+                let mut p = [self.zeros.as_ptr(); MR];
+                for (r, row) in p.iter_mut().enumerate().take(rows) {
+                    let at = (i0 + ir + r) * self.a.rs + 2 * pc;
+                    *row = self.a.data.as_ptr().add(at).cast::<u32>();
+                }
+                (p, 1)
+            } else {
+                let base = self.packed.as_ptr().add(ir * kc);
+                (std::array::from_fn(|r| base.add(r)), MR)
             }
         }
     }
@@ -718,26 +921,75 @@ mod avx512 {
         }
     }
 
+    /// What a tile's sums start from.
+    #[derive(Clone, Copy)]
+    pub(super) enum Base {
+        /// Nothing: the sums are the results.
+        Zero,
+        /// One f32 per column, from the tile's first (a bias).
+        Row(*const f32),
+        /// The tile's f32 rows (the sums so far, or C to add to) with this row stride.
+        Rows(*const f32, usize),
+    }
+
+    /// Where a tile's results go.
+    #[derive(Clone, Copy)]
+    pub(super) enum Dst {
+        /// f32 rows with this row stride.
+        F32(*mut f32, usize),
+        /// bf16 rows with this row stride, each value rounded once as
+        /// [`crate::kernels::convert::round`] rounds.
+        Bf16(*mut bf16, usize),
+    }
+
+    /// The lanes of 16 that hold real values when `n` of them are left (`n` >= 16: all).
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// `v` rounded to bf16 as [`crate::kernels::convert::round`] rounds (nearest, ties to even;
+    /// NaN made quiet), the 16 results in one 256-bit word.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn round16(v: __m512) -> __m256i {
+        let b = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32::<16>(b);
+        let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd);
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+        let magnitude = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7F80_0000));
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
+    }
+
     /// One MR x (16 H) tile of C over `kc` k-pairs (H = 2: a whole panel; H = 1: its first 16
     /// columns, for a last panel that has no more): `rows` x `cols` of it are real (the rest is
-    /// zero padding); `add`: add to C instead of replacing it.
+    /// zero padding); each result is the sum plus its `base`, stored to `dst`.
     ///
     /// # Safety
     /// Each `arows[r]` points at kc k-pair words `astep` words apart (possibly unaligned), `bp` at
-    /// kc x NR words; `cp` points at `rows` rows of `cols <= 16 H` f32 with row stride `ldc`; the
-    /// CPU has AVX512-BF16.
+    /// kc x NR words; the base and the destination hold `rows` rows of `cols <= 16 H` values (a
+    /// `Row` base: `cols`) with their row strides; the CPU has AVX512-BF16 (with AVX-512BW and
+    /// VL).
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     unsafe fn tile<const H: usize>(
         kc: usize,
         arows: &[*const u32; MR],
         astep: usize,
         bp: *const u32,
-        cp: *mut f32,
-        ldc: usize,
+        (base, dst): (Base, Dst),
         rows: usize,
         cols: usize,
-        add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); H]; MR];
         for p in 0..kc {
@@ -755,31 +1007,75 @@ mod avx512 {
                 }
             }
         }
+        store::<H>(acc, (base, dst), rows, cols);
+    }
+
+    /// Stores a tile's sums `acc` (see [`tile`]): kept out of line, so that the k loop keeps
+    /// the sums in registers (with the stores inlined, LLVM wrote every sum back to the stack
+    /// on every k-pair).
+    ///
+    /// # Safety
+    /// As [`tile`] for the base and the destination.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn store<const H: usize>(
+        acc: [[__m512; H]; MR],
+        (base, dst): (Base, Dst),
+        rows: usize,
+        cols: usize,
+    ) {
         if rows == MR && cols == 16 * H {
-            for (r, acc_r) in acc.iter().enumerate() {
-                let row = cp.add(r * ldc);
-                for (h, v) in acc_r.iter().enumerate() {
-                    let dst = row.add(16 * h);
-                    let v = if add {
-                        _mm512_add_ps(*v, _mm512_loadu_ps(dst))
-                    } else {
-                        *v
-                    };
-                    _mm512_storeu_ps(dst, v);
+            // A whole tile: no masks, and each kind of store in a loop of its own.
+            let base_at = |r: usize, h: usize| match base {
+                Base::Zero => None,
+                Base::Row(b) => Some(b.add(16 * h)),
+                Base::Rows(c, ldc) => Some(c.add(r * ldc + 16 * h)),
+            };
+            match dst {
+                Dst::F32(c, ldc) => {
+                    for (r, acc_r) in acc.iter().enumerate() {
+                        for (h, sum) in acc_r.iter().enumerate() {
+                            let v = match base_at(r, h) {
+                                Some(p) => _mm512_add_ps(*sum, _mm512_loadu_ps(p)),
+                                None => *sum,
+                            };
+                            _mm512_storeu_ps(c.add(r * ldc + 16 * h), v);
+                        }
+                    }
+                }
+                Dst::Bf16(o, ldo) => {
+                    for (r, acc_r) in acc.iter().enumerate() {
+                        for (h, sum) in acc_r.iter().enumerate() {
+                            let v = match base_at(r, h) {
+                                Some(p) => _mm512_add_ps(*sum, _mm512_loadu_ps(p)),
+                                None => *sum,
+                            };
+                            _mm256_storeu_si256(o.add(r * ldo + 16 * h).cast(), round16(v));
+                        }
+                    }
                 }
             }
-        } else {
-            let mut buf = [[0f32; NR]; MR];
-            for (r, acc_r) in acc.iter().enumerate() {
-                for (h, v) in acc_r.iter().enumerate() {
-                    _mm512_storeu_ps(buf[r].as_mut_ptr().add(16 * h), *v);
+            return;
+        }
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            for (h, sum) in acc_r.iter().enumerate() {
+                let c0 = 16 * h;
+                if c0 >= cols {
+                    break;
                 }
-            }
-            for (r, vals) in buf.iter().enumerate().take(rows) {
-                let row = cp.add(r * ldc);
-                for (j, v) in vals.iter().enumerate().take(cols) {
-                    let dst = row.add(j);
-                    *dst = if add { *dst + v } else { *v };
+                let mask = lanes(cols - c0);
+                let v = match base {
+                    Base::Zero => *sum,
+                    Base::Row(b) => _mm512_add_ps(*sum, _mm512_maskz_loadu_ps(mask, b.add(c0))),
+                    Base::Rows(c, ldc) => {
+                        _mm512_add_ps(*sum, _mm512_maskz_loadu_ps(mask, c.add(r * ldc + c0)))
+                    }
+                };
+                match dst {
+                    Dst::F32(c, ldc) => _mm512_mask_storeu_ps(c.add(r * ldc + c0), mask, v),
+                    Dst::Bf16(o, ldo) => {
+                        _mm256_mask_storeu_epi16(o.add(r * ldo + c0).cast(), mask, round16(v))
+                    }
                 }
             }
         }
@@ -947,6 +1243,134 @@ mod tests {
     fn amx_block_model_matches_the_exact_product() {
         for (m, n, k) in SHAPES {
             check_impl(Bf16Kernel::Amx, m, n, k, 1, true);
+        }
+    }
+
+    /// The bf16 output is, bit for bit, the rounding of the f32 product summed from the bias
+    /// (what a linear layer computed before: C = bias, the packed product added, then rounded):
+    /// edges in every dimension, one k block and several, several blocks of rows and of columns,
+    /// A read where it lies and packed, B row-major and transposed, 1-3 threads, and values that
+    /// make infinities and NaN.
+    #[test]
+    fn bf16_output_is_the_rounded_f32_product() {
+        let mut shapes = SHAPES.to_vec();
+        shapes.extend([(300, 700, 600), (130, 520, 384), (9, 40, 320), (16, 48, 2)]);
+        for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
+            for &(m, n, k) in &shapes {
+                let mut a_rows = values(m * (k + 3), 11 + k as u64);
+                if m > 2 && k > 2 {
+                    // A huge value (its products overflow to infinity) and a NaN.
+                    a_rows[k + 3] = bf16::MAX;
+                    a_rows[2 * (k + 3) + 1] = bf16::NAN;
+                }
+                let a_cols = values(k * (m + 1), 12 + m as u64);
+                let b_rows = values(k * (n + 5), 13 + n as u64);
+                let b_cols = values(n * (k + 1), 14 + n as u64);
+                let a_views = [
+                    Matrix::rows(&a_rows, k + 3),
+                    Matrix {
+                        data: &a_cols,
+                        rs: 1,
+                        cs: m + 1,
+                    },
+                ];
+                let b_views = [
+                    Matrix::rows(&b_rows, n + 5),
+                    Matrix {
+                        data: &b_cols,
+                        rs: 1,
+                        cs: k + 1,
+                    },
+                ];
+                let bias: Vec<f32> = values(n, 15).iter().map(|v| v.to_f32() * 3.0).collect();
+                for (a, b) in [(a_views[0], b_views[1]), (a_views[1], b_views[0])] {
+                    let packed = PackedB::new(kernel, b, (k, n));
+                    for (bias, threads) in [(Some(&bias[..]), 1), (None, 2), (Some(&bias[..]), 3)] {
+                        let mut c = match bias {
+                            Some(b) => b.repeat(m),
+                            None => vec![0f32; m * n],
+                        };
+                        gemm_bf16_packed(m, a, &packed, &mut c, n, bias.is_some(), threads);
+                        let ldo = n + 3;
+                        let sentinel = bf16::from_f32(-7.0);
+                        let mut out = vec![sentinel; m * ldo];
+                        gemm_bf16_packed_bf16(m, a, &packed, bias, &mut out, ldo, threads);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let want = crate::kernels::convert::round(c[i * n + j]);
+                                assert_eq!(
+                                    out[i * ldo + j].to_bits(),
+                                    want.to_bits(),
+                                    "{kernel:?} {m}x{n}x{k} (a.cs {}, bias {}, {threads} threads) at ({i}, {j}): {} vs {want}",
+                                    a.cs,
+                                    bias.is_some(),
+                                    out[i * ldo + j]
+                                );
+                            }
+                            for j in n..ldo {
+                                assert_eq!(out[i * ldo + j], sentinel, "column {j} written");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tiles' rounding to bf16 is `convert::round`'s, bit for bit, on every class of value:
+    /// ties both ways, denormals, infinities, quiet and signalling NaN with payloads.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tile_rounding_is_round() {
+        if Bf16Kernel::detect() == Bf16Kernel::Portable {
+            eprintln!(
+                "skipped: this CPU lacks AVX512-BF16 (avx512bf16), whose tiles round this way"
+            );
+            return;
+        }
+        let mut bits: Vec<u32> = vec![
+            0x3F80_8000,
+            0x3F81_8000,
+            0xBF80_8000,
+            0x3F80_7FFF,
+            0x3F80_8001,
+            0x0000_0001,
+            0x8000_8000,
+            0x007F_FFFF,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0xFFC0_0000,
+            0x7F80_0001,
+            0x7FBF_FFFF,
+            0xFF80_FFFF,
+            0x7FFF_FFFF,
+            0x0000_0000,
+            0x8000_0000,
+        ];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        bits.extend((0..4000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u32
+        }));
+        bits.resize(bits.len().next_multiple_of(16), 0x3F80_8000);
+        for chunk in bits.chunks_exact(16) {
+            let v: Vec<f32> = chunk.iter().map(|&b| f32::from_bits(b)).collect();
+            let mut got = [0u16; 16];
+            // SAFETY: this CPU has AVX512-BF16, hence AVX-512F; v holds 16 values, got 16.
+            unsafe {
+                use std::arch::x86_64::*;
+                let r = avx512::round16(_mm512_loadu_ps(v.as_ptr()));
+                _mm256_storeu_si256(got.as_mut_ptr().cast(), r);
+            }
+            for (g, v) in got.iter().zip(&v) {
+                let want = crate::kernels::convert::round(*v).to_bits();
+                assert_eq!(*g, want, "{:#010x}", v.to_bits());
+            }
         }
     }
 
