@@ -30,9 +30,11 @@
 //!
 //! F(4x4)'s input and output transforms are written out the same way (`InputTask::run_f4`:
 //! input rows split once into the four column phases; `bt4_row` and `at_row`: the table's
-//! products and sums in its order, tested bit for bit against it); its weight transform stays
-//! table-driven (1-6 ms a call). 320 channels at 64x64, batch 2: input 12 -> 6 ms, output
-//! 8 -> 5 ms, the call 42-51 -> 32-33 ms (Zen 4).
+//! products and sums in its order, tested bit for bit against it). 320 channels at 64x64, batch
+//! 2: input 12 -> 6 ms, output 8 -> 5 ms, the call 42-51 -> 32-33 ms (Zen 4). So is its weight
+//! transform (`WeightTask::run_f4`, as F(2x2)'s), which gains less: at 1280 channels and 16x16
+//! it writes 36 x 1280 x 1280 f32 (236 MB) a call and is bound by that, 14 -> 12.5 ms of a 38 ms
+//! call; which is also why F(4x4) only draws with bf16 im2col there.
 //!
 //! Precision: the transforms add and subtract values up to 8x (F(4x4)) larger than the result, so
 //! F(4x4, 3x3) loses about three more bits than the direct sum. The `tests` below measure it against
@@ -861,6 +863,9 @@ impl<X: Value> Vectorized for WeightTask<'_, X> {
         if self.plan.t.written_out && self.plan.t.m == 2 {
             return self.run_f2();
         }
+        if self.plan.t.written_out && self.plan.t.m == 4 {
+            return self.run_f4();
+        }
         let Plan { t, g, .. } = self.plan;
         let (a, n) = (t.a, g.ci);
         // k[l]: kernel element l of every input channel; gg[i*3 + c]: (G g)[i][c] of every one.
@@ -956,6 +961,74 @@ impl<X: Value> WeightTask<'_, X> {
                 zip3_with(&mut ur[1][c0..][..len], g0, g1, g2, sum);
                 zip3_with(&mut ur[2][c0..][..len], g0, g1, g2, alt);
                 ur[3][c0..][..len].copy_from_slice(g2);
+            }
+        }
+    }
+}
+
+/// Row `R` of F(4x4)'s `G` applied to (x0, x1, x2): the table's products and sums in its order,
+/// its zero coefficients left out (so the general path's values).
+#[inline(always)]
+fn g4_row<const R: usize>(x0: f32, x1: f32, x2: f32) -> f32 {
+    const G: &[f32] = F4.g;
+    let c = |l: usize| G[R * 3 + l];
+    match R {
+        0 => c(0) * x0,
+        5 => c(2) * x2,
+        _ => (c(0) * x0 + c(1) * x1) + c(2) * x2,
+    }
+}
+
+impl<X: Value> WeightTask<'_, X> {
+    /// F(4x4, 3x3)'s weight transform written out as [`Self::run_f2`] is: `CH` input channels at
+    /// a time, their kernels transposed into nine rows in L1, `G g` made from them with each row
+    /// of `G` as one expression ([`g4_row`]), and the 36 rows of U from that. The general path
+    /// made 27 rows as long as the input channels (5 KiB each at 1280 channels: out of L1) and
+    /// filled and added to each of U's 36 rows up to three times. The same products and sums
+    /// in the same order: the same values.
+    #[inline(always)]
+    fn run_f4(self) {
+        const CH: usize = 64;
+        let n = self.plan.g.ci;
+        self.scratch.clear();
+        self.scratch.resize(27 * CH, 0.0);
+        // gg[(c * 6 + r) * CH..]: (G g)[r][c] (the six rows of a column together).
+        let (k, gg) = self.scratch.split_at_mut(9 * CH);
+        let wk = &self.w[self.co * n * 9..][..n * 9];
+        // SAFETY: row `col` of U_p (nco x ci), p < 36: written by this channel's task alone,
+        // inside U (36 x nco x ci); the 36 rows are disjoint.
+        let mut u: [&mut [f32]; 36] = std::array::from_fn(|p| unsafe {
+            std::slice::from_raw_parts_mut(self.u.get().add((p * self.nco + self.col) * n), n)
+        });
+        // Rows 0 to 5 of `G` applied to the rows x, each into the next of six rows.
+        #[inline(always)]
+        fn rows<'d>(mut next: impl FnMut() -> &'d mut [f32], x: [&[f32]; 3]) {
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<0>);
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<1>);
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<2>);
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<3>);
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<4>);
+            zip3_with(next(), x[0], x[1], x[2], g4_row::<5>);
+        }
+        for c0 in (0..n).step_by(CH) {
+            let len = CH.min(n - c0);
+            // k[l * CH + i]: kernel element l of input channel c0 + i.
+            for (i, kernel) in wk[c0 * 9..(c0 + len) * 9].chunks_exact(9).enumerate() {
+                for (l, v) in kernel.iter().enumerate() {
+                    k[l * CH + i] = v.get();
+                }
+            }
+            // (G g)[r][c] from kernel rows 0, 1 and 2 of column c.
+            for (c, ggc) in gg.chunks_exact_mut(6 * CH).enumerate() {
+                let x = std::array::from_fn(|l| &k[(l * 3 + c) * CH..][..len]);
+                let mut ggc = ggc.chunks_exact_mut(CH);
+                rows(|| ggc.next().map_or(&mut [], |d| &mut d[..len]), x);
+            }
+            // U[r * 6 + j] = ((G g) G^T)[r][j], from columns 0, 1 and 2 of row r.
+            for (r, ur) in u.chunks_exact_mut(6).enumerate() {
+                let x = std::array::from_fn(|c| &gg[(c * 6 + r) * CH..][..len]);
+                let mut ur = ur.iter_mut();
+                rows(|| ur.next().map_or(&mut [], |d| &mut d[c0..][..len]), x);
             }
         }
     }
@@ -1238,7 +1311,7 @@ mod tests {
         assert!(c.cob == 320 && c.band_rows < 64, "{c:?}");
     }
 
-    /// The written-out transforms (F(2x2): input, weights and output; F(4x4): input and output)
+    /// The written-out transforms (input, weights and output of F(2x2) and of F(4x4))
     /// give exactly the values of the table-driven general path (the same products and sums in the
     /// same order), in f32 and in bf16 with bias and residual, on [`edge_shapes`] (odd widths and
     /// heights, one-pixel rows and columns, single-row bands).
