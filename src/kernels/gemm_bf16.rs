@@ -347,7 +347,7 @@ pub fn gemm_bf16_packed(
 /// `out = round(a x b + bias)` into bf16 (row stride `ldo`) for `a` [m, k] and a packed `b` [k, n]:
 /// a bf16 linear layer's whole output in one pass. The products are summed in f32 from the bias
 /// as [`gemm_bf16_packed`] sums them into a C that holds the bias, and each sum is rounded once as
-/// [`super::convert::round`] rounds (the same bits as rounding that C, tested), but no f32 C of the
+/// `convert::round` rounds (the same bits as rounding that C, tested), but no f32 C of the
 /// whole product is written or read again: a tile's sums go straight to bf16, and only a product
 /// with several k blocks keeps its partial sums, one block of C at a time, in a buffer that stays
 /// in L2. Filling C with the bias, and rounding it in another pass, had cost a 640 -> 5120 layer at
