@@ -198,6 +198,7 @@ fn value_product((rows, d, m): (usize, usize, usize), probs: &[f32], h: &F32Head
 /// kernels repacked both operands for every block of query rows).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use crate::kernels::lanes;
     use std::arch::x86_64::*;
 
     /// Keys per packed panel of `k^T` (two 16-lane registers).
@@ -227,16 +228,6 @@ mod avx512 {
             }
         }
         out
-    }
-
-    /// The lanes of 16 that hold real values when `n` of them are left (`n` >= 16: all).
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
     }
 
     /// `scores` (rows x m) = q (rows x d) k^T, from the packed `kt`.

@@ -273,6 +273,24 @@ impl PackedB {
     }
 }
 
+/// The packed product's (n, k), or None when it is empty (m or n zero); panics when `a` or the
+/// output (`len` values, row stride `ld`) is too short for it (a caller's bug).
+fn packed_dims(
+    m: usize,
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    (len, ld): (usize, usize),
+    what: &str,
+) -> Option<(usize, usize)> {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return None;
+    }
+    assert!(a.holds(m, k), "A is too short");
+    assert!(ld >= n && len > (m - 1) * ld + n - 1, "{what} is too short");
+    Some((n, k))
+}
+
 /// `c = a x b` (`accumulate`: `c += a x b`) for `a` [m, k] and a packed `b` [k, n], split between
 /// `threads` threads (rayon) when the work is large enough: 1 for callers that run many small
 /// products in parallel (attention's blocks of query rows), more for a layer's weight packed once
@@ -289,12 +307,9 @@ pub fn gemm_bf16_packed(
     accumulate: bool,
     threads: usize,
 ) {
-    let (n, k) = (b.n, b.k);
-    if m == 0 || n == 0 {
+    let Some((n, k)) = packed_dims(m, a, b, (c.len(), ldc), "C") else {
         return;
-    }
-    assert!(a.holds(m, k), "A is too short");
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too short");
+    };
     if k == 0 {
         if !accumulate {
             c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
@@ -365,15 +380,9 @@ pub fn gemm_bf16_packed_bf16(
     ldo: usize,
     threads: usize,
 ) {
-    let (n, k) = (b.n, b.k);
-    if m == 0 || n == 0 {
+    let Some((n, k)) = packed_dims(m, a, b, (out.len(), ldo), "out") else {
         return;
-    }
-    assert!(a.holds(m, k), "A is too short");
-    assert!(
-        ldo >= n && out.len() >= (m - 1) * ldo + n,
-        "out is too short"
-    );
+    };
     assert!(bias.is_none_or(|b| b.len() >= n), "the bias is too short");
     match &b.data {
         #[cfg(target_arch = "x86_64")]
@@ -514,6 +523,7 @@ unsafe fn portable_f32(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{bf16, Matrix, KC, MC, MR, NC, NR};
+    use crate::kernels::lanes;
 
     /// Where a block's B panels come from.
     #[derive(Clone, Copy)]
@@ -627,11 +637,7 @@ mod avx512 {
                             let cp = c.add((i0 + ic + ir) * ldc + jc + jr);
                             let base = if add { Base::Rows(cp, ldc) } else { Base::Zero };
                             let dst = Dst::F32(cp, ldc);
-                            if cols <= NR / 2 {
-                                tile::<1>(kc, &arows, astep, bp, (base, dst), rows, cols);
-                            } else {
-                                tile::<2>(kc, &arows, astep, bp, (base, dst), rows, cols);
-                            }
+                            tile_for(kc, (&arows, astep), bp, (base, dst), rows, cols);
                         }
                     }
                 }
@@ -700,11 +706,7 @@ mod avx512 {
                             } else {
                                 Dst::F32(part, NCF)
                             };
-                            if cols <= NR / 2 {
-                                tile::<1>(kc, &arows, astep, bp, (base, dst), rows, cols);
-                            } else {
-                                tile::<2>(kc, &arows, astep, bp, (base, dst), rows, cols);
-                            }
+                            tile_for(kc, (&arows, astep), bp, (base, dst), rows, cols);
                         }
                     }
                 }
@@ -921,6 +923,26 @@ mod avx512 {
         }
     }
 
+    /// [`tile`] as wide as `cols` needs (one register of 16 columns or two).
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline(always)]
+    unsafe fn tile_for(
+        kc: usize,
+        (arows, astep): (&[*const u32; MR], usize),
+        bp: *const u32,
+        store: (Base, Dst),
+        rows: usize,
+        cols: usize,
+    ) {
+        if cols <= NR / 2 {
+            tile::<1>(kc, arows, astep, bp, store, rows, cols);
+        } else {
+            tile::<2>(kc, arows, astep, bp, store, rows, cols);
+        }
+    }
+
     /// What a tile's sums start from.
     #[derive(Clone, Copy)]
     pub(super) enum Base {
@@ -940,16 +962,6 @@ mod avx512 {
         /// bf16 rows with this row stride, each value rounded once as
         /// [`crate::kernels::convert::round`] rounds.
         Bf16(*mut bf16, usize),
-    }
-
-    /// The lanes of 16 that hold real values when `n` of them are left (`n` >= 16: all).
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
     }
 
     /// `v` rounded to bf16 as [`crate::kernels::convert::round`] rounds (nearest, ties to even;
@@ -1101,6 +1113,55 @@ mod tests {
             .collect()
     }
 
+    /// A [m, k] and B [k, n] stored both ways: A row-major (row stride k + 3) or transposed ([k,
+    /// m], row stride m + 1); B row-major ([k, n], stride n + 5) or transposed ([n, k], stride
+    /// k + 1).
+    struct Operands {
+        a_rows: Vec<bf16>,
+        a_cols: Vec<bf16>,
+        b_rows: Vec<bf16>,
+        b_cols: Vec<bf16>,
+        dims: (usize, usize, usize),
+    }
+
+    impl Operands {
+        fn new((m, n, k): (usize, usize, usize), seed: u64) -> Self {
+            Self {
+                a_rows: values(m * (k + 3), seed + 1 + m as u64),
+                a_cols: values(k * (m + 1), seed + 2 + m as u64),
+                b_rows: values(k * (n + 5), seed + 7 + n as u64),
+                b_cols: values(n * (k + 1), seed + 8 + n as u64),
+                dims: (m, n, k),
+            }
+        }
+
+        /// A row-major and transposed.
+        fn a(&self) -> [Matrix<'_, bf16>; 2] {
+            let (m, _, k) = self.dims;
+            views((&self.a_rows, k + 3), (&self.a_cols, m + 1))
+        }
+
+        /// B row-major and transposed.
+        fn b(&self) -> [Matrix<'_, bf16>; 2] {
+            let (_, n, k) = self.dims;
+            views((&self.b_rows, n + 5), (&self.b_cols, k + 1))
+        }
+    }
+
+    /// A matrix stored row-major (values, row stride) and stored transposed (values, column
+    /// stride).
+    fn views<'a>(
+        (rows, rs): (&'a [bf16], usize),
+        (cols, cs): (&'a [bf16], usize),
+    ) -> [Matrix<'a, bf16>; 2] {
+        let transposed = Matrix {
+            data: cols,
+            rs: 1,
+            cs,
+        };
+        [Matrix::rows(rows, rs), transposed]
+    }
+
     /// Checks `kernel` on an m x k by k x n product (strided views, each operand row-major or
     /// transposed, accumulate or not) against the f64 product of the same bf16 values.
     fn check(kernel: Bf16Kernel, m: usize, n: usize, k: usize, threads: usize) {
@@ -1111,28 +1172,8 @@ mod tests {
     /// (on one thread; B is not prepacked there).
     fn check_impl(kernel: Bf16Kernel, m: usize, n: usize, k: usize, threads: usize, model: bool) {
         let ldc = n + 2;
-        // Row-major A (row stride k + 3) or A stored transposed ([k, m], row stride m + 1); the
-        // same for B ([k, n] with stride n + 5, or [n, k] with stride k + 1).
-        let a_rows = values(m * (k + 3), 1 + m as u64);
-        let a_cols = values(k * (m + 1), 2 + m as u64);
-        let b_rows = values(k * (n + 5), 7 + n as u64);
-        let b_cols = values(n * (k + 1), 8 + n as u64);
-        let a_views = [
-            Matrix::rows(&a_rows, k + 3),
-            Matrix {
-                data: &a_cols,
-                rs: 1,
-                cs: m + 1,
-            },
-        ];
-        let b_views = [
-            Matrix::rows(&b_rows, n + 5),
-            Matrix {
-                data: &b_cols,
-                rs: 1,
-                cs: k + 1,
-            },
-        ];
+        let operands = Operands::new((m, n, k), 0);
+        let (a_views, b_views) = (operands.a(), operands.b());
         for (a, b) in [
             (a_views[0], b_views[0]),
             (a_views[1], b_views[1]),
@@ -1257,31 +1298,13 @@ mod tests {
         shapes.extend([(300, 700, 600), (130, 520, 384), (9, 40, 320), (16, 48, 2)]);
         for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
             for &(m, n, k) in &shapes {
-                let mut a_rows = values(m * (k + 3), 11 + k as u64);
+                let mut operands = Operands::new((m, n, k), 10 + k as u64);
                 if m > 2 && k > 2 {
                     // A huge value (its products overflow to infinity) and a NaN.
-                    a_rows[k + 3] = bf16::MAX;
-                    a_rows[2 * (k + 3) + 1] = bf16::NAN;
+                    operands.a_rows[k + 3] = bf16::MAX;
+                    operands.a_rows[2 * (k + 3) + 1] = bf16::NAN;
                 }
-                let a_cols = values(k * (m + 1), 12 + m as u64);
-                let b_rows = values(k * (n + 5), 13 + n as u64);
-                let b_cols = values(n * (k + 1), 14 + n as u64);
-                let a_views = [
-                    Matrix::rows(&a_rows, k + 3),
-                    Matrix {
-                        data: &a_cols,
-                        rs: 1,
-                        cs: m + 1,
-                    },
-                ];
-                let b_views = [
-                    Matrix::rows(&b_rows, n + 5),
-                    Matrix {
-                        data: &b_cols,
-                        rs: 1,
-                        cs: k + 1,
-                    },
-                ];
+                let (a_views, b_views) = (operands.a(), operands.b());
                 let bias: Vec<f32> = values(n, 15).iter().map(|v| v.to_f32() * 3.0).collect();
                 for (a, b) in [(a_views[0], b_views[1]), (a_views[1], b_views[0])] {
                     let packed = PackedB::new(kernel, b, (k, n));

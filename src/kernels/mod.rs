@@ -135,6 +135,18 @@ impl<K: Vectorized> pulp::WithSimd for Dispatch<K> {
     }
 }
 
+/// The lanes of 16 that hold real values when `n` of them are left (`n` >= 16: all): the mask of
+/// an AVX-512 load or store at the end of a row (the kernels' `avx512` modules).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lanes(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as std::arch::x86_64::__mmask16
+    }
+}
+
 /// Runs `task` with the best SIMD instructions of this CPU.
 #[inline]
 pub(crate) fn vectorized<K: Vectorized>(task: K) {
