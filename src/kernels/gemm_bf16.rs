@@ -366,7 +366,8 @@ pub fn gemm_bf16_packed(
 /// whole product is written or read again: a tile's sums go straight to bf16, and only a product
 /// with several k blocks keeps its partial sums, one block of C at a time, in a buffer that stays
 /// in L2. Filling C with the bias, and rounding it in another pass, had cost a 640 -> 5120 layer at
-/// 2048 tokens 59 ms against its products' 32 (Zen 4, 2 threads).
+/// 2048 tokens 59 ms against its products' 32 (Zen 4, 2 threads). `out` may be uninitialised:
+/// every one of its m x n values (and no other) is written.
 ///
 /// # Panics
 /// When `a`, `out` or `bias` is too short for its shape (a caller's bug).
@@ -376,7 +377,7 @@ pub fn gemm_bf16_packed_bf16(
     a: Matrix<'_, bf16>,
     b: &PackedB,
     bias: Option<&[f32]>,
-    out: &mut [bf16],
+    out: &mut [std::mem::MaybeUninit<bf16>],
     ldo: usize,
     threads: usize,
 ) {
@@ -388,7 +389,7 @@ pub fn gemm_bf16_packed_bf16(
         #[cfg(target_arch = "x86_64")]
         Packing::Panels(words) if k > 0 => {
             let panels = (words.as_slice(), n.div_ceil(NR), b.kc);
-            let optr = crate::kernels::SendPtr(out.as_mut_ptr());
+            let optr = crate::kernels::SendPtr(out.as_mut_ptr().cast::<bf16>());
             let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
                 // SAFETY: `out` holds m rows of ldo >= n (checked above) and is borrowed mutably;
                 // the parts are disjoint blocks of it whose columns start at whole panels; the
@@ -407,7 +408,7 @@ pub fn gemm_bf16_packed_bf16(
             };
             gemm_bf16_packed(m, a, b, &mut c, n, bias.is_some(), threads);
             for (row, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
-                super::convert::round_into(row, &mut dst[..n]);
+                super::convert::round_into_uninit(row, &mut dst[..n]);
             }
         }
     }
@@ -1316,8 +1317,13 @@ mod tests {
                         gemm_bf16_packed(m, a, &packed, &mut c, n, bias.is_some(), threads);
                         let ldo = n + 3;
                         let sentinel = bf16::from_f32(-7.0);
-                        let mut out = vec![sentinel; m * ldo];
+                        let mut out = vec![std::mem::MaybeUninit::new(sentinel); m * ldo];
                         gemm_bf16_packed_bf16(m, a, &packed, bias, &mut out, ldo, threads);
+                        // SAFETY: every value was initialised (the sentinel) before the call.
+                        let out: Vec<bf16> = out
+                            .into_iter()
+                            .map(|v| unsafe { v.assume_init() })
+                            .collect();
                         for i in 0..m {
                             for j in 0..n {
                                 let want = crate::kernels::convert::round(c[i * n + j]);

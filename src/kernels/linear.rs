@@ -315,9 +315,6 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
         // SAFETY: the product writes every one of the m x n values (rows of n, ldo = n).
         let out = unsafe {
             super::convert::filled(m * n, |out| {
-                // SAFETY: MaybeUninit<bf16> has bf16's layout and the product only writes.
-                let out =
-                    &mut *(out as *mut [std::mem::MaybeUninit<half::bf16>] as *mut [half::bf16]);
                 gemm_bf16_packed_bf16(
                     m,
                     Matrix::rows(x, k),
