@@ -193,6 +193,12 @@ impl candle_core::InplaceOp1 for TransposeBlocks {
 
 /// `w` (row-major [n, k]) with its `s` x `s` blocks transposed, as [`TransposeBlocks`] does in
 /// place, written into a fresh buffer (write-only: its pages are never read before written).
+///
+/// When `s` is a multiple of 16 (every layer of the models), the copy goes by 16 x 16 tiles: 16
+/// source lines read into a local tile, 16 output lines written from it. The element-by-element
+/// copy it replaced (16 output rows a task, one value of each per source line) was 40-50 % of
+/// the f32 load time (`perf`, m9 on the Zen 4 machine, 2026-12-07): a compare and branch per value
+/// and every value stored alone.
 fn transposed(w: &[f32], (n, k): (usize, usize), s: usize) -> Vec<f32> {
     // 16 output rows per task: each source read is then one cache line of 16 values.
     const ROWS: usize = 16;
@@ -204,10 +210,38 @@ fn transposed(w: &[f32], (n, k): (usize, usize), s: usize) -> Vec<f32> {
         .map(|c| if wide { c / s * s + c % s * k } else { c * k })
         .collect();
     let row = |r: usize| if wide { r } else { r / s * s * k + r % s };
+    // With 16 | s a tile never straddles two blocks, so inside one, row(r0 + i) = row(r0) + i and
+    // column(c0 + j) = column(c0) + j k (and n and k are multiples of 16 too).
+    let tiled = s.is_multiple_of(ROWS);
+    // Tiled, a task writes 64 output rows in 64 x 64 squares (its last may have fewer rows): each
+    // square reads 64 source lines of 256 bytes, not 16 lines of 64 bytes (each line on its own
+    // page, so the prefetchers had nothing to follow).
+    let task_rows = if tiled { 4 * ROWS } else { ROWS };
     let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
-        out.par_chunks_mut(ROWS * k)
+        out.par_chunks_mut(task_rows * k)
             .enumerate()
             .for_each(|(t, rows)| {
+                if tiled {
+                    let mut tile = [[0f32; ROWS]; ROWS];
+                    for c1 in (0..k).step_by(task_rows) {
+                        for (g, rows) in rows.chunks_mut(ROWS * k).enumerate() {
+                            let r0 = row(t * task_rows + g * ROWS);
+                            for c0 in (c1..k.min(c1 + task_rows)).step_by(ROWS) {
+                                // tile[j] = the source line of output column c0 + j, rows r0.. r0 + 16.
+                                for (j, line) in tile.iter_mut().enumerate() {
+                                    let at = column[c0] + j * k + r0;
+                                    line.copy_from_slice(&w[at..at + ROWS]);
+                                }
+                                for (i, out) in rows.chunks_exact_mut(k).enumerate() {
+                                    for (j, o) in out[c0..c0 + ROWS].iter_mut().enumerate() {
+                                        o.write(tile[j][i]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    return;
+                }
                 let mut at = [0usize; ROWS];
                 let nr = rows.len() / k;
                 for (dr, at) in at.iter_mut().enumerate().take(nr) {
@@ -220,7 +254,9 @@ fn transposed(w: &[f32], (n, k): (usize, usize), s: usize) -> Vec<f32> {
                 }
             })
     };
-    // SAFETY: the chunks cover the output, and each task writes all nr x k elements of its chunk.
+    // SAFETY: the chunks cover the output, and each task writes all nr x k elements of its chunk
+    // (tiled: its rows are a multiple of 16, since 16 | n, and the tiles cover its k columns,
+    // since 16 | k).
     unsafe { super::convert::filled(w.len(), fill) }
 }
 
@@ -528,13 +564,18 @@ mod tests {
         }
     }
 
-    /// The f32 kernel against candle-nn's layer: the same products, summed in gemm's order.
     /// The out-of-place transposition (for weights that are file maps) writes what the in-place
     /// one leaves, along the rows, along the columns and with a row count that is not a multiple
-    /// of its task size.
+    /// of its task size; by tiles (16 | side: one block, several along the rows or the columns)
+    /// and value by value.
     #[test]
     fn transposed_copy_matches_the_in_place_transposition() {
-        for (n, k) in [(64, 64), (200, 100), (100, 300), (70, 70)] {
+        let (tiled, by_value) = ([(96, 288), (320, 80), (48, 48)], [(200, 100), (100, 300)]);
+        for (n, k) in [(64, 64), (70, 70)]
+            .into_iter()
+            .chain(tiled)
+            .chain(by_value)
+        {
             let side = n.min(k);
             let w = tensor(&[n, k], 0.3);
             let src = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -547,6 +588,7 @@ mod tests {
         }
     }
 
+    /// The f32 kernel against candle-nn's layer: the same products, summed in gemm's order.
     #[test]
     fn f32_linear_matches_candle_nn() {
         // Strided W^T (small or indivisible) and square blocks: one, along the rows, along the
