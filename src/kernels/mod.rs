@@ -75,7 +75,7 @@ pub fn describe_cpu_kernels() -> String {
     let conv3x3 = match winograd::Mode::get() {
         winograd::Mode::Auto => format!(
             "f32: Winograd {} (UNet) from {} tiles / {} (VAE) from {} tiles; bf16: {} in f32 \
-             from {} tiles{}; else im2col",
+             from {} tiles{}{}; else im2col",
             winograd::F2.name,
             winograd::MIN_TILES_F2,
             winograd::F4.name,
@@ -86,7 +86,12 @@ pub fn describe_cpu_kernels() -> String {
             } else {
                 winograd::MIN_TILES_BF16_F4
             },
-            if amx { " (VAE)" } else { "" }
+            if amx { " (VAE)" } else { "" },
+            match winograd::fused_tiles() {
+                Some(n) =>
+                    format!(", its weight transform fused into the products up to {n} tiles"),
+                None => String::new(),
+            }
         ),
         winograd::Mode::Im2col => "im2col (ALTDIFF_CONV3X3)".to_string(),
         winograd::Mode::F2 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F2.name),

@@ -53,6 +53,14 @@
 //! 512x512, 2 threads): UNet step 3.66 s against 3.32 s with im2col, VAE decode 6.43 s against
 //! 6.28 s (F(2x2) everywhere: 4.51 s and 8.29 s), and the image's mean deviation from fp32 1.13
 //! levels against 0.47.
+//!
+//! bf16 layers with few tiles done in one band (the UNet's 16x16 level: 32 tiles with guidance)
+//! take `fused` where the CPU has AVX-512F: the weights of 16 output channels and 64 input
+//! channels are transformed in L2 and multiplied at once, instead of 5.9 MB blocks of transformed
+//! weights written, read back and the input repacked by gemm for each block (the weight transform
+//! took as long as the products there). `winograd_speed` (Zen 4, 2 threads, batch 2, ms): 1280
+//! channels at 16x16 33-35 -> 31-33, 2560 -> 1280 69-73 -> 61; batch 1 25-26 -> 20. Paired runs
+//! of m18 bf16 (3 DDIM steps): UNet step min 5.14 / 4.51 / 4.40 -> 4.42 / 4.27 / 4.33 s.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -61,6 +69,9 @@ use std::mem::MaybeUninit;
 use super::conv2d::Geometry;
 use super::convert::Value;
 use super::{vectorized, SendPtr, Vectorized};
+
+#[cfg(target_arch = "x86_64")]
+mod fused;
 
 /// One Winograd variant: output tile `m` x `m`, input tile `a` = m + 2, and its matrices (row-major
 /// `B^T` a x a, `G` a x 3, `A^T` m x a).
@@ -372,11 +383,12 @@ enum Sink<'a> {
 /// the bias and residual, or zeros).
 pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &Geometry) {
     assert_eq!(out.len(), g.b * g.co * g.h * g.w, "winograd: output size");
-    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g);
+    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, false);
 }
 
 /// `bias + residual + conv3x3(x, w)` for bf16 `x`, `w` and `residual`: the transforms, products and
-/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16.
+/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16. Layers
+/// with few tiles take the fused path (`fused`) where the CPU has it.
 pub(crate) fn conv_bf16(
     t: &Tiling,
     x: &[bf16],
@@ -384,6 +396,19 @@ pub(crate) fn conv_bf16(
     bias: Option<&[f32]>,
     residual: Option<&[bf16]>,
     g: &Geometry,
+) -> Vec<bf16> {
+    conv_bf16_with(t, x, w, bias, residual, g, true)
+}
+
+/// [`conv_bf16`], the fused path allowed or not.
+fn conv_bf16_with(
+    t: &Tiling,
+    x: &[bf16],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    residual: Option<&[bf16]>,
+    g: &Geometry,
+    fuse: bool,
 ) -> Vec<bf16> {
     let len = g.b * g.co * g.h * g.w;
     if let Some(r) = residual {
@@ -401,6 +426,7 @@ pub(crate) fn conv_bf16(
                 residual,
             },
             g,
+            fuse,
         );
     };
     // SAFETY: the output transform writes every (image, channel, row) of the output once: each
@@ -408,9 +434,20 @@ pub(crate) fn conv_bf16(
     unsafe { super::convert::filled(len, fill) }
 }
 
-/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read.
-fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry) {
-    run_within(t, x, w, sink, g, &BUDGET)
+/// The most tiles for which bf16 F(4x4) layers done in one band take the fused path, if this CPU
+/// has it (AVX-512F).
+pub(crate) fn fused_tiles() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if fused::available() {
+        return Some(fused::MAX_TILES);
+    }
+    None
+}
+
+/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. With `fuse`, a layer done in one band with few tiles takes the fused path where the CPU has
+/// it (`fused`: bf16 only for now, so that the f32 VAE's values stay those it was checked with).
+fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, fuse: bool) {
+    run_within(t, x, w, sink, g, &BUDGET, fuse)
 }
 
 /// How much transformed data one convolution may hold (floats), which sets its blocks of output
@@ -469,7 +506,15 @@ impl Budget {
     }
 }
 
-fn run_within<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, budget: &Budget) {
+fn run_within<X: Value>(
+    t: &Tiling,
+    x: &[X],
+    w: &[X],
+    sink: Sink,
+    g: &Geometry,
+    budget: &Budget,
+    fuse: bool,
+) {
     assert_eq!(x.len(), g.b * g.ci * g.h * g.w, "winograd: input size");
     assert_eq!(w.len(), g.co * g.ci * 9, "winograd: weight size");
     let a = t.a;
@@ -491,7 +536,15 @@ fn run_within<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, 
     let once = bands.len() == 1;
     if once {
         transform_input(plan, x, &bands[0], v);
+        #[cfg(target_arch = "x86_64")]
+        if fuse && fused::applies(&plan, bands[0].len() * plan.ntx) {
+            fused::run(plan, w, v, &bands[0], sink);
+            buffers.give_back();
+            return;
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fuse;
     for co0 in (0..g.co).step_by(cob) {
         let nco = cob.min(g.co - co0);
         // U[p][col][ci]: every element is written.
@@ -1220,13 +1273,75 @@ mod tests {
         let start = values(g.b * g.co * g.h * g.w, 3.1);
         let mut out = start.clone();
         let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
-        run_within(t, &x, &w, sink, g, budget);
+        run_within(t, &x, &w, sink, g, budget, false);
         let (want, mag) = direct(&x, &w, g);
         out.iter()
             .zip(&start)
             .zip(want.iter().zip(&mag))
             .map(|((o, s), (y, m))| ((*o as f64 - *s as f64) - y).abs() / (m + 1.0))
             .fold(0.0, f64::max)
+    }
+
+    /// The fused F(4x4) path against the blocked one, on layers with a partial panel of output
+    /// channels, partial chunks of input channels and partial groups of tiles (masked): the same
+    /// values but for the order of the sums (f32, against the scale of the direct convolution's
+    /// products), and bf16 outputs at most one step apart, nearly all equal.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fused_f4_matches_the_blocked_path() {
+        use crate::kernels::convert::to_bf16;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU lacks AVX-512F (avx512f); the blocked path is tested");
+            return;
+        }
+        let (mut apart, mut total) = (0, 0);
+        for g in [
+            geom(2, 70, 16, 16, 40),
+            geom(1, 130, 12, 12, 16),
+            geom(2, 64, 8, 8, 33),
+            geom(1, 17, 16, 15, 50),
+        ] {
+            let plan = Plan {
+                t: &F4,
+                g: &g,
+                ntx: g.w.div_ceil(4),
+                nty: g.h.div_ceil(4),
+            };
+            let tiles = g.b * plan.nty * plan.ntx;
+            assert!(fused::applies(&plan, tiles), "{g:?}");
+            let x = values(g.b * g.ci * g.h * g.w, 0.2);
+            let w = values(g.co * g.ci * 9, 1.7);
+            let start = values(g.b * g.co * g.h * g.w, 3.1);
+            let conv = |fuse: bool| {
+                let mut out = start.clone();
+                let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
+                run_within(&F4, &x, &w, sink, &g, &BUDGET, fuse);
+                out
+            };
+            let (blocked, fused) = (conv(false), conv(true));
+            let (_, mag) = direct(&x, &w, &g);
+            let worst = blocked
+                .iter()
+                .zip(&fused)
+                .zip(&mag)
+                .map(|((a, b), m)| (a - b).abs() as f64 / (m + 1.0))
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-6, "{g:?}: {worst}");
+            let (xb, wb, bias) = (to_bf16(&x), to_bf16(&w), values(g.co, 0.9));
+            let residual = to_bf16(&start);
+            let bf16_conv =
+                |fuse| conv_bf16_with(&F4, &xb, &wb, Some(&bias), Some(&residual), &g, fuse);
+            let (blocked, fused) = (bf16_conv(false), bf16_conv(true));
+            for (a, b) in blocked.iter().zip(&fused) {
+                assert!(a.to_bits().abs_diff(b.to_bits()) <= 1, "{g:?}: {a} vs {b}");
+            }
+            apart += blocked.iter().zip(&fused).filter(|(a, b)| a != b).count();
+            total += blocked.len();
+        }
+        assert!(
+            apart * 50 < total,
+            "{apart} of {total} bf16 outputs one step apart"
+        );
     }
 
     /// Sizes that are and are not multiples of the tile, one pixel wide, batches, more output
@@ -1348,7 +1463,8 @@ mod tests {
 
     /// bf16 input, weights and residual: the same bits as the f32 kernel on the widened values
     /// with the bias and residual as its starting value, rounded once; with and without either,
-    /// both variants, on [`edge_shapes`].
+    /// both variants, on [`edge_shapes`]. The blocked path: the fused one sums in another order
+    /// (`fused_f4_matches_the_blocked_path`).
     #[test]
     fn bf16_matches_f32_on_the_same_values_bit_for_bit() {
         use crate::kernels::conv2d::initial_output;
@@ -1365,7 +1481,7 @@ mod tests {
                     (Some(&bias[..]), Some(&res[..])),
                     (None, Some(&res[..])),
                 ] {
-                    let got = conv_bf16(t, &x, &w, b, r, &g);
+                    let got = conv_bf16_with(t, &x, &w, b, r, &g, false);
                     let r32 = r.map(to_f32);
                     let mut want = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
                     accumulate(t, &to_f32(&x), &to_f32(&w), &mut want, &g);

@@ -1,0 +1,263 @@
+//! F(4x4, 3x3) with its weight transform fused into its products, for layers with few tiles (the
+//! UNet's 16x16 level in bf16: 32 tiles with guidance) on CPUs with AVX-512F.
+//!
+//! The blocked path ([`super::run_within`]) writes the transformed weights of a block of output
+//! channels (36 x 32 x 1280 f32, 5.9 MB at 1280 channels) and gemm reads them back, repacking the
+//! transformed input of each position for every block: at 1280 channels and 16x16 it wrote and
+//! read 236 MB of transformed weights and repacked as much input per call, and the weight
+//! transform took as long as the products (20 ms each per call in the UNet, Zen 4). Here a task
+//! takes a few panels of 16 output channels; for each chunk of 64 input channels it transforms
+//! their weights into L2 (36 x 64 x 16 f32, 147 KiB; the same values as the blocked path's
+//! `WeightTask::run_f4`) and multiplies them at once with the transformed input, which stays
+//! where it lies (no packing): each of 16 registers sums one output channel over 16 tiles, each
+//! weight broadcast from L1. The products are the blocked path's, summed in another order
+//! (tested against it).
+//!
+//! Only where the tiles are few (`MAX_TILES`): each task reads the whole transformed input once,
+//! which for many tiles is more than the transformed weights it saves.
+
+use std::arch::x86_64::*;
+
+use super::{g4_row, grow, Band, OutputTask, Plan, Sink};
+use crate::kernels::convert::Value;
+use crate::kernels::vectorized;
+
+/// Input channels per chunk.
+const CH: usize = 64;
+/// Output channels per panel: 16 registers of sums, one per channel.
+const PANEL: usize = 16;
+/// The most tiles (per band) for which the fused path is taken: the UNet's 16x16 level with
+/// guidance (32); its 32x32 level (128) reads the transformed input 40 times over at 640 channels,
+/// twice the traffic of the blocked path's transformed weights.
+pub(super) const MAX_TILES: usize = 32;
+/// Transformed outputs a task keeps (f32): up to four panels at 32 tiles (295 KiB, in L2).
+const TASK_OUTPUT: usize = 4 * 36 * PANEL * 32;
+
+/// Whether this CPU and this layer take the fused path: F(4x4) written out, one band of at most
+/// `MAX_TILES` tiles.
+pub(super) fn applies(plan: &Plan, tiles: usize) -> bool {
+    plan.t.m == 4 && plan.t.written_out && tiles <= MAX_TILES && available()
+}
+
+pub(super) fn available() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
+/// Per-task buffers.
+#[derive(Default)]
+struct Buffers {
+    /// The kernels of a panel's chunk, output channel innermost: k[(i * 9 + l) * 16 + j].
+    k: Vec<f32>,
+    /// Their transform: u[(p * CH + i) * 16 + j].
+    u: Vec<f32>,
+    /// The transformed outputs of the task's panels: m[((panel * 36 + p) * 16 + j) * nt + tile].
+    m: Vec<f32>,
+    /// The output transform's scratch.
+    scratch: Vec<f32>,
+}
+
+/// The convolution of a layer whose input is already transformed into `v` (V[p][ci][tile], one
+/// band: `rows`), into `sink`. [`applies`] must hold.
+pub(super) fn run<X: Value>(
+    plan: Plan,
+    w: &[X],
+    v: &[f32],
+    rows: &std::ops::Range<usize>,
+    sink: Sink,
+) {
+    use rayon::prelude::*;
+    let g = plan.g;
+    let nt = rows.len() * plan.ntx;
+    assert!(
+        v.len() >= 36 * g.ci * nt,
+        "winograd: transformed input size"
+    );
+    let panels = g.co.div_ceil(PANEL);
+    // Up to four panels a task (each reads the transformed input once), but enough tasks for
+    // every thread twice over.
+    let threads = rayon::current_num_threads();
+    let per_task = (TASK_OUTPUT / (36 * PANEL * nt))
+        .min(panels.div_ceil(2 * threads))
+        .clamp(1, 4);
+    (0..panels.div_ceil(per_task))
+        .into_par_iter()
+        .for_each_init(Buffers::default, |buf, task| {
+            let first = task * per_task;
+            let count = per_task.min(panels - first);
+            let panel_len = 36 * PANEL * nt;
+            let k = grow(&mut buf.k, 9 * CH * PANEL);
+            let u = grow(&mut buf.u, 36 * CH * PANEL);
+            let m = grow(&mut buf.m, count * panel_len);
+            for c0 in (0..g.ci).step_by(CH) {
+                let len = CH.min(g.ci - c0);
+                for (i, m) in m.chunks_exact_mut(panel_len).enumerate() {
+                    let co0 = (first + i) * PANEL;
+                    let nco = PANEL.min(g.co - co0);
+                    let chunk = Chunk {
+                        w,
+                        ci_total: g.ci,
+                        co0,
+                        nco,
+                        c0,
+                        len,
+                    };
+                    // SAFETY: `available` (checked by `applies`); the buffers have the sizes
+                    // `products` reads and writes (grown above), V holds 36 x ci x nt values.
+                    unsafe { chunk_avx512(&chunk, k, u, v, nt, m) };
+                }
+            }
+            for (i, m) in m.chunks_exact(panel_len).enumerate() {
+                let co0 = (first + i) * PANEL;
+                for col in 0..PANEL.min(g.co - co0) {
+                    vectorized(OutputTask {
+                        band: Band::new(plan, rows, &mut buf.scratch),
+                        mv: m,
+                        co: co0 + col,
+                        col,
+                        nco: PANEL,
+                        sink,
+                    });
+                }
+            }
+        });
+}
+
+/// One panel's chunk of input channels.
+struct Chunk<'a, X> {
+    w: &'a [X],
+    ci_total: usize,
+    /// The panel's first output channel and how many it has (16, or fewer in the last).
+    co0: usize,
+    nco: usize,
+    /// The chunk's first input channel and how many it has.
+    c0: usize,
+    len: usize,
+}
+
+/// The chunk's weights transformed into `u`, then its products added into `m` (set on the first
+/// chunk).
+///
+/// # Safety
+/// The CPU has AVX-512F; `k` and `u` hold 9 and 36 x `CH` x 16 values, `m` 36 x 16 x `nt`, `v`
+/// 36 x ci_total x `nt`.
+#[target_feature(enable = "avx512f")]
+unsafe fn chunk_avx512<X: Value>(
+    c: &Chunk<X>,
+    k: &mut [f32],
+    u: &mut [f32],
+    v: &[f32],
+    nt: usize,
+    m: &mut [f32],
+) {
+    transform(c, k, u);
+    // SAFETY: the caller's promises.
+    unsafe { products(u, c, v, nt, m) };
+}
+
+/// U[p][i][j] for input channels c0 + i and output channels co0 + j (zero past `nco`): the
+/// products and sums of `WeightTask::run_f4`, in its order, 16 output channels at a time.
+#[inline(always)]
+fn transform<X: Value>(c: &Chunk<X>, k: &mut [f32], u: &mut [f32]) {
+    let (k, u) = (&mut k[..9 * CH * PANEL], &mut u[..36 * CH * PANEL]);
+    // k[e * 16 + j] = element e (input channel e / 9, kernel element e % 9) of output channel
+    // co0 + j: a row of 16 gathered from the panel's rows (each in L1 after its first line), so
+    // that every store is one whole row.
+    let rows: [&[X]; PANEL] = std::array::from_fn(|j| {
+        let j = j.min(c.nco - 1);
+        &c.w[((c.co0 + j) * c.ci_total + c.c0) * 9..][..c.len * 9]
+    });
+    for (e, row) in k.chunks_exact_mut(PANEL).take(c.len * 9).enumerate() {
+        for (j, (d, src)) in row.iter_mut().zip(&rows).enumerate() {
+            *d = if j < c.nco { src[e].get() } else { 0.0 };
+        }
+    }
+    for i in 0..c.len {
+        let mut kl = [[0f32; PANEL]; 9];
+        for (l, kl) in kl.iter_mut().enumerate() {
+            kl.copy_from_slice(&k[(i * 9 + l) * PANEL..][..PANEL]);
+        }
+        // gg[col][r] = (G g)[r][col], from kernel rows 0, 1, 2 of column col.
+        let mut gg = [[[0f32; PANEL]; 6]; 3];
+        for (col, gg) in gg.iter_mut().enumerate() {
+            for j in 0..PANEL {
+                let rows = g4_rows(kl[col][j], kl[3 + col][j], kl[6 + col][j]);
+                for (r, v) in rows.into_iter().enumerate() {
+                    gg[r][j] = v;
+                }
+            }
+        }
+        // U[r * 6 + q] = ((G g) G^T)[r][q], from columns 0, 1 and 2 of row r.
+        for r in 0..6 {
+            let mut out = [[0f32; PANEL]; 6];
+            for j in 0..PANEL {
+                let row = g4_rows(gg[0][r][j], gg[1][r][j], gg[2][r][j]);
+                for (q, v) in row.into_iter().enumerate() {
+                    out[q][j] = v;
+                }
+            }
+            for (q, out) in out.iter().enumerate() {
+                u[((r * 6 + q) * CH + i) * PANEL..][..PANEL].copy_from_slice(out);
+            }
+        }
+    }
+}
+
+/// The six rows of `G` applied to (x0, x1, x2) ([`g4_row`]).
+#[inline(always)]
+fn g4_rows(x0: f32, x1: f32, x2: f32) -> [f32; 6] {
+    [
+        g4_row::<0>(x0, x1, x2),
+        g4_row::<1>(x0, x1, x2),
+        g4_row::<2>(x0, x1, x2),
+        g4_row::<3>(x0, x1, x2),
+        g4_row::<4>(x0, x1, x2),
+        g4_row::<5>(x0, x1, x2),
+    ]
+}
+
+/// M[p][j][tile] (+)= sum over the chunk's input channels i of U[p][i][j] V[p][c0 + i][tile]: 16
+/// registers, one per output channel, over 16 tiles at a time (the last ones masked).
+///
+/// # Safety
+/// As [`chunk_avx512`].
+#[target_feature(enable = "avx512f")]
+unsafe fn products<X>(u: &[f32], c: &Chunk<X>, v: &[f32], nt: usize, m: &mut [f32]) {
+    debug_assert!(u.len() >= 36 * CH * PANEL && m.len() >= 36 * PANEL * nt);
+    debug_assert!(v.len() >= 36 * c.ci_total * nt);
+    for p in 0..36 {
+        // SAFETY (all pointer arithmetic below): inside U (p < 36, i < len <= CH, j < 16), V
+        // (row p * ci_total + c0 + i < 36 * ci_total, tiles t0.. masked to nt) and M (row
+        // p * 16 + j, tiles masked to nt), as the caller promises.
+        let (up, vp, mp) = unsafe {
+            (
+                u.as_ptr().add(p * CH * PANEL),
+                v.as_ptr().add((p * c.ci_total + c.c0) * nt),
+                m.as_mut_ptr().add(p * PANEL * nt),
+            )
+        };
+        for t0 in (0..nt).step_by(16) {
+            let mask: __mmask16 = if nt - t0 >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << (nt - t0)) - 1
+            };
+            let mut acc = [_mm512_setzero_ps(); PANEL];
+            if c.c0 > 0 {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = unsafe { _mm512_maskz_loadu_ps(mask, mp.add(j * nt + t0)) };
+                }
+            }
+            for i in 0..c.len {
+                let x = unsafe { _mm512_maskz_loadu_ps(mask, vp.add(i * nt + t0)) };
+                let ui = unsafe { up.add(i * PANEL) };
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *ui.add(j) }), x, *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                unsafe { _mm512_mask_storeu_ps(mp.add(j * nt + t0), mask, *a) };
+            }
+        }
+    }
+}
