@@ -27,8 +27,10 @@ const CH: usize = 64;
 /// Output channels per panel: 16 registers of sums, one per channel.
 const PANEL: usize = 16;
 /// The most tiles (per band) for which the fused path is taken: the UNet's 16x16 level with
-/// guidance (32); its 32x32 level (128) reads the transformed input 40 times over at 640 channels,
-/// twice the traffic of the blocked path's transformed weights.
+/// guidance (32). Its 32x32 level (128 tiles) reads the transformed input 40 times over at 640
+/// channels, twice the traffic of the blocked path's transformed weights; from 128 tiles it was
+/// 10 % faster alone (640 channels, `winograd_speed`: 29-31 -> 26-27 ms) but no faster in paired
+/// m18 bf16 runs (UNet step min 4.29 / 4.38 / 4.45 s at 32, 4.49 / 4.37 / 4.36 s at 128; Zen 4).
 pub(super) const MAX_TILES: usize = 32;
 /// Transformed outputs a task keeps (f32): up to four panels at 32 tiles (295 KiB, in L2).
 const TASK_OUTPUT: usize = 4 * 36 * PANEL * 32;
