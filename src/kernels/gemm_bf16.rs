@@ -673,11 +673,51 @@ mod avx512 {
     ) {
         let kp = k.div_ceil(2);
         debug_assert!(words.len() >= kp * total * NR);
-        let mut partial = if kp > kcb {
-            vec![0f32; MC * NCF]
-        } else {
-            Vec::new()
-        };
+        PARTIAL.with_borrow_mut(|partial| {
+            if kp > kcb && partial.len() < MC * NCF {
+                partial.resize(MC * NCF, 0.0);
+            }
+            // SAFETY: the caller's promises; `partial` holds MC x NCF values when read.
+            unsafe {
+                block_bf16_in(
+                    partial,
+                    (i0, i1),
+                    (j0, j1),
+                    k,
+                    a,
+                    (words, total, kcb),
+                    bias,
+                    out,
+                    ldo,
+                )
+            }
+        })
+    }
+
+    thread_local! {
+        /// [`block_bf16`]'s partial sums (MC x NCF f32), kept by each thread between calls: a
+        /// fresh zeroed 256 KiB buffer a call was 64 page faults a call and thread (no value is
+        /// read before the first k block writes it, so a reused one needs no clearing).
+        static PARTIAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// [`block_bf16`] with its partial sums in `partial`.
+    ///
+    /// # Safety
+    /// As [`block_bf16`]; `partial` holds MC x NCF values if there are several k blocks.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_bf16_in(
+        partial: &mut [f32],
+        (i0, i1): (usize, usize),
+        (j0, j1): (usize, usize),
+        k: usize,
+        a: Matrix<'_, bf16>,
+        (words, total, kcb): (&[u32], usize, usize),
+        bias: Option<&[f32]>,
+        out: *mut bf16,
+        ldo: usize,
+    ) {
+        let kp = k.div_ceil(2);
         let mut rows_of_a = RowsOfA::new(a, k, kcb);
         let m = i1 - i0;
         for jc in (j0..j1).step_by(NCF) {
