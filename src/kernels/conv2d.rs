@@ -480,7 +480,7 @@ pub(crate) fn conv2d_bf16(
         return Vec::new();
     };
     if let Some(t) = winograd::choose_bf16(g, winograd::Mode::get()) {
-        return winograd::conv_bf16(t, x, w, bias, residual, g);
+        return winograd::conv_bf16(t, x, w, bias, residual, g, true);
     }
     let opx = oh * ow;
     let len = g.b * g.co * opx;

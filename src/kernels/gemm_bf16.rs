@@ -677,19 +677,40 @@ mod avx512 {
             if kp > kcb && partial.len() < MC * NCF {
                 partial.resize(MC * NCF, 0.0);
             }
-            // SAFETY: the caller's promises; `partial` holds MC x NCF values when read.
-            unsafe {
-                block_bf16_in(
-                    partial,
-                    (i0, i1),
-                    (j0, j1),
-                    k,
-                    a,
-                    (words, total, kcb),
-                    bias,
-                    out,
-                    ldo,
-                )
+            let mut rows_of_a = RowsOfA::new(a, k, kcb);
+            let m = i1 - i0;
+            for jc in (j0..j1).step_by(NCF) {
+                let nc = NCF.min(j1 - jc);
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    for pc in (0..kp).step_by(kcb) {
+                        let kc = kcb.min(kp - pc);
+                        let (first, last) = (pc == 0, pc + kc == kp);
+                        let panels = words.as_ptr().add(pc * total * NR + jc * kc);
+                        rows_of_a.pack(i0 + ic, mc, pc, kc);
+                        for ir in (0..mc).step_by(MR) {
+                            let rows = MR.min(mc - ir);
+                            let (arows, astep) = rows_of_a.tile(i0 + ic, ir, rows, pc, kc);
+                            for jr in (0..nc).step_by(NR) {
+                                let cols = NR.min(nc - jr);
+                                let bp = panels.add(jr * kc);
+                                // (Used only when there are several k blocks, and then in bounds.)
+                                let part = partial.as_mut_ptr().wrapping_add(ir * NCF + jr);
+                                let base = match bias {
+                                    _ if !first => Base::Rows(part, NCF),
+                                    Some(b) => Base::Row(b.as_ptr().add(jc + jr)),
+                                    None => Base::Zero,
+                                };
+                                let dst = if last {
+                                    Dst::Bf16(out.add((i0 + ic + ir) * ldo + jc + jr), ldo)
+                                } else {
+                                    Dst::F32(part, NCF)
+                                };
+                                tile_for(kc, (&arows, astep), bp, (base, dst), rows, cols);
+                            }
+                        }
+                    }
+                }
             }
         })
     }
@@ -699,60 +720,6 @@ mod avx512 {
         /// fresh zeroed 256 KiB buffer a call was 64 page faults a call and thread (no value is
         /// read before the first k block writes it, so a reused one needs no clearing).
         static PARTIAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    /// [`block_bf16`] with its partial sums in `partial`.
-    ///
-    /// # Safety
-    /// As [`block_bf16`]; `partial` holds MC x NCF values if there are several k blocks.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_bf16_in(
-        partial: &mut [f32],
-        (i0, i1): (usize, usize),
-        (j0, j1): (usize, usize),
-        k: usize,
-        a: Matrix<'_, bf16>,
-        (words, total, kcb): (&[u32], usize, usize),
-        bias: Option<&[f32]>,
-        out: *mut bf16,
-        ldo: usize,
-    ) {
-        let kp = k.div_ceil(2);
-        let mut rows_of_a = RowsOfA::new(a, k, kcb);
-        let m = i1 - i0;
-        for jc in (j0..j1).step_by(NCF) {
-            let nc = NCF.min(j1 - jc);
-            for ic in (0..m).step_by(MC) {
-                let mc = MC.min(m - ic);
-                for pc in (0..kp).step_by(kcb) {
-                    let kc = kcb.min(kp - pc);
-                    let (first, last) = (pc == 0, pc + kc == kp);
-                    let panels = words.as_ptr().add(pc * total * NR + jc * kc);
-                    rows_of_a.pack(i0 + ic, mc, pc, kc);
-                    for ir in (0..mc).step_by(MR) {
-                        let rows = MR.min(mc - ir);
-                        let (arows, astep) = rows_of_a.tile(i0 + ic, ir, rows, pc, kc);
-                        for jr in (0..nc).step_by(NR) {
-                            let cols = NR.min(nc - jr);
-                            let bp = panels.add(jr * kc);
-                            // (Used only when there are several k blocks, and then in bounds.)
-                            let part = partial.as_mut_ptr().wrapping_add(ir * NCF + jr);
-                            let base = match bias {
-                                _ if !first => Base::Rows(part, NCF),
-                                Some(b) => Base::Row(b.as_ptr().add(jc + jr)),
-                                None => Base::Zero,
-                            };
-                            let dst = if last {
-                                Dst::Bf16(out.add((i0 + ic + ir) * ldo + jc + jr), ldo)
-                            } else {
-                                Dst::F32(part, NCF)
-                            };
-                            tile_for(kc, (&arows, astep), bp, (base, dst), rows, cols);
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// A's rows as the tiles read them: k-pair words where A lies (its rows contiguous with an

@@ -387,21 +387,10 @@ pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &
 }
 
 /// `bias + residual + conv3x3(x, w)` for bf16 `x`, `w` and `residual`: the transforms, products and
-/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16. Layers
-/// with few tiles take the fused path (`fused`) where the CPU has it.
+/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16. With
+/// `fuse` (always, but in the tests that compare the two), layers with few tiles take the fused
+/// path (`fused`) where the CPU has it.
 pub(crate) fn conv_bf16(
-    t: &Tiling,
-    x: &[bf16],
-    w: &[bf16],
-    bias: Option<&[f32]>,
-    residual: Option<&[bf16]>,
-    g: &Geometry,
-) -> Vec<bf16> {
-    conv_bf16_with(t, x, w, bias, residual, g, true)
-}
-
-/// [`conv_bf16`], the fused path allowed or not.
-fn conv_bf16_with(
     t: &Tiling,
     x: &[bf16],
     w: &[bf16],
@@ -1329,8 +1318,7 @@ mod tests {
             assert!(worst < 1e-6, "{g:?}: {worst}");
             let (xb, wb, bias) = (to_bf16(&x), to_bf16(&w), values(g.co, 0.9));
             let residual = to_bf16(&start);
-            let bf16_conv =
-                |fuse| conv_bf16_with(&F4, &xb, &wb, Some(&bias), Some(&residual), &g, fuse);
+            let bf16_conv = |fuse| conv_bf16(&F4, &xb, &wb, Some(&bias), Some(&residual), &g, fuse);
             let (blocked, fused) = (bf16_conv(false), bf16_conv(true));
             for (a, b) in blocked.iter().zip(&fused) {
                 assert!(a.to_bits().abs_diff(b.to_bits()) <= 1, "{g:?}: {a} vs {b}");
@@ -1454,8 +1442,8 @@ mod tests {
                 assert_eq!(bits(&fast), bits(&tables), "f32 {} {g:?}", fast_t.name);
                 let (xb, wb, rb) = (to_bf16(&x), to_bf16(&w), to_bf16(&start));
                 let bias = values(g.co, 0.4);
-                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g);
-                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g);
+                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g, true);
+                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g, true);
                 assert_eq!(fast, tables, "bf16 {} {g:?}", fast_t.name);
             }
         }
@@ -1481,7 +1469,7 @@ mod tests {
                     (Some(&bias[..]), Some(&res[..])),
                     (None, Some(&res[..])),
                 ] {
-                    let got = conv_bf16_with(t, &x, &w, b, r, &g, false);
+                    let got = conv_bf16(t, &x, &w, b, r, &g, false);
                     let r32 = r.map(to_f32);
                     let mut want = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
                     accumulate(t, &to_f32(&x), &to_f32(&w), &mut want, &g);
@@ -1608,7 +1596,7 @@ mod tests {
                 // bf16 in and out: its im2col kernel, or the f32 Winograd on widened values.
                 let best_bf16 = crate::test_support::best_time(3, &mut || {
                     let out = match choose(&g, mode) {
-                        Some(t) => conv_bf16(t, &xb, &wb, None, None, &g),
+                        Some(t) => conv_bf16(t, &xb, &wb, None, None, &g, true),
                         None => conv2d_bf16(&xb, &wb, None, None, &im2col_only, 1 << 21),
                     };
                     std::hint::black_box(&out);
