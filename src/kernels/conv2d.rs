@@ -239,7 +239,8 @@ impl CustomOp3 for Conv2dOp {
                     CpuStorage::BF16(v) => Some(contiguous(v, l3, "conv2d: the residual")?),
                     _ => candle_core::bail!("conv2d: the residual must be bf16 like the input"),
                 };
-                let out = conv2d_bf16(x, w, bias, residual, &g, TILE_ELEMS);
+                let mode = super::winograd::Mode::get();
+                let out = conv2d_bf16(x, w, bias, residual, &g, TILE_ELEMS, mode);
                 Ok((CpuStorage::BF16(out), shape))
             }
             _ => candle_core::bail!("conv2d: input and weight must both be f32 or both bf16"),
@@ -466,6 +467,8 @@ pub(crate) fn im2col_conv<T: Element>(
 /// f32 sums go to a per-thread scratch tile and are rounded straight into the bf16 output, so no
 /// f32 output as large as the bf16 one is ever made (for the VAE decoder's 512x512 layers that was
 /// 134 MB of fresh memory per convolution, most of whose cost was the kernel clearing its pages).
+/// `mode` picks Winograd or this kernel as `winograd::choose_bf16` does (`Mode::get()` but in the
+/// benchmarks).
 pub(crate) fn conv2d_bf16(
     x: &[half::bf16],
     w: &[half::bf16],
@@ -473,13 +476,14 @@ pub(crate) fn conv2d_bf16(
     residual: Option<&[half::bf16]>,
     g: &Geometry,
     tile_elems: usize,
+    mode: super::winograd::Mode,
 ) -> Vec<half::bf16> {
     use super::convert::Value;
     use super::winograd;
     let Some((oh, ow)) = g.out_hw() else {
         return Vec::new();
     };
-    if let Some(t) = winograd::choose_bf16(g, winograd::Mode::get()) {
+    if let Some(t) = winograd::choose_bf16(g, mode) {
         return winograd::conv_bf16(t, x, w, bias, residual, g, true);
     }
     let opx = oh * ow;
@@ -898,7 +902,8 @@ mod tests {
                 winograd: Largest::F2,
             };
             for tile in [1, 40, 1 << 20] {
-                let small = conv2d_bf16(&xs, &ws, Some(&bias), Some(&rs), &g, tile);
+                let mode = crate::kernels::winograd::Mode::get();
+                let small = conv2d_bf16(&xs, &ws, Some(&bias), Some(&rs), &g, tile, mode);
                 let whole = tiled
                     .flatten_all()
                     .unwrap()
