@@ -46,8 +46,8 @@ pub(super) fn available() -> bool {
     *YES.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
 }
 
-/// Per-task buffers.
-#[derive(Default)]
+/// A task's buffers, kept by each thread between calls (fresh ones for each of rayon's splits were
+/// about 0.5 MB of new pages a call).
 struct Buffers {
     /// The kernels of a panel's chunk, output channel innermost: k[(i * 9 + l) * 16 + j].
     k: Vec<f32>,
@@ -84,45 +84,58 @@ pub(super) fn run<X: Value>(
         .clamp(1, 4);
     (0..panels.div_ceil(per_task))
         .into_par_iter()
-        .for_each_init(Buffers::default, |buf, task| {
-            let first = task * per_task;
-            let count = per_task.min(panels - first);
-            let panel_len = 36 * PANEL * nt;
-            let k = grow(&mut buf.k, 9 * CH * PANEL);
-            let u = grow(&mut buf.u, 36 * CH * PANEL);
-            let m = grow(&mut buf.m, count * panel_len);
-            for c0 in (0..g.ci).step_by(CH) {
-                let len = CH.min(g.ci - c0);
-                for (i, m) in m.chunks_exact_mut(panel_len).enumerate() {
+        .for_each(|task| {
+            BUFFERS.with_borrow_mut(|buf| {
+                let first = task * per_task;
+                let count = per_task.min(panels - first);
+                let panel_len = 36 * PANEL * nt;
+                let k = grow(&mut buf.k, 9 * CH * PANEL);
+                let u = grow(&mut buf.u, 36 * CH * PANEL);
+                let m = grow(&mut buf.m, count * panel_len);
+                for c0 in (0..g.ci).step_by(CH) {
+                    let len = CH.min(g.ci - c0);
+                    for (i, m) in m.chunks_exact_mut(panel_len).enumerate() {
+                        let co0 = (first + i) * PANEL;
+                        let nco = PANEL.min(g.co - co0);
+                        let chunk = Chunk {
+                            w,
+                            ci_total: g.ci,
+                            co0,
+                            nco,
+                            c0,
+                            len,
+                        };
+                        // SAFETY: `available` (checked by `applies`); the buffers have the sizes
+                        // `products` reads and writes (grown above), V holds 36 x ci x nt values.
+                        unsafe { chunk_avx512(&chunk, k, u, v, nt, m) };
+                    }
+                }
+                for (i, m) in m.chunks_exact(panel_len).enumerate() {
                     let co0 = (first + i) * PANEL;
-                    let nco = PANEL.min(g.co - co0);
-                    let chunk = Chunk {
-                        w,
-                        ci_total: g.ci,
-                        co0,
-                        nco,
-                        c0,
-                        len,
-                    };
-                    // SAFETY: `available` (checked by `applies`); the buffers have the sizes
-                    // `products` reads and writes (grown above), V holds 36 x ci x nt values.
-                    unsafe { chunk_avx512(&chunk, k, u, v, nt, m) };
+                    for col in 0..PANEL.min(g.co - co0) {
+                        vectorized(OutputTask {
+                            band: Band::new(plan, rows, &mut buf.scratch),
+                            mv: m,
+                            co: co0 + col,
+                            col,
+                            nco: PANEL,
+                            sink,
+                        });
+                    }
                 }
-            }
-            for (i, m) in m.chunks_exact(panel_len).enumerate() {
-                let co0 = (first + i) * PANEL;
-                for col in 0..PANEL.min(g.co - co0) {
-                    vectorized(OutputTask {
-                        band: Band::new(plan, rows, &mut buf.scratch),
-                        mv: m,
-                        co: co0 + col,
-                        col,
-                        nco: PANEL,
-                        sink,
-                    });
-                }
-            }
+            })
         });
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = const {
+        std::cell::RefCell::new(Buffers {
+            k: Vec::new(),
+            u: Vec::new(),
+            m: Vec::new(),
+            scratch: Vec::new(),
+        })
+    };
 }
 
 /// One panel's chunk of input channels.
