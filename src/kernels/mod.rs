@@ -77,7 +77,7 @@ pub fn describe_cpu_kernels() -> String {
             "f32: Winograd {} (UNet) from {} tiles / {} (VAE) from {} tiles; bf16: {} in f32 \
              from {} tiles{}{}; else im2col",
             winograd::F2.name,
-            winograd::MIN_TILES_F2,
+            winograd::min_tiles_f2(),
             winograd::F4.name,
             winograd::MIN_TILES_F4,
             winograd::F4.name,
@@ -88,8 +88,10 @@ pub fn describe_cpu_kernels() -> String {
             },
             if amx { " (VAE)" } else { "" },
             match winograd::fused_tiles() {
-                Some(n) =>
-                    format!(", its weight transform fused into the products up to {n} tiles"),
+                Some((f4, f2)) => format!(
+                    "; weight transforms fused into the products up to {f4} tiles (F(4x4)) and \
+                     {f2} (F(2x2))"
+                ),
                 None => String::new(),
             }
         ),

@@ -61,6 +61,11 @@
 //! took as long as the products there). `winograd_speed` (Zen 4, 2 threads, batch 2, ms): 1280
 //! channels at 16x16 33-35 -> 31-33, 2560 -> 1280 69-73 -> 61; batch 1 25-26 -> 20. Paired runs
 //! of m18 bf16 (3 DDIM steps): UNet step min 5.14 / 4.51 / 4.40 -> 4.42 / 4.27 / 4.33 s.
+//! F(2x2) in f32 takes it too for up to 64 tiles, which brings the f32 UNet's 8x8 level (32
+//! tiles with guidance) from im2col to F(2x2): 1280 channels, batch 2, 18.3-20.7 -> 15.9-16.9 ms
+//! a call; at 16x16 without guidance (64 tiles) 27.6-42.1 -> 24.0-27.9 ms. That is about 0.7 %
+//! of an m9 fp32 step, below this VM's run-to-run spread (paired runs, 3 DDIM steps, min: 8.21 /
+//! 7.43 / 7.35 / 7.46 s before, 7.33 / 7.42 / 7.42 / 7.34 s after).
 
 use half::bf16;
 use rayon::prelude::*;
@@ -210,7 +215,8 @@ fn tiles(g: &Geometry, m: usize) -> usize {
 /// not pay for transforming the weights on every call: the weight transform's cost per pair of
 /// channels is fixed, the products it saves grow with the tiles (`winograd_speed`, 2-vCPU Zen 4,
 /// ms, im2col / F(2x2)): 1280 channels at 16x16, batch 2 (128 tiles) 72 / 47, batch 1 (64 tiles)
-/// 38 / 28; at 8x8, batch 2 (32 tiles) 19-21 / 19-23, a draw, so im2col.
+/// 38 / 28; at 8x8, batch 2 (32 tiles) 19-21 / 19-23, a draw, so im2col, unless the fused path
+/// runs it (`min_tiles_f2`: 18.3-20.7 / 15.9-16.9).
 pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
     let eligible = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1 && g.dilation == 1;
     if !eligible || g.b * g.h * g.w == 0 || g.ci == 0 || g.co == 0 {
@@ -221,7 +227,7 @@ pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
         Mode::F2 => Some(&F2),
         Mode::F4 => Some(&F4),
         Mode::Auto if g.winograd == Largest::F4 && tiles(g, 4) >= MIN_TILES_F4 => Some(&F4),
-        Mode::Auto if tiles(g, 2) >= MIN_TILES_F2 => Some(&F2),
+        Mode::Auto if tiles(g, 2) >= min_tiles_f2() => Some(&F2),
         Mode::Auto => None,
     }
 }
@@ -231,6 +237,17 @@ pub(crate) fn choose(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
 pub(crate) const MIN_TILES_F4: usize = 256;
 /// The fewest 2x2 tiles for which `auto` picks F(2x2).
 pub(crate) const MIN_TILES_F2: usize = 64;
+/// The same where the fused path runs F(2x2)'s smallest layers (AVX-512F).
+pub(crate) const MIN_TILES_F2_FUSED: usize = 32;
+
+/// The fewest 2x2 tiles for which `auto` picks F(2x2) on this CPU.
+pub(crate) fn min_tiles_f2() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if fused::available() {
+        return MIN_TILES_F2_FUSED;
+    }
+    MIN_TILES_F2
+}
 
 /// `dst += c * src`, elementwise (vectorised by the caller's pulp dispatch).
 #[inline(always)]
@@ -382,10 +399,11 @@ enum Sink<'a> {
 }
 
 /// `out += conv3x3(x, w)` with padding 1 (NCHW `x`, [co, ci, 3, 3] `w`, NCHW `out` already holding
-/// the bias and residual, or zeros).
+/// the bias and residual, or zeros); layers with few tiles through the fused path where the CPU
+/// has it.
 pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &Geometry) {
     assert_eq!(out.len(), g.b * g.co * g.h * g.w, "winograd: output size");
-    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, false);
+    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, true);
 }
 
 /// `bias + residual + conv3x3(x, w)` for bf16 `x`, `w` and `residual`: the transforms, products and
@@ -425,18 +443,18 @@ pub(crate) fn conv_bf16(
     unsafe { super::convert::filled(len, fill) }
 }
 
-/// The most tiles for which bf16 F(4x4) layers done in one band take the fused path, if this CPU
-/// has it (AVX-512F).
-pub(crate) fn fused_tiles() -> Option<usize> {
+/// The most tiles for which F(4x4) and F(2x2) layers done in one band take the fused path, if this
+/// CPU has it (AVX-512F).
+pub(crate) fn fused_tiles() -> Option<(usize, usize)> {
     #[cfg(target_arch = "x86_64")]
     if fused::available() {
-        return Some(fused::MAX_TILES);
+        return Some((fused::MAX_TILES, fused::MAX_TILES_F2));
     }
     None
 }
 
-/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. With `fuse`, a layer done in one band with few tiles takes the fused path where the CPU has
-/// it (`fused`: bf16 only for now, so that the f32 VAE's values stay those it was checked with).
+/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. With `fuse`, a
+/// layer done in one band with few tiles takes the fused path where the CPU has it (`fused`).
 fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, fuse: bool) {
     run_within(t, x, w, sink, g, &BUDGET, fuse)
 }
@@ -1273,57 +1291,73 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// The fused F(4x4) path against the blocked one, on layers with a partial panel of output
-    /// channels, partial chunks of input channels and partial groups of tiles (masked): the same
-    /// values but for the order of the sums (f32, against the scale of the direct convolution's
-    /// products), and bf16 outputs at most one step apart, nearly all equal.
+    /// The fused path against the blocked one, for F(4x4) and F(2x2), on layers with a partial
+    /// panel of output channels, partial chunks of input channels and partial groups of tiles
+    /// (masked): the same values but for the order of the sums (f32, against the scale of the
+    /// direct convolution's products), and bf16 outputs at most one step apart, nearly all equal.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn fused_f4_matches_the_blocked_path() {
+    fn fused_matches_the_blocked_path() {
         use crate::kernels::convert::to_bf16;
         if !std::arch::is_x86_feature_detected!("avx512f") {
             eprintln!("skipped: this CPU lacks AVX-512F (avx512f); the blocked path is tested");
             return;
         }
         let (mut apart, mut total) = (0, 0);
-        for g in [
+        let f4 = [
             geom(2, 70, 16, 16, 40),
             geom(1, 130, 12, 12, 16),
             geom(2, 64, 8, 8, 33),
             geom(1, 17, 16, 15, 50),
-        ] {
+        ];
+        let f2 = [
+            geom(1, 70, 16, 16, 40),
+            geom(1, 130, 12, 12, 16),
+            geom(2, 64, 8, 8, 33),
+            geom(1, 17, 16, 15, 50),
+            geom(2, 9, 7, 9, 20),
+        ];
+        let cases = f4
+            .iter()
+            .map(|g| (&F4, g))
+            .chain(f2.iter().map(|g| (&F2, g)));
+        for (t, g) in cases {
             let plan = Plan {
-                t: &F4,
-                g: &g,
-                ntx: g.w.div_ceil(4),
-                nty: g.h.div_ceil(4),
+                t,
+                g,
+                ntx: g.w.div_ceil(t.m),
+                nty: g.h.div_ceil(t.m),
             };
             let tiles = g.b * plan.nty * plan.ntx;
-            assert!(fused::applies(&plan, tiles), "{g:?}");
+            assert!(fused::applies(&plan, tiles), "{} {g:?}", t.name);
             let x = values(g.b * g.ci * g.h * g.w, 0.2);
             let w = values(g.co * g.ci * 9, 1.7);
             let start = values(g.b * g.co * g.h * g.w, 3.1);
             let conv = |fuse: bool| {
                 let mut out = start.clone();
                 let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
-                run_within(&F4, &x, &w, sink, &g, &BUDGET, fuse);
+                run_within(t, &x, &w, sink, g, &BUDGET, fuse);
                 out
             };
             let (blocked, fused) = (conv(false), conv(true));
-            let (_, mag) = direct(&x, &w, &g);
+            let (_, mag) = direct(&x, &w, g);
             let worst = blocked
                 .iter()
                 .zip(&fused)
                 .zip(&mag)
                 .map(|((a, b), m)| (a - b).abs() as f64 / (m + 1.0))
                 .fold(0.0, f64::max);
-            assert!(worst < 1e-6, "{g:?}: {worst}");
+            assert!(worst < 1e-6, "{} {g:?}: {worst}", t.name);
             let (xb, wb, bias) = (to_bf16(&x), to_bf16(&w), values(g.co, 0.9));
             let residual = to_bf16(&start);
-            let bf16_conv = |fuse| conv_bf16(&F4, &xb, &wb, Some(&bias), Some(&residual), &g, fuse);
+            let bf16_conv = |fuse| conv_bf16(t, &xb, &wb, Some(&bias), Some(&residual), g, fuse);
             let (blocked, fused) = (bf16_conv(false), bf16_conv(true));
             for (a, b) in blocked.iter().zip(&fused) {
-                assert!(a.to_bits().abs_diff(b.to_bits()) <= 1, "{g:?}: {a} vs {b}");
+                assert!(
+                    a.to_bits().abs_diff(b.to_bits()) <= 1,
+                    "{} {g:?}: {a} vs {b}",
+                    t.name
+                );
             }
             apart += blocked.iter().zip(&fused).filter(|(a, b)| a != b).count();
             total += blocked.len();
@@ -1437,24 +1471,32 @@ mod tests {
                 let x = values(g.b * g.ci * g.h * g.w, 0.2);
                 let w = values(g.co * g.ci * 9, 1.7);
                 let start = values(g.b * g.co * g.h * g.w, 3.1);
-                let (mut fast, mut tables) = (start.clone(), start.clone());
-                accumulate(fast_t, &x, &w, &mut fast, &g);
-                accumulate(tables_t, &x, &w, &mut tables, &g);
+                let (fast, tables) = (
+                    blocked(fast_t, &x, &w, &start, &g),
+                    blocked(tables_t, &x, &w, &start, &g),
+                );
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fast), bits(&tables), "f32 {} {g:?}", fast_t.name);
                 let (xb, wb, rb) = (to_bf16(&x), to_bf16(&w), to_bf16(&start));
                 let bias = values(g.co, 0.4);
-                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g, true);
-                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g, true);
+                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g, false);
+                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g, false);
                 assert_eq!(fast, tables, "bf16 {} {g:?}", fast_t.name);
             }
         }
     }
 
+    /// `start + conv3x3(x, w)` through the blocked path (the fused one sums in another order:
+    /// `fused_matches_the_blocked_path`).
+    fn blocked(t: &Tiling, x: &[f32], w: &[f32], start: &[f32], g: &Geometry) -> Vec<f32> {
+        let mut out = start.to_vec();
+        run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, false);
+        out
+    }
+
     /// bf16 input, weights and residual: the same bits as the f32 kernel on the widened values
     /// with the bias and residual as its starting value, rounded once; with and without either,
-    /// both variants, on [`edge_shapes`]. The blocked path: the fused one sums in another order
-    /// (`fused_f4_matches_the_blocked_path`).
+    /// both variants, on [`edge_shapes`]. The blocked path, in both.
     #[test]
     fn bf16_matches_f32_on_the_same_values_bit_for_bit() {
         use crate::kernels::conv2d::initial_output;
@@ -1473,9 +1515,8 @@ mod tests {
                 ] {
                     let got = conv_bf16(t, &x, &w, b, r, &g, false);
                     let r32 = r.map(to_f32);
-                    let mut want = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
-                    accumulate(t, &to_f32(&x), &to_f32(&w), &mut want, &g);
-                    let want = to_bf16(&want);
+                    let start = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
+                    let want = to_bf16(&blocked(t, &to_f32(&x), &to_f32(&w), &start, &g));
                     assert_eq!(got.len(), want.len());
                     let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
                     let what = (t.name, b.is_some(), r.is_some());
@@ -1488,7 +1529,8 @@ mod tests {
     #[test]
     fn auto_picks_by_tile_count_and_only_eligible_layers() {
         // UNet at 64x64 latents (batch 2): F(4x4) where allowed, else F(2x2); 32x32 and 16x16
-        // (also batch 1): F(2x2); 8x8: im2col. F(4x4) from 256 4x4 tiles only.
+        // (also batch 1): F(2x2); 8x8: F(2x2) where the fused path runs it (32 tiles), else
+        // im2col. F(4x4) from 256 4x4 tiles only.
         assert_eq!(choose(&geom(2, 320, 64, 64, 320), Mode::Auto).unwrap().m, 4);
         assert_eq!(choose(&geom(1, 512, 32, 32, 512), Mode::Auto).unwrap().m, 2);
         let only_f2 = Geometry {
@@ -1505,8 +1547,14 @@ mod tests {
             choose(&geom(1, 1280, 16, 16, 1280), Mode::Auto).unwrap().m,
             2
         );
-        assert!(choose(&geom(2, 1280, 8, 8, 1280), Mode::Auto).is_none());
-        assert!(choose(&geom(1, 1280, 14, 14, 1280), Mode::Auto).is_none());
+        let fused_f2 = fused_tiles().is_some_and(|(_, f2)| f2 >= 32);
+        assert_eq!(min_tiles_f2(), if fused_f2 { 32 } else { 64 });
+        let unet8 = choose(&geom(2, 1280, 8, 8, 1280), Mode::Auto);
+        assert_eq!(unet8.map(|t| t.m), fused_f2.then_some(2));
+        assert!(choose(&geom(1, 1280, 8, 8, 1280), Mode::Auto).is_none());
+        let between = choose(&geom(1, 1280, 14, 14, 1280), Mode::Auto);
+        assert_eq!(between.map(|t| t.m), fused_f2.then_some(2));
+        assert!(choose(&geom(1, 1280, 10, 10, 1280), Mode::Auto).is_none());
         assert!(choose(&geom(2, 320, 64, 64, 320), Mode::Im2col).is_none());
         assert_eq!(choose(&geom(1, 2, 3, 3, 1), Mode::F4).unwrap().m, 4);
         let strided = Geometry {

@@ -1,5 +1,7 @@
-//! F(4x4, 3x3) with its weight transform fused into its products, for layers with few tiles (the
-//! UNet's 16x16 level in bf16: 32 tiles with guidance) on CPUs with AVX-512F.
+//! F(4x4, 3x3) and F(2x2, 3x3) with their weight transform fused into their products, for layers
+//! with few tiles on CPUs with AVX-512F: F(4x4) for the UNet's 16x16 level in bf16 (32 tiles with
+//! guidance), F(2x2) for the f32 UNet's 8x8 level (32 tiles with guidance, which took im2col
+//! before: the blocked F(2x2) was no faster there) and its 16x16 level without guidance (64).
 //!
 //! The blocked path ([`super::run_within`]) writes the transformed weights of a block of output
 //! channels (36 x 32 x 1280 f32, 5.9 MB at 1280 channels) and gemm reads them back, repacking the
@@ -8,13 +10,18 @@
 //! transform took as long as the products (20 ms each per call in the UNet, Zen 4). Here a task
 //! takes a few panels of 16 output channels; for each chunk of 64 input channels it transforms
 //! their weights into L2 (36 x 64 x 16 f32, 147 KiB; the same values as the blocked path's
-//! `WeightTask::run_f4`) and multiplies them at once with the transformed input, which stays
+//! `WeightTask::run_f4`; F(2x2): 16 x 64 x 16, as `run_f2`) and multiplies them at once with
+//! the transformed input, which stays
 //! where it lies (no packing): each of 16 registers sums one output channel over 16 tiles, each
 //! weight broadcast from L1. The products are the blocked path's, summed in another order
 //! (tested against it).
 //!
-//! Only where the tiles are few (`MAX_TILES`): each task reads the whole transformed input once,
-//! which for many tiles is more than the transformed weights it saves.
+//! Only where the tiles are few (`MAX_TILES`, `MAX_TILES_F2`): each task reads the whole
+//! transformed input once, which for many tiles is more than the transformed weights it saves.
+//!
+//! The f32 UNet's F(2x2) here sums in another order than the blocked path, within 1e-6 of the
+//! products' scale (tested), so its parity with diffusers is that of F(2x2) (the parity suite
+//! passes unchanged); the f32 VAE's F(4x4) layers have far more tiles than this path takes.
 
 use std::arch::x86_64::*;
 
@@ -32,13 +39,23 @@ const PANEL: usize = 16;
 /// 10 % faster alone (640 channels, `winograd_speed`: 29-31 -> 26-27 ms) but no faster in paired
 /// m18 bf16 runs (UNet step min 4.29 / 4.38 / 4.45 s at 32, 4.49 / 4.37 / 4.36 s at 128; Zen 4).
 pub(super) const MAX_TILES: usize = 32;
+/// The same for F(2x2) in f32 (the UNet's 8x8 level with guidance: 32 tiles; its 16x16 level
+/// without: 64). `winograd_speed` (Zen 4, 2 threads, ms, blocked / fused): 1280 channels at 8x8,
+/// batch 2 (32 tiles) 21.1 / 15.9-16.9 (im2col 18.3-20.7); at 16x16, batch 1 (64) 27.6-42.1 /
+/// 24.0-27.9; at 16x16, batch 2 (128) 45.7-59.5 / 49.1-52.2, no clear gain, so not there.
+pub(super) const MAX_TILES_F2: usize = 64;
 /// Transformed outputs a task keeps (f32): up to four panels at 32 tiles (295 KiB, in L2).
 const TASK_OUTPUT: usize = 4 * 36 * PANEL * 32;
 
 /// Whether this CPU and this layer take the fused path: F(4x4) written out, one band of at most
 /// `MAX_TILES` tiles.
 pub(super) fn applies(plan: &Plan, tiles: usize) -> bool {
-    plan.t.m == 4 && plan.t.written_out && tiles <= MAX_TILES && available()
+    let most = match plan.t.m {
+        4 => MAX_TILES,
+        2 => MAX_TILES_F2,
+        _ => 0,
+    };
+    plan.t.written_out && tiles <= most && available()
 }
 
 pub(super) fn available() -> bool {
@@ -71,15 +88,16 @@ pub(super) fn run<X: Value>(
     use rayon::prelude::*;
     let g = plan.g;
     let nt = rows.len() * plan.ntx;
+    let positions = plan.t.a * plan.t.a;
     assert!(
-        v.len() >= 36 * g.ci * nt,
+        v.len() >= positions * g.ci * nt,
         "winograd: transformed input size"
     );
     let panels = g.co.div_ceil(PANEL);
     // Up to four panels a task (each reads the transformed input once), but enough tasks for
     // every thread twice over.
     let threads = rayon::current_num_threads();
-    let per_task = (TASK_OUTPUT / (36 * PANEL * nt))
+    let per_task = (TASK_OUTPUT / (positions * PANEL * nt))
         .min(panels.div_ceil(2 * threads))
         .clamp(1, 4);
     (0..panels.div_ceil(per_task))
@@ -88,7 +106,7 @@ pub(super) fn run<X: Value>(
             BUFFERS.with_borrow_mut(|buf| {
                 let first = task * per_task;
                 let count = per_task.min(panels - first);
-                let panel_len = 36 * PANEL * nt;
+                let panel_len = positions * PANEL * nt;
                 let k = grow(&mut buf.k, 9 * CH * PANEL);
                 let u = grow(&mut buf.u, 36 * CH * PANEL);
                 let m = grow(&mut buf.m, count * panel_len);
@@ -99,6 +117,7 @@ pub(super) fn run<X: Value>(
                         let nco = PANEL.min(g.co - co0);
                         let chunk = Chunk {
                             w,
+                            m: plan.t.m,
                             ci_total: g.ci,
                             co0,
                             nco,
@@ -141,6 +160,8 @@ thread_local! {
 /// One panel's chunk of input channels.
 struct Chunk<'a, X> {
     w: &'a [X],
+    /// The output tile's side: 4 (F(4x4), 36 positions) or 2 (F(2x2), 16).
+    m: usize,
     ci_total: usize,
     /// The panel's first output channel and how many it has (16, or fewer in the last).
     co0: usize,
@@ -154,8 +175,8 @@ struct Chunk<'a, X> {
 /// chunk).
 ///
 /// # Safety
-/// The CPU has AVX-512F; `k` and `u` hold 9 and 36 x `CH` x 16 values, `m` 36 x 16 x `nt`, `v`
-/// 36 x ci_total x `nt`.
+/// The CPU has AVX-512F; `k` and `u` hold 9 and P x `CH` x 16 values, `m` P x 16 x `nt`, `v`
+/// P x ci_total x `nt`, for the P = 36 (F(4x4)) or 16 (F(2x2)) positions of `c.m`.
 #[target_feature(enable = "avx512f")]
 unsafe fn chunk_avx512<X: Value>(
     c: &Chunk<X>,
@@ -165,16 +186,28 @@ unsafe fn chunk_avx512<X: Value>(
     nt: usize,
     m: &mut [f32],
 ) {
-    transform(c, k, u);
-    // SAFETY: the caller's promises.
-    unsafe { products(u, c, v, nt, m) };
+    if c.m == 2 {
+        transform::<X, 4>(c, k, u, g2_rows);
+        // SAFETY: the caller's promises.
+        unsafe { products::<X, 16>(u, c, v, nt, m) };
+    } else {
+        transform::<X, 6>(c, k, u, g4_rows);
+        // SAFETY: the caller's promises.
+        unsafe { products::<X, 36>(u, c, v, nt, m) };
+    }
 }
 
-/// U[p][i][j] for input channels c0 + i and output channels co0 + j (zero past `nco`): the
-/// products and sums of `WeightTask::run_f4`, in its order, 16 output channels at a time.
+/// U[p][i][j] for input channels c0 + i and output channels co0 + j (zero past `nco`), with
+/// `g_rows` the A rows of `G` applied to three kernel values: the products and sums of
+/// `WeightTask::run_f4` (A = 6) or `run_f2` (A = 4), in their order, 16 output channels at a time.
 #[inline(always)]
-fn transform<X: Value>(c: &Chunk<X>, k: &mut [f32], u: &mut [f32]) {
-    let (k, u) = (&mut k[..9 * CH * PANEL], &mut u[..36 * CH * PANEL]);
+fn transform<X: Value, const A: usize>(
+    c: &Chunk<X>,
+    k: &mut [f32],
+    u: &mut [f32],
+    g_rows: impl Fn(f32, f32, f32) -> [f32; A],
+) {
+    let (k, u) = (&mut k[..9 * CH * PANEL], &mut u[..A * A * CH * PANEL]);
     // k[e * 16 + j] = element e (input channel e / 9, kernel element e % 9) of output channel
     // co0 + j: a row of 16 gathered from the panel's rows (each in L1 after its first line), so
     // that every store is one whole row.
@@ -193,26 +226,26 @@ fn transform<X: Value>(c: &Chunk<X>, k: &mut [f32], u: &mut [f32]) {
             kl.copy_from_slice(&k[(i * 9 + l) * PANEL..][..PANEL]);
         }
         // gg[col][r] = (G g)[r][col], from kernel rows 0, 1, 2 of column col.
-        let mut gg = [[[0f32; PANEL]; 6]; 3];
+        let mut gg = [[[0f32; PANEL]; A]; 3];
         for (col, gg) in gg.iter_mut().enumerate() {
             for j in 0..PANEL {
-                let rows = g4_rows(kl[col][j], kl[3 + col][j], kl[6 + col][j]);
-                for (r, v) in rows.into_iter().enumerate() {
+                let values = g_rows(kl[col][j], kl[3 + col][j], kl[6 + col][j]);
+                for (r, v) in values.into_iter().enumerate() {
                     gg[r][j] = v;
                 }
             }
         }
-        // U[r * 6 + q] = ((G g) G^T)[r][q], from columns 0, 1 and 2 of row r.
-        for r in 0..6 {
-            let mut out = [[0f32; PANEL]; 6];
+        // U[r * A + q] = ((G g) G^T)[r][q], from columns 0, 1 and 2 of row r.
+        for r in 0..A {
+            let mut out = [[0f32; PANEL]; A];
             for j in 0..PANEL {
-                let row = g4_rows(gg[0][r][j], gg[1][r][j], gg[2][r][j]);
+                let row = g_rows(gg[0][r][j], gg[1][r][j], gg[2][r][j]);
                 for (q, v) in row.into_iter().enumerate() {
                     out[q][j] = v;
                 }
             }
             for (q, out) in out.iter().enumerate() {
-                u[((r * 6 + q) * CH + i) * PANEL..][..PANEL].copy_from_slice(out);
+                u[((r * A + q) * CH + i) * PANEL..][..PANEL].copy_from_slice(out);
             }
         }
     }
@@ -231,18 +264,38 @@ fn g4_rows(x0: f32, x1: f32, x2: f32) -> [f32; 6] {
     ]
 }
 
-/// M[p][j][tile] (+)= sum over the chunk's input channels i of U[p][i][j] V[p][c0 + i][tile]: 16
-/// registers, one per output channel, over 16 tiles at a time (the last ones masked).
+/// F(2x2)'s four rows of `G` applied to (x0, x1, x2): a value, or a halved sum of three, as
+/// `WeightTask::run_f2` makes them (the same products and sums in the same order).
+#[inline(always)]
+fn g2_rows(x0: f32, x1: f32, x2: f32) -> [f32; 4] {
+    let h = 0.5f32;
+    [
+        x0,
+        (h * x0 + h * x1) + h * x2,
+        (h * x0 - h * x1) + h * x2,
+        x2,
+    ]
+}
+
+/// M[p][j][tile] (+)= sum over the chunk's input channels i of U[p][i][j] V[p][c0 + i][tile], for
+/// the P positions: 16 registers, one per output channel, over 16 tiles at a time (the last ones
+/// masked).
 ///
 /// # Safety
 /// As [`chunk_avx512`].
 #[target_feature(enable = "avx512f")]
-unsafe fn products<X>(u: &[f32], c: &Chunk<X>, v: &[f32], nt: usize, m: &mut [f32]) {
-    debug_assert!(u.len() >= 36 * CH * PANEL && m.len() >= 36 * PANEL * nt);
-    debug_assert!(v.len() >= 36 * c.ci_total * nt);
-    for p in 0..36 {
-        // SAFETY (all pointer arithmetic below): inside U (p < 36, i < len <= CH, j < 16), V
-        // (row p * ci_total + c0 + i < 36 * ci_total, tiles t0.. masked to nt) and M (row
+unsafe fn products<X, const P: usize>(
+    u: &[f32],
+    c: &Chunk<X>,
+    v: &[f32],
+    nt: usize,
+    m: &mut [f32],
+) {
+    debug_assert!(u.len() >= P * CH * PANEL && m.len() >= P * PANEL * nt);
+    debug_assert!(v.len() >= P * c.ci_total * nt);
+    for p in 0..P {
+        // SAFETY (all pointer arithmetic below): inside U (p < P, i < len <= CH, j < 16), V
+        // (row p * ci_total + c0 + i < P * ci_total, tiles t0.. masked to nt) and M (row
         // p * 16 + j, tiles masked to nt), as the caller promises.
         let (up, vp, mp) = unsafe {
             (
