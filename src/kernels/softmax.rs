@@ -13,7 +13,10 @@
 //! their sum; with AVX512-BF16 that pass rounds each exponential in its register instead of
 //! writing it back, and fuses the exponential's products and sums (`avx512`: the generic rows'
 //! sums to 1e-6 and their bf16 values, tested; m18's 64x64 self-attention 145-162 -> 142-152 ms
-//! for the one pass, then 141-149 -> 127-128 ms for the fused degree-4 exponential, Zen 4).
+//! for the one pass, then 141-149 -> 127-128 ms for the fused degree-4 exponential, Zen 4). f32
+//! attention's rows (unnormalised, as bf16's) fuse the degree-7 polynomial's products and sums
+//! with AVX-512F too (`avx512::row_f32`: within a few ulps of the portable rows, tested; m9's
+//! 64x64 self-attention 300-303 -> 281-283 ms, Zen 4).
 //!
 //! Other devices and dtypes use candle's ops, which the tests also use as the reference.
 
@@ -73,6 +76,11 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
 /// (NaN for a row of -inf or one holding NaN / +inf), for f32 attention, which divides its product
 /// with `v` by the sum instead of normalising every probability.
 pub(crate) fn softmax_row_unnormalised(row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_f32() {
+        // SAFETY: the CPU has AVX-512F (checked).
+        return unsafe { avx512::row_f32(row, scale) };
+    }
     let mut inv = f32::NAN;
     vectorized(Unnormalised {
         row,
@@ -80,6 +88,17 @@ pub(crate) fn softmax_row_unnormalised(row: &mut [f32], scale: f32) -> f32 {
         inv: &mut inv,
     });
     inv
+}
+
+/// Whether f32 attention rows take `avx512::row_f32` (AVX-512F; checked once): the exponential's
+/// products and sums fused, 17 operations per 16 values where the portable row's took 30.
+/// `attention_speed` (f32, 2 x heads x 4096 x 4096, Zen 4, 2 threads, three alternating runs):
+/// m18's 5 heads of 64 232.6-234.1 -> 219.7-221.0 ms, m9's 8 heads of 40 300.5-303.3 ->
+/// 281.4-283.3 ms.
+#[cfg(target_arch = "x86_64")]
+fn avx512_f32() -> bool {
+    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *YES.get_or_init(avx512::available_f32)
 }
 
 /// One row's exponentials and the reciprocal of their sum.
@@ -275,12 +294,18 @@ mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512vl")
     }
 
-    /// [`super::exp_neg_to`]`::<true>` of 16 values, its products and sums fused (`vfmadd`): 14
-    /// operations where the degree-5 polynomial one by one took 23, within the same error bound
-    /// (tested).
+    /// Whether this CPU runs [`row_f32`].
+    pub(super) fn available_f32() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// [`super::exp_neg_to`]`::<SHORT>` of 16 values, its products and sums fused (`vfmadd`):
+    /// with `SHORT` 14 operations where the degree-5 polynomial one by one took 23, within the
+    /// same error bound; without, the degree-7 polynomial in 17 where it took 30, within the same
+    /// few ulps (tested).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    unsafe fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;
@@ -291,9 +316,17 @@ mod avx512 {
         let t = _mm512_fmadd_ps(x, c(LOG2E), c(ROUND));
         let n = _mm512_sub_ps(t, c(ROUND));
         let f = _mm512_fnmadd_ps(n, c(LN2_LO), _mm512_fnmadd_ps(n, c(LN2_HI), x));
-        let [c1, c2, c3, c4] = SHORT_POLY;
         let step = |k: f32, p: __m512| _mm512_fmadd_ps(f, p, c(k));
-        let p = step(1.0, step(c1, step(c2, step(c3, c(c4)))));
+        let p = if SHORT {
+            let [c1, c2, c3, c4] = SHORT_POLY;
+            step(1.0, step(c1, step(c2, step(c3, c(c4)))))
+        } else {
+            let p = step(1.0 / 120.0, step(1.0 / 720.0, c(1.0 / 5040.0)));
+            step(
+                1.0,
+                step(1.0, step(0.5, step(1.0 / 6.0, step(1.0 / 24.0, p)))),
+            )
+        };
         let n_int = _mm512_sub_epi32(
             _mm512_castps_si512(t),
             _mm512_set1_epi32(ROUND.to_bits() as i32),
@@ -308,8 +341,58 @@ mod avx512 {
     /// The CPU has AVX-512F.
     #[cfg(test)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn exp1(x: f32) -> f32 {
-        _mm512_cvtss_f32(exp16(_mm512_set1_ps(x)))
+    pub(super) unsafe fn exp1<const SHORT: bool>(x: f32) -> f32 {
+        _mm512_cvtss_f32(exp16::<SHORT>(_mm512_set1_ps(x)))
+    }
+
+    /// The largest value of `row` as [`super::row_max`] finds it (lanes of 16, then the tail and
+    /// the lanes), NaN skipped.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_max(row: &[f32]) -> f32 {
+        let whole = row.len() / 16 * 16;
+        let (body, tail) = row.split_at(whole);
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in body.chunks_exact(16) {
+            // (v, m): m unless v is larger, NaN skipped, as `if v > m { v } else { m }`.
+            m = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), m);
+        }
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), m);
+        tail.iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    }
+
+    /// [`super::exponentials`] with [`exp16`]'s fused products and sums: the same operations in
+    /// the same order but for the fusing, so within a few ulps of the portable row (tested).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_f32(row: &mut [f32], scale: f32) -> f32 {
+        let max = row_max(row);
+        if !max.is_finite() {
+            return f32::NAN;
+        }
+        let whole = row.len() / 16 * 16;
+        let (body, tail) = row.split_at_mut(whole);
+        let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
+        let mut acc = _mm512_setzero_ps();
+        for c in body.chunks_exact_mut(16) {
+            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax), vscale);
+            let e = exp16::<false>(x);
+            acc = _mm512_add_ps(acc, e);
+            _mm512_storeu_ps(c.as_mut_ptr(), e);
+        }
+        let mut rest = 0f32;
+        for v in tail.iter_mut() {
+            *v = exp_neg_to::<false>((*v - max) * scale);
+            rest += *v;
+        }
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+        1.0 / (lanes.iter().sum::<f32>() + rest)
     }
 
     /// See [`super::softmax_row_bf16`]; `row` is left as it was.
@@ -321,18 +404,8 @@ mod avx512 {
         debug_assert_eq!(row.len(), out.len());
         let whole = row.len() / 16 * 16;
         let (body, tail) = row.split_at(whole);
-        // The largest value as `row_max` finds it (lanes of 16, then the tail and the lanes).
-        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in body.chunks_exact(16) {
-            // (v, m): m unless v is larger, NaN skipped, as `if v > m { v } else { m }`.
-            m = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), m);
-        }
+        let max = row_max(row);
         let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), m);
-        let max = tail
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
         if !max.is_finite() {
             out.fill(bf16::ZERO);
             return f32::NAN;
@@ -341,7 +414,7 @@ mod avx512 {
         let mut acc = _mm512_setzero_ps();
         for (c, o) in body.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
             let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax), vscale);
-            let e = exp16(x);
+            let e = exp16::<true>(x);
             acc = _mm512_add_ps(acc, e);
             let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
             _mm256_storeu_si256(o.as_mut_ptr().cast(), b);
@@ -456,33 +529,9 @@ mod tests {
         assert!(out.iter().all(|v| *v == bf16::ZERO));
     }
 
-    /// The fused exponential of the AVX512-BF16 rows is as close to e^x as the generic one.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_short_exp_is_within_its_bound() {
-        if !avx512::available() {
-            eprintln!(
-                "skipped: this CPU lacks AVX512-BF16 (avx512bf16); the generic exp is tested"
-            );
-            return;
-        }
-        // SAFETY: the CPU has the features (checked above).
-        let worst = worst_exp_error(|x| unsafe { avx512::exp1(x) });
-        assert!(worst < 4e-6, "worst relative error {worst}");
-    }
-
-    /// The one-pass AVX512-BF16 rows are the generic rows but for the fused exponential: the
-    /// same sum to 1e-6 and the same bf16 values or one step apart (rarely), on every tail
-    /// length, long rows, large and tiny values, and rows with -inf, +inf and NaN (the same bits).
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_bf16_rows_are_the_generic_rows() {
-        if !avx512::available() {
-            eprintln!(
-                "skipped: this CPU lacks AVX512-BF16 (avx512bf16); the generic rows are tested"
-            );
-            return;
-        }
+    /// Rows of every tail length, long rows, large and tiny values, and rows with -inf, +inf and
+    /// NaN.
+    fn test_rows() -> Vec<Vec<f32>> {
         let mut rows: Vec<Vec<f32>> = (0..70)
             .chain([1077, 4096])
             .map(|n| {
@@ -498,8 +547,86 @@ mod tests {
             rows.push(r);
         }
         rows.push(vec![f32::NEG_INFINITY; 20]);
+        rows
+    }
+
+    /// The fused full exponential of the AVX-512F f32 rows is within the generic one's bound.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp_is_within_a_few_ulps() {
+        if !avx512::available_f32() {
+            eprintln!("skipped: this CPU lacks AVX-512F (avx512f); the generic exp is tested");
+            return;
+        }
+        // SAFETY: the CPU has AVX-512F (checked above).
+        let exp = |x| unsafe { avx512::exp1::<false>(x) };
+        let worst = worst_exp_error(exp);
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37);
+    }
+
+    /// The AVX-512F f32 rows are the portable rows but for the fused exponential: the same
+    /// values and sums within a few ulps, and NaN where they give NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_f32_rows_are_the_generic_rows() {
+        if !avx512::available_f32() {
+            eprintln!("skipped: this CPU lacks AVX-512F (avx512f); the generic rows are tested");
+            return;
+        }
+        for row in test_rows() {
+            for scale in [0.125f32, 0.7, 3.0] {
+                let (mut fast, mut generic) = (row.clone(), row.clone());
+                // SAFETY: checked above.
+                let inv_fast = unsafe { avx512::row_f32(&mut fast, scale) };
+                let inv_generic = exponentials(&mut generic, scale);
+                let what = format!("{} values, scale {scale}", row.len());
+                if inv_generic.is_nan() {
+                    assert!(inv_fast.is_nan(), "{what}");
+                } else {
+                    assert!(
+                        (inv_fast - inv_generic).abs() <= 1e-6 * inv_generic,
+                        "{what}: {inv_fast} vs {inv_generic}"
+                    );
+                }
+                for (f, g) in fast.iter().zip(&generic) {
+                    let close = (f - g).abs() <= 1e-6 * g.abs() + 1e-37;
+                    assert!(close || f.to_bits() == g.to_bits(), "{what}: {f} vs {g}");
+                }
+            }
+        }
+    }
+
+    /// The fused exponential of the AVX512-BF16 rows is as close to e^x as the generic one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_short_exp_is_within_its_bound() {
+        if !avx512::available() {
+            eprintln!(
+                "skipped: this CPU lacks AVX512-BF16 (avx512bf16); the generic exp is tested"
+            );
+            return;
+        }
+        // SAFETY: the CPU has the features (checked above).
+        let worst = worst_exp_error(|x| unsafe { avx512::exp1::<true>(x) });
+        assert!(worst < 4e-6, "worst relative error {worst}");
+    }
+
+    /// The one-pass AVX512-BF16 rows are the generic rows but for the fused exponential: the
+    /// same sum to 1e-6 and the same bf16 values or one step apart (rarely), on every tail
+    /// length, long rows, large and tiny values, and rows with -inf, +inf and NaN (the same bits).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_bf16_rows_are_the_generic_rows() {
+        if !avx512::available() {
+            eprintln!(
+                "skipped: this CPU lacks AVX512-BF16 (avx512bf16); the generic rows are tested"
+            );
+            return;
+        }
         let (mut flips, mut values) = (0, 0);
-        for row in rows {
+        for row in test_rows() {
             for scale in [0.125f32, 0.7, 3.0] {
                 let mut fast = vec![bf16::ONE; row.len()];
                 let mut generic = vec![bf16::ONE; row.len()];
