@@ -11,9 +11,8 @@
 //! takes a few panels of 16 output channels; for each chunk of 64 input channels it transforms
 //! their weights into L2 (36 x 64 x 16 f32, 147 KiB; the same values as the blocked path's
 //! `WeightTask::run_f4`; F(2x2): 16 x 64 x 16, as `run_f2`) and multiplies them at once with
-//! the transformed input, which stays
-//! where it lies (no packing): each of 16 registers sums one output channel over 16 tiles, each
-//! weight broadcast from L1. The products are the blocked path's, summed in another order
+//! the transformed input, which stays where it lies (no packing): each of 16 registers sums one
+//! output channel over 16 tiles, each weight broadcast from L1. The products are the blocked path's, summed in another order
 //! (tested against it).
 //!
 //! Only where the tiles are few (`MAX_TILES`, `MAX_TILES_F2`): each task reads the whole
@@ -47,8 +46,8 @@ pub(super) const MAX_TILES_F2: usize = 64;
 /// Transformed outputs a task keeps (f32): up to four panels at 32 tiles (295 KiB, in L2).
 const TASK_OUTPUT: usize = 4 * 36 * PANEL * 32;
 
-/// Whether this CPU and this layer take the fused path: F(4x4) written out, one band of at most
-/// `MAX_TILES` tiles.
+/// Whether this CPU and this layer take the fused path: F(4x4) or F(2x2) written out, one band of
+/// at most `MAX_TILES` or `MAX_TILES_F2` tiles.
 pub(super) fn applies(plan: &Plan, tiles: usize) -> bool {
     let most = match plan.t.m {
         4 => MAX_TILES,
