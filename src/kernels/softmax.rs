@@ -76,8 +76,12 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
 /// (NaN for a row of -inf or one holding NaN / +inf), for f32 attention, which divides its product
 /// with `v` by the sum instead of normalising every probability.
 pub(crate) fn softmax_row_unnormalised(row: &mut [f32], scale: f32) -> f32 {
+    // `avx512::row_f32`: the exponential's products and sums fused, 17 operations per 16 values
+    // where the portable row's took 30. `attention_speed` (f32, 2 x heads x 4096 x 4096, Zen 4, 2
+    // threads, three alternating runs): m18's 5 heads of 64 232.6-234.1 -> 219.7-221.0 ms, m9's 8
+    // heads of 40 300.5-303.3 -> 281.4-283.3 ms. (std caches the feature check.)
     #[cfg(target_arch = "x86_64")]
-    if avx512_f32() {
+    if avx512::available_f32() {
         // SAFETY: the CPU has AVX-512F (checked).
         return unsafe { avx512::row_f32(row, scale) };
     }
@@ -88,17 +92,6 @@ pub(crate) fn softmax_row_unnormalised(row: &mut [f32], scale: f32) -> f32 {
         inv: &mut inv,
     });
     inv
-}
-
-/// Whether f32 attention rows take `avx512::row_f32` (AVX-512F; checked once): the exponential's
-/// products and sums fused, 17 operations per 16 values where the portable row's took 30.
-/// `attention_speed` (f32, 2 x heads x 4096 x 4096, Zen 4, 2 threads, three alternating runs):
-/// m18's 5 heads of 64 232.6-234.1 -> 219.7-221.0 ms, m9's 8 heads of 40 300.5-303.3 ->
-/// 281.4-283.3 ms.
-#[cfg(target_arch = "x86_64")]
-fn avx512_f32() -> bool {
-    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *YES.get_or_init(avx512::available_f32)
 }
 
 /// One row's exponentials and the reciprocal of their sum.
@@ -364,6 +357,44 @@ mod avx512 {
             .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
     }
 
+    /// `exp(scale * (row[i] - max))` by [`exp16`] (the `SHORT` polynomial or not) for every
+    /// value, each handed to `store` (16 at a time, with their index) and summed; returns the
+    /// reciprocal of the sum. `row` is read through a pointer because `store` may write over the
+    /// values already read (f32 rows are done in place).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `row` points to `len` values; `store` writes nothing at or beyond
+    /// the index it is given plus 16 (its own chunk) and only there.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exponentials<const SHORT: bool>(
+        row: *const f32,
+        len: usize,
+        max: f32,
+        scale: f32,
+        mut store: impl FnMut(usize, __m512),
+        mut store_one: impl FnMut(usize, f32),
+    ) -> f32 {
+        let whole = len / 16 * 16;
+        let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..whole).step_by(16) {
+            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.add(i)), vmax), vscale);
+            let e = exp16::<SHORT>(x);
+            acc = _mm512_add_ps(acc, e);
+            store(i, e);
+        }
+        let mut rest = 0f32;
+        for i in whole..len {
+            let e = exp_neg_to::<SHORT>((*row.add(i) - max) * scale);
+            rest += e;
+            store_one(i, e);
+        }
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+        1.0 / (lanes.iter().sum::<f32>() + rest)
+    }
+
     /// [`super::exponentials`] with [`exp16`]'s fused products and sums: the same operations in
     /// the same order but for the fusing, so within a few ulps of the portable row (tested).
     ///
@@ -375,24 +406,10 @@ mod avx512 {
         if !max.is_finite() {
             return f32::NAN;
         }
-        let whole = row.len() / 16 * 16;
-        let (body, tail) = row.split_at_mut(whole);
-        let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
-        let mut acc = _mm512_setzero_ps();
-        for c in body.chunks_exact_mut(16) {
-            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax), vscale);
-            let e = exp16::<false>(x);
-            acc = _mm512_add_ps(acc, e);
-            _mm512_storeu_ps(c.as_mut_ptr(), e);
-        }
-        let mut rest = 0f32;
-        for v in tail.iter_mut() {
-            *v = exp_neg_to::<false>((*v - max) * scale);
-            rest += *v;
-        }
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-        1.0 / (lanes.iter().sum::<f32>() + rest)
+        let (len, p) = (row.len(), row.as_mut_ptr());
+        // Each value is overwritten by its own exponential, after it was read.
+        let store = |i: usize, e: __m512| _mm512_storeu_ps(p.add(i), e);
+        exponentials::<false>(p, len, max, scale, store, |i, e| *p.add(i) = e)
     }
 
     /// See [`super::softmax_row_bf16`]; `row` is left as it was.
@@ -402,31 +419,19 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     pub(super) unsafe fn row_bf16(row: &[f32], scale: f32, out: &mut [bf16]) -> f32 {
         debug_assert_eq!(row.len(), out.len());
-        let whole = row.len() / 16 * 16;
-        let (body, tail) = row.split_at(whole);
         let max = row_max(row);
-        let mut lanes = [0f32; 16];
         if !max.is_finite() {
             out.fill(bf16::ZERO);
             return f32::NAN;
         }
-        let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
-        let mut acc = _mm512_setzero_ps();
-        for (c, o) in body.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
-            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax), vscale);
-            let e = exp16::<true>(x);
-            acc = _mm512_add_ps(acc, e);
+        let o = out.as_mut_ptr();
+        let store = |i: usize, e: __m512| {
             let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-            _mm256_storeu_si256(o.as_mut_ptr().cast(), b);
-        }
-        let mut rest = 0f32;
-        for (v, o) in tail.iter().zip(&mut out[whole..]) {
-            let e = exp_neg_to::<true>((*v - max) * scale);
-            rest += e;
-            *o = round(e);
-        }
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-        let inv = 1.0 / (lanes.iter().sum::<f32>() + rest);
+            _mm256_storeu_si256(o.add(i).cast(), b);
+        };
+        let inv = exponentials::<true>(row.as_ptr(), row.len(), max, scale, store, |i, e| {
+            *o.add(i) = round(e)
+        });
         if inv.is_nan() {
             out.fill(bf16::ZERO);
         }

@@ -43,7 +43,9 @@ pub(super) const MAX_TILES: usize = 32;
 /// batch 2 (32 tiles) 21.1 / 15.9-16.9 (im2col 18.3-20.7); at 16x16, batch 1 (64) 27.6-42.1 /
 /// 24.0-27.9; at 16x16, batch 2 (128) 45.7-59.5 / 49.1-52.2, no clear gain, so not there.
 pub(super) const MAX_TILES_F2: usize = 64;
-/// Transformed outputs a task keeps (f32): up to four panels at 32 tiles (295 KiB, in L2).
+/// Transformed outputs a task keeps (f32): up to four panels of F(4x4)'s 36 positions at 32 tiles
+/// (295 KiB, in L2); F(2x2)'s 16 positions at its 64 tiles come to 16 x 64 = 1024 per panel
+/// column against 36 x 32 = 1152, so they fit the same four panels.
 const TASK_OUTPUT: usize = 4 * 36 * PANEL * 32;
 
 /// Whether this CPU and this layer take the fused path: F(4x4) or F(2x2) written out, one band of
