@@ -359,9 +359,37 @@ pub fn gemm_bf16_packed(
     }
 }
 
-/// `out = round(a x b + bias)` into bf16 (row stride `ldo`) for `a` [m, k] and a packed `b` [k, n]:
+/// What the sums of [`gemm_bf16_packed_bf16`] start from: a bias (one f32 per column) plus a bf16
+/// residual (m rows of n, e.g. a transformer block's input), each optional; with both, the sum
+/// starts from `bias + residual` in f32, so a layer and its residual connection are rounded once.
+#[derive(Clone, Copy, Default)]
+pub struct Start<'a> {
+    /// One value per output column.
+    pub bias: Option<&'a [f32]>,
+    /// One value per output, row-major with this row stride.
+    pub residual: Option<(&'a [bf16], usize)>,
+}
+
+impl Start<'_> {
+    /// The f32 C that [`gemm_bf16_packed`] sums into for these starting values (m x n).
+    fn rows(&self, m: usize, n: usize) -> Vec<f32> {
+        let mut c = match self.bias {
+            Some(b) => b[..n].repeat(m),
+            None => vec![0f32; m * n],
+        };
+        if let Some((r, ldr)) = self.residual {
+            for (row, res) in c.chunks_exact_mut(n).zip(r.chunks(ldr)) {
+                row.iter_mut().zip(res).for_each(|(c, r)| *c += r.to_f32());
+            }
+        }
+        c
+    }
+}
+
+/// `out = round(a x b + start)` into bf16 (row stride `ldo`) for `a` [m, k] and a packed `b` [k, n]:
 /// a bf16 linear layer's whole output in one pass. The products are summed in f32 from the bias
-/// as [`gemm_bf16_packed`] sums them into a C that holds the bias, and each sum is rounded once as
+/// (plus the residual: [`Start`]) as [`gemm_bf16_packed`] sums them into a C that holds them, and
+/// each sum is rounded once as
 /// `convert::round` rounds (the same bits as rounding that C, tested), but no f32 C of the
 /// whole product is written or read again: a tile's sums go straight to bf16, and only a product
 /// with several k blocks keeps its partial sums, one block of C at a time, in a buffer that stays
@@ -370,13 +398,13 @@ pub fn gemm_bf16_packed(
 /// every one of its m x n values (and no other) is written.
 ///
 /// # Panics
-/// When `a`, `out` or `bias` is too short for its shape (a caller's bug).
+/// When `a`, `out`, the bias or the residual is too short for its shape (a caller's bug).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_packed_bf16(
     m: usize,
     a: Matrix<'_, bf16>,
     b: &PackedB,
-    bias: Option<&[f32]>,
+    start: Start<'_>,
     out: &mut [std::mem::MaybeUninit<bf16>],
     ldo: usize,
     threads: usize,
@@ -384,7 +412,16 @@ pub fn gemm_bf16_packed_bf16(
     let Some((n, k)) = packed_dims(m, a, b, (out.len(), ldo), "out") else {
         return;
     };
-    assert!(bias.is_none_or(|b| b.len() >= n), "the bias is too short");
+    assert!(
+        start.bias.is_none_or(|b| b.len() >= n),
+        "the bias is too short"
+    );
+    if let Some((r, ldr)) = start.residual {
+        assert!(
+            ldr >= n && r.len() >= (m - 1) * ldr + n,
+            "the residual is too short"
+        );
+    }
     match &b.data {
         #[cfg(target_arch = "x86_64")]
         Packing::Panels(words) if k > 0 => {
@@ -393,20 +430,19 @@ pub fn gemm_bf16_packed_bf16(
             let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
                 // SAFETY: `out` holds m rows of ldo >= n (checked above) and is borrowed mutably;
                 // the parts are disjoint blocks of it whose columns start at whole panels; the
-                // panels were made by the AVX512-BF16 kernel, so this CPU has it; bias holds n.
+                // panels were made by the AVX512-BF16 kernel, so this CPU has it; the bias holds
+                // n values and the residual m rows of n (both checked above).
                 unsafe {
-                    avx512::block_bf16((i0, i1), (j0, j1), k, a, panels, bias, optr.get(), ldo)
+                    avx512::block_bf16((i0, i1), (j0, j1), k, a, panels, start, optr.get(), ldo)
                 }
             };
             on_threads((m, n, k), threads, MR, run)
         }
         _ => {
-            // The f32 C the packed product sums into, from the bias, then rounded.
-            let mut c = match bias {
-                Some(b) => b[..n].repeat(m),
-                None => vec![0f32; m * n],
-            };
-            gemm_bf16_packed(m, a, b, &mut c, n, bias.is_some(), threads);
+            // The f32 C the packed product sums into, from the bias and residual, then rounded.
+            let mut c = start.rows(m, n);
+            let accumulate = start.bias.is_some() || start.residual.is_some();
+            gemm_bf16_packed(m, a, b, &mut c, n, accumulate, threads);
             for (row, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
                 super::convert::round_into_uninit(row, &mut dst[..n]);
             }
@@ -650,16 +686,16 @@ mod avx512 {
     /// k block of B's panels (at most 192 pairs x NCF words, 384 KiB) share L2.
     const NCF: usize = 512;
 
-    /// out[i0..i1, j0..j1] = round(A[i0..i1, :] x B[:, j0..j1] + bias[j0..j1]) for prepacked
-    /// panels (words, column panels, k-pairs per block): each block of C (MC x NCF) takes all
-    /// its k blocks in turn, the partial sums of all but the last in a buffer of one block, the
-    /// last block's tiles adding them and rounding once into `out`. The sums are those of
-    /// [`block`] into a C that starts from the bias, in the same order.
+    /// out[i0..i1, j0..j1] = round(A[i0..i1, :] x B[:, j0..j1] + start[i0..i1, j0..j1]) for
+    /// prepacked panels (words, column panels, k-pairs per block): each block of C (MC x NCF)
+    /// takes all its k blocks in turn, the partial sums of all but the last in a buffer of one
+    /// block, the last block's tiles adding them and rounding once into `out`. The sums are
+    /// those of [`block`] into a C that starts from the bias plus the residual, in the same order.
     ///
     /// # Safety
     /// `out` points at a bf16 matrix of row stride ldo whose block [i0, i1) x [j0, j1) this call
-    /// alone writes; the panels cover k x j1 of B with j0 a multiple of NR; `bias` holds j1
-    /// values; the CPU has AVX512-BF16.
+    /// alone writes; the panels cover k x j1 of B with j0 a multiple of NR; the bias holds j1
+    /// values and the residual i1 rows of j1; the CPU has AVX512-BF16.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn block_bf16(
         (i0, i1): (usize, usize),
@@ -667,7 +703,7 @@ mod avx512 {
         k: usize,
         a: Matrix<'_, bf16>,
         (words, total, kcb): (&[u32], usize, usize),
-        bias: Option<&[f32]>,
+        start: super::Start<'_>,
         out: *mut bf16,
         ldo: usize,
     ) {
@@ -696,10 +732,15 @@ mod avx512 {
                                 let bp = panels.add(jr * kc);
                                 // (Used only when there are several k blocks, and then in bounds.)
                                 let part = partial.as_mut_ptr().wrapping_add(ir * NCF + jr);
-                                let base = match bias {
+                                let bias = start.bias.map(|b| b.as_ptr().add(jc + jr));
+                                let base = match (bias, start.residual) {
                                     _ if !first => Base::Rows(part, NCF),
-                                    Some(b) => Base::Row(b.as_ptr().add(jc + jr)),
-                                    None => Base::Zero,
+                                    (bias, Some((r, ldr))) => {
+                                        let at = (i0 + ic + ir) * ldr + jc + jr;
+                                        Base::RowAndResidual(bias, r.as_ptr().add(at), ldr)
+                                    }
+                                    (Some(b), None) => Base::Row(b),
+                                    (None, None) => Base::Zero,
                                 };
                                 let dst = if last {
                                     Dst::Bf16(out.add((i0 + ic + ir) * ldo + jc + jr), ldo)
@@ -960,6 +1001,9 @@ mod avx512 {
         Row(*const f32),
         /// The tile's f32 rows (the sums so far, or C to add to) with this row stride.
         Rows(*const f32, usize),
+        /// One f32 per column (a bias, or none) plus the tile's bf16 rows with this row stride
+        /// (a residual), added in f32 before the sums.
+        RowAndResidual(Option<*const f32>, *const bf16, usize),
     }
 
     /// Where a tile's results go.
@@ -1044,19 +1088,29 @@ mod avx512 {
         rows: usize,
         cols: usize,
     ) {
+        // bf16 values (16, as 256 bits) widened to f32.
+        let widen =
+            |v: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)));
         if rows == MR && cols == 16 * H {
             // A whole tile: no masks, and each kind of store in a loop of its own.
             let base_at = |r: usize, h: usize| match base {
                 Base::Zero => None,
-                Base::Row(b) => Some(b.add(16 * h)),
-                Base::Rows(c, ldc) => Some(c.add(r * ldc + 16 * h)),
+                Base::Row(b) => Some(_mm512_loadu_ps(b.add(16 * h))),
+                Base::Rows(c, ldc) => Some(_mm512_loadu_ps(c.add(r * ldc + 16 * h))),
+                Base::RowAndResidual(b, res, ldr) => {
+                    let res = widen(_mm256_loadu_si256(res.add(r * ldr + 16 * h).cast()));
+                    Some(match b {
+                        Some(b) => _mm512_add_ps(_mm512_loadu_ps(b.add(16 * h)), res),
+                        None => res,
+                    })
+                }
             };
             match dst {
                 Dst::F32(c, ldc) => {
                     for (r, acc_r) in acc.iter().enumerate() {
                         for (h, sum) in acc_r.iter().enumerate() {
                             let v = match base_at(r, h) {
-                                Some(p) => _mm512_add_ps(*sum, _mm512_loadu_ps(p)),
+                                Some(b) => _mm512_add_ps(*sum, b),
                                 None => *sum,
                             };
                             _mm512_storeu_ps(c.add(r * ldc + 16 * h), v);
@@ -1067,7 +1121,7 @@ mod avx512 {
                     for (r, acc_r) in acc.iter().enumerate() {
                         for (h, sum) in acc_r.iter().enumerate() {
                             let v = match base_at(r, h) {
-                                Some(p) => _mm512_add_ps(*sum, _mm512_loadu_ps(p)),
+                                Some(b) => _mm512_add_ps(*sum, b),
                                 None => *sum,
                             };
                             _mm256_storeu_si256(o.add(r * ldo + 16 * h).cast(), round16(v));
@@ -1089,6 +1143,15 @@ mod avx512 {
                     Base::Row(b) => _mm512_add_ps(*sum, _mm512_maskz_loadu_ps(mask, b.add(c0))),
                     Base::Rows(c, ldc) => {
                         _mm512_add_ps(*sum, _mm512_maskz_loadu_ps(mask, c.add(r * ldc + c0)))
+                    }
+                    Base::RowAndResidual(b, res, ldr) => {
+                        let at = res.add(r * ldr + c0).cast();
+                        let res = widen(_mm256_maskz_loadu_epi16(mask, at));
+                        let base = match b {
+                            Some(b) => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, b.add(c0)), res),
+                            None => res,
+                        };
+                        _mm512_add_ps(*sum, base)
                     }
                 };
                 match dst {
@@ -1295,8 +1358,9 @@ mod tests {
         }
     }
 
-    /// The bf16 output is, bit for bit, the rounding of the f32 product summed from the bias
-    /// (what a linear layer computed before: C = bias, the packed product added, then rounded):
+    /// The bf16 output is, bit for bit, the rounding of the f32 product summed from the bias and
+    /// residual (what a linear layer computed before: C = bias (+ residual), the packed product
+    /// added, then rounded):
     /// edges in every dimension, one k block and several, several blocks of rows and of columns,
     /// A read where it lies and packed, B row-major and transposed, 1-3 threads, and values that
     /// make infinities and NaN.
@@ -1314,18 +1378,27 @@ mod tests {
                 }
                 let (a_views, b_views) = (operands.a(), operands.b());
                 let bias: Vec<f32> = values(n, 15).iter().map(|v| v.to_f32() * 3.0).collect();
+                // A residual with a row stride wider than n.
+                let residual = values(m * (n + 1), 16);
+                let residual = (&residual[..], n + 1);
+                let starts = [
+                    (Some(&bias[..]), None, 1),
+                    (None, None, 2),
+                    (Some(&bias[..]), None, 3),
+                    (Some(&bias[..]), Some(residual), 2),
+                    (None, Some(residual), 1),
+                ];
                 for (a, b) in [(a_views[0], b_views[1]), (a_views[1], b_views[0])] {
                     let packed = PackedB::new(kernel, b, (k, n));
-                    for (bias, threads) in [(Some(&bias[..]), 1), (None, 2), (Some(&bias[..]), 3)] {
-                        let mut c = match bias {
-                            Some(b) => b.repeat(m),
-                            None => vec![0f32; m * n],
-                        };
-                        gemm_bf16_packed(m, a, &packed, &mut c, n, bias.is_some(), threads);
+                    for (bias, residual, threads) in starts {
+                        let start = Start { bias, residual };
+                        let mut c = start.rows(m, n);
+                        let accumulate = bias.is_some() || residual.is_some();
+                        gemm_bf16_packed(m, a, &packed, &mut c, n, accumulate, threads);
                         let ldo = n + 3;
                         let sentinel = bf16::from_f32(-7.0);
                         let mut out = vec![std::mem::MaybeUninit::new(sentinel); m * ldo];
-                        gemm_bf16_packed_bf16(m, a, &packed, bias, &mut out, ldo, threads);
+                        gemm_bf16_packed_bf16(m, a, &packed, start, &mut out, ldo, threads);
                         // SAFETY: every value was initialised (the sentinel) before the call.
                         let out: Vec<bf16> = out
                             .into_iter()
@@ -1337,9 +1410,10 @@ mod tests {
                                 assert_eq!(
                                     out[i * ldo + j].to_bits(),
                                     want.to_bits(),
-                                    "{kernel:?} {m}x{n}x{k} (a.cs {}, bias {}, {threads} threads) at ({i}, {j}): {} vs {want}",
+                                    "{kernel:?} {m}x{n}x{k} (a.cs {}, bias {}, residual {}, {threads} threads) at ({i}, {j}): {} vs {want}",
                                     a.cs,
                                     bias.is_some(),
+                                    residual.is_some(),
                                     out[i * ldo + j]
                                 );
                             }

@@ -61,6 +61,27 @@ impl GroupNorm {
         self.run(xs, true)
     }
 
+    /// `F.silu(norm(xs + offset[:, :, None, None]))` for `xs` [B, C, ...] and one `offset` per
+    /// image and channel ([B, C]: a ResNet's time embedding). On the CPU kernel each value gets
+    /// its offset as it is read, for the statistics and the output, instead of a pass of its own
+    /// (candle's broadcast add, which in bf16 took 0.5 % of a UNet step): in f32 the same values
+    /// as adding first; in bf16 the sum is not rounded before the norm (diffusers rounds it).
+    pub fn forward_silu_offset(&self, xs: &Tensor, offset: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let fits = dims.len() >= 2 && offset.dims() == &dims[..2];
+        if let (true, Some(mut op)) = (fits, self.op(xs, true, false)?) {
+            op.offset = Some(offset.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
+            return xs.contiguous()?.apply_op1_no_bwd(&op);
+        }
+        if offset.rank() != 2 || dims.len() < 2 {
+            candle_core::bail!("group_norm: offset {:?} for input {dims:?}", offset.dims());
+        }
+        // [B or 1, C or 1] as [B, C, 1, ...], broadcast by candle (which refuses a mismatch).
+        let mut shape = offset.dims().to_vec();
+        shape.resize(dims.len(), 1);
+        self.forward_silu(&xs.broadcast_add(&offset.reshape(shape)?)?)
+    }
+
     /// GroupNorm of `xs` [B, C, H, W] as tokens [B, H*W, C], the layout a transformer's projection
     /// reads (`norm(x).permute(0, 2, 3, 1).reshape(B, H*W, C)`). On the CPU the kernel writes the
     /// tokens directly: the same values as [`Module::forward`], without candle's strided copy (one
@@ -92,6 +113,7 @@ impl GroupNorm {
             beta: self.bias.to_dtype(DType::F32)?.to_vec1()?,
             silu,
             tokens,
+            offset: None,
         }))
     }
 
@@ -130,6 +152,8 @@ struct GroupNormOp {
     silu: bool,
     /// Written as tokens [B, spatial, C] (without SiLU).
     tokens: bool,
+    /// Added to every value of (image, channel) before the norm ([B, C]; not with `tokens`).
+    offset: Option<Vec<f32>>,
 }
 
 impl GroupNormOp {
@@ -138,7 +162,15 @@ impl GroupNormOp {
         if self.tokens {
             return group_norm_tokens(x, shape, &self.gamma, &self.beta, self.eps);
         }
-        group_norm(x, shape, &self.gamma, &self.beta, self.eps, self.silu)
+        let affine = (&self.gamma[..], &self.beta[..]);
+        group_norm(
+            x,
+            shape,
+            affine,
+            self.offset.as_deref(),
+            self.eps,
+            self.silu,
+        )
     }
 }
 
@@ -153,6 +185,13 @@ impl CustomOp1 for GroupNormOp {
         };
         let dims = l.shape().dims();
         let spatial: usize = dims[2..].iter().product();
+        if let Some(o) = self
+            .offset
+            .as_ref()
+            .filter(|o| o.len() != dims[0] * dims[1])
+        {
+            candle_core::bail!("group_norm: {} offsets for {:?}", o.len(), &dims[..2]);
+        }
         let shape = (dims[1], spatial, self.groups);
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[a..b], shape)),
@@ -166,6 +205,49 @@ impl CustomOp1 for GroupNormOp {
         }
         Ok((out, l.shape().clone()))
     }
+}
+
+/// The mean and variance of `xs` plus an offset per channel (`spatial` values each), accumulated
+/// in f64 over eight lanes: [`moments`] of the sums (the same order where `spatial` is a
+/// multiple of 8, so the same values).
+#[inline(always)]
+fn moments_offset<T: Value>(xs: &[T], spatial: usize, offsets: &[f32]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let channels = || xs.chunks(spatial.max(1)).zip(offsets);
+    let mut acc = [0f64; 8];
+    let mut tail = 0f64;
+    for (c, &o) in channels() {
+        let chunks = c.chunks_exact(8);
+        tail += chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v.get() + o) as f64)
+            .sum::<f64>();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v.get() + o) as f64;
+            }
+        }
+    }
+    let mean = (acc.iter().sum::<f64>() + tail) / n;
+    let m = mean as f32;
+    let mut acc = [0f64; 8];
+    let mut tail = 0f64;
+    for (c, &o) in channels() {
+        let chunks = c.chunks_exact(8);
+        tail += chunks
+            .remainder()
+            .iter()
+            .map(|&v| ((v.get() + o - m) as f64).powi(2))
+            .sum::<f64>();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                let d = (v.get() + o - m) as f64;
+                *a += d * d;
+            }
+        }
+    }
+    (mean, (acc.iter().sum::<f64>() + tail) / n)
 }
 
 /// The mean and variance of `xs`, accumulated in f64 over eight lanes.
@@ -214,6 +296,8 @@ struct Group<'a, T> {
     /// The group's gamma and beta (one per channel), values per channel.
     gamma: &'a [f32],
     beta: &'a [f32],
+    /// The group's offsets (one per channel), added to its values first.
+    offset: Option<&'a [f32]>,
     spatial: usize,
     eps: f64,
     silu: bool,
@@ -222,29 +306,45 @@ struct Group<'a, T> {
 impl<T: Value> Vectorized for Group<'_, T> {
     #[inline(always)]
     fn run(self) {
-        let (mean, var) = moments(self.x);
+        let (mean, var) = match self.offset {
+            Some(o) => moments_offset(self.x, self.spatial, o),
+            None => moments(self.x),
+        };
         let rstd = (1.0 / (var + self.eps).sqrt()) as f32;
         let mean = mean as f32;
         let channels = self
             .x
             .chunks(self.spatial)
             .zip(self.out.chunks_mut(self.spatial));
-        for ((xc, oc), (&gamma, &shift)) in channels.zip(self.gamma.iter().zip(self.beta)) {
+        let affine = self.gamma.iter().zip(self.beta);
+        for (c, ((xc, oc), (&gamma, &shift))) in channels.zip(affine).enumerate() {
             let scale = gamma * rstd;
-            for (o, &v) in oc.iter_mut().zip(xc) {
-                let y = (v.get() - mean) * scale + shift;
-                o.write(T::put(if self.silu { silu(y) } else { y }));
+            match self.offset {
+                Some(o) => {
+                    let o = o[c];
+                    for (o_, &v) in oc.iter_mut().zip(xc) {
+                        let y = (v.get() + o - mean) * scale + shift;
+                        o_.write(T::put(if self.silu { silu(y) } else { y }));
+                    }
+                }
+                None => {
+                    for (o, &v) in oc.iter_mut().zip(xc) {
+                        let y = (v.get() - mean) * scale + shift;
+                        o.write(T::put(if self.silu { silu(y) } else { y }));
+                    }
+                }
             }
         }
     }
 }
 
-/// GroupNorm over [B, C, spatial] data (contiguous), SiLU after it when `silu`.
+/// GroupNorm over [B, C, spatial] data (contiguous) with gamma and beta (`affine`), each value
+/// plus its (image, channel)'s `offset` first ([B, C], when given), SiLU after it when `silu`.
 pub(crate) fn group_norm<T: Value>(
     x: &[T],
     (channels, spatial, groups): (usize, usize, usize),
-    gamma: &[f32],
-    beta: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    offset: Option<&[f32]>,
     eps: f64,
     silu: bool,
 ) -> Vec<T> {
@@ -256,11 +356,14 @@ pub(crate) fn group_norm<T: Value>(
             .enumerate()
             .for_each(|(i, (out, x))| {
                 let g = i % groups;
+                // Task i is image i / groups, channels g * cg.. of it.
+                let first = (i / groups) * channels + g * cg;
                 vectorized(Group {
                     x,
                     out,
                     gamma: &gamma[g * cg..(g + 1) * cg],
                     beta: &beta[g * cg..(g + 1) * cg],
+                    offset: offset.map(|o| &o[first..first + cg]),
                     spatial: spatial.max(1),
                     eps,
                     silu,
@@ -425,6 +528,69 @@ mod tests {
                 let want = candle_nn::ops::silu(&theirs).unwrap();
                 assert!(max_diff(&fused, &want) < 2e-5, "{shape:?} {groups} silu");
             }
+        }
+    }
+
+    /// The time embedding's offset read into the norm: in f32 the values of adding it first
+    /// (bit for bit where the spatial size is a multiple of 8, the lanes' order), in bf16 those
+    /// of the f32 kernel on the same values within a rounding; a [1, C] offset is broadcast by
+    /// candle first, and other shapes are errors.
+    #[test]
+    fn offset_is_the_broadcast_add_first() {
+        for (shape, groups) in [
+            (vec![2, 8, 4, 4], 4),
+            (vec![2, 6, 5, 7], 3),
+            (vec![1, 4, 9], 2),
+        ] {
+            let n: usize = shape.iter().product();
+            let (b, c) = (shape[0], shape[1]);
+            let x = t(n, &shape, 0.2, 1.5);
+            let offset = (t(b * c, &[b, c], 3.0, 0.0) * 7.0).unwrap();
+            let norm =
+                GroupNorm::new(t(c, &[c], 1.0, 1.0), t(c, &[c], 2.0, 0.0), groups, 1e-5).unwrap();
+            let mut bc = vec![b, c];
+            bc.resize(shape.len(), 1);
+            let added = x.broadcast_add(&offset.reshape(bc).unwrap()).unwrap();
+            let want = norm.forward_silu(&added).unwrap();
+            let got = norm.forward_silu_offset(&x, &offset).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let spatial: usize = shape[2..].iter().product();
+            if spatial.is_multiple_of(8) {
+                assert_eq!(
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{shape:?}"
+                );
+            } else {
+                assert!(max_diff(&got, &want) < 1e-5, "{shape:?}");
+            }
+            // bf16: the f32 kernel on the same values (the offset not rounded), rounded once.
+            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let norm16 = GroupNorm::new(
+                bf(&t(c, &[c], 1.0, 1.0)),
+                bf(&t(c, &[c], 2.0, 0.0)),
+                groups,
+                1e-5,
+            )
+            .unwrap();
+            let got = norm16.forward_silu_offset(&bf(&x), &bf(&offset)).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let want = norm
+                .forward_silu_offset(&wide(&bf(&x)), &wide(&bf(&offset)))
+                .unwrap();
+            let d = max_diff(&wide(&got), &want);
+            assert!(d < 2f32.powi(-7) * 3.0, "bf16 {shape:?}: {d}");
+            // A [1, C] offset broadcasts over the images; other shapes are errors.
+            let row = offset.narrow(0, 0, 1).unwrap();
+            let got = norm.forward_silu_offset(&x, &row).unwrap();
+            let want = norm
+                .forward_silu_offset(&x, &row.broadcast_as((b, c)).unwrap().contiguous().unwrap())
+                .unwrap();
+            assert!(max_diff(&got, &want) < 1e-6);
+            assert!(norm
+                .forward_silu_offset(&x, &t(c + 1, &[c + 1], 0.0, 0.0))
+                .is_err());
         }
     }
 

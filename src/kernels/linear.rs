@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::gemm_bf16::{gemm_bf16, gemm_bf16_packed_bf16, Bf16Kernel, Matrix, PackedB};
+use super::gemm_bf16::{gemm_bf16, gemm_bf16_packed_bf16, Bf16Kernel, Matrix, PackedB, Start};
 
 /// A linear layer with PyTorch's weight names (`weight` `[out, in]`, optional `bias` `[out]`).
 #[derive(Debug, Clone)]
@@ -262,8 +262,60 @@ fn transposed(w: &[f32], (n, k): (usize, usize), s: usize) -> Vec<f32> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None)
+    }
+}
+
+/// A residual's values where they lie (contiguous, on the CPU).
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Linear {
+    /// `self.forward(x) + residual` (`residual` shaped as the output: a transformer block's
+    /// input). On the CPU kernels the residual joins the bias as the products' starting value:
+    /// no pass of its own, and in bf16 one rounding of `products + bias + residual` where
+    /// diffusers rounds the layer's output and then the sum (so within a rounding of it; f32:
+    /// the same sum in another order, within an ulp).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let fused = x.device().is_cpu()
+            && residual.device().is_cpu()
+            && residual.dtype() == x.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && x.dims().split_last().map(|(_, lead)| lead)
+                == residual.dims().split_last().map(|(_, lead)| lead)
+            && residual.dims().last() == Some(&self.out_dim()?);
+        if !fused {
+            return self.forward(x)? + residual;
+        }
+        let residual = residual.contiguous()?;
+        let (storage, layout) = residual.storage_and_layout();
+        let values = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                Values::F32(super::contiguous(v, layout, "linear: the residual")?)
+            }
+            candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
+                Values::Bf16(super::contiguous(v, layout, "linear: the residual")?)
+            }
+            _ => candle_core::bail!("linear: the residual must be f32 or bf16 on the CPU"),
+        };
+        self.run(x, Some(values))
+    }
+
+    /// The number of outputs.
+    fn out_dim(&self) -> Result<usize> {
+        match &self.packed {
+            Some(p) => Ok(p.dims().1),
+            None => self.inner.weight().dim(0),
+        }
+    }
+
+    /// The layer, plus `residual` (the output's shape and dtype, checked by the caller) when given.
+    fn run(&self, x: &Tensor, residual: Option<Values<'_>>) -> Result<Tensor> {
         if let Some(packed) = &self.packed {
-            return self.forward_packed(x, packed);
+            return self.forward_packed(x, packed, residual);
         }
         let w = self.inner.weight();
         let kernel = x.device().is_cpu()
@@ -276,17 +328,16 @@ impl Module for Linear {
                 x.device()
             );
         }
-        if !kernel {
-            return self.inner.forward(x);
-        }
         let dims = x.dims().to_vec();
-        let Some((&k, lead)) = dims.split_last() else {
+        let (true, Some((&k, lead))) = (kernel, dims.split_last()) else {
+            // (forward_add takes the kernels' dtypes on the CPU only.)
             return self.inner.forward(x);
         };
         let m: usize = lead.iter().product();
         let op = LinearOp {
             bias: self.bias_f32.as_deref(),
             blocks: self.blocks,
+            residual,
         };
         let y = x
             .reshape((m, k))?
@@ -300,7 +351,12 @@ impl Module for Linear {
 
 impl Linear {
     /// The bf16 layer through its packed weight (bf16 input on the CPU only).
-    fn forward_packed(&self, x: &Tensor, packed: &PackedB) -> Result<Tensor> {
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        packed: &PackedB,
+        residual: Option<Values<'_>>,
+    ) -> Result<Tensor> {
         let (k, n) = packed.dims();
         if !x.device().is_cpu() || x.dtype() != DType::BF16 {
             candle_core::bail!(
@@ -313,8 +369,14 @@ impl Linear {
         match dims.split_last() {
             Some((&xk, lead)) if xk == k => {
                 let m: usize = lead.iter().product();
+                let residual = match residual {
+                    None => None,
+                    Some(Values::Bf16(r)) => Some(r),
+                    Some(Values::F32(_)) => candle_core::bail!("linear: an f32 residual for bf16"),
+                };
                 let op = PackedLinearOp {
                     bias: self.bias_f32.as_deref(),
+                    residual,
                     packed,
                 };
                 let y = x.reshape((m, k))?.contiguous()?.apply_op1_no_bwd(&op)?;
@@ -327,9 +389,10 @@ impl Linear {
     }
 }
 
-/// `x [m, k] x W^T + bias` for a bf16 `x` and a packed W^T [k, n], into bf16.
+/// `x [m, k] x W^T + bias (+ residual [m, n])` for a bf16 `x` and a packed W^T [k, n], into bf16.
 struct PackedLinearOp<'a> {
     bias: Option<&'a [f32]>,
+    residual: Option<&'a [half::bf16]>,
     packed: &'a PackedB,
 }
 
@@ -348,6 +411,13 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
         if let Some(b) = self.bias.filter(|b| b.len() != n) {
             candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
         }
+        if let Some(r) = self.residual.filter(|r| r.len() != m * n) {
+            candle_core::bail!("linear: residual of {} for {m} x {n} outputs", r.len());
+        }
+        let start = Start {
+            bias: self.bias,
+            residual: self.residual.map(|r| (r, n)),
+        };
         // SAFETY: the product writes every one of the m x n values (rows of n, ldo = n).
         let out = unsafe {
             super::convert::filled(m * n, |out| {
@@ -355,7 +425,7 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
                     m,
                     Matrix::rows(x, k),
                     self.packed,
-                    self.bias,
+                    start,
                     out,
                     n,
                     candle_core::utils::get_num_threads(),
@@ -366,20 +436,39 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
     }
 }
 
-/// m rows of the bias (or zeros), the products' starting value.
-fn initial_output(bias: Option<&[f32]>, m: usize, n: usize) -> Result<Vec<f32>> {
-    Ok(match bias {
+/// m rows of the bias (or zeros), plus the residual, the products' starting value.
+fn initial_output(
+    bias: Option<&[f32]>,
+    residual: Option<Values<'_>>,
+    m: usize,
+    n: usize,
+) -> Result<Vec<f32>> {
+    let mut out = match bias {
         Some(b) if b.len() == n => b.repeat(m),
         Some(b) => candle_core::bail!("linear: bias of {} for {n} outputs", b.len()),
         None => vec![0f32; m * n],
-    })
+    };
+    let add = |out: &mut [f32], r: &mut dyn Iterator<Item = f32>| {
+        out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+    };
+    match residual {
+        None => {}
+        Some(Values::F32(r)) if r.len() == m * n => add(&mut out, &mut r.iter().copied()),
+        Some(Values::Bf16(r)) if r.len() == m * n => {
+            add(&mut out, &mut r.iter().map(|v| v.to_f32()))
+        }
+        Some(_) => candle_core::bail!("linear: the residual does not hold {m} x {n} outputs"),
+    }
+    Ok(out)
 }
 
-/// `x [m, k] x w^T [k, n] + bias` for `x` and `w [n, k]` both f32 or both bf16, into that dtype.
+/// `x [m, k] x w^T [k, n] + bias (+ residual [m, n])` for `x` and `w [n, k]` both f32 or both
+/// bf16, into that dtype.
 struct LinearOp<'a> {
     bias: Option<&'a [f32]>,
     /// The f32 weight's square blocks are transposed (see [`Linear::new`]).
     blocks: Option<usize>,
+    residual: Option<Values<'a>>,
 }
 
 impl CustomOp2 for LinearOp<'_> {
@@ -399,7 +488,8 @@ impl CustomOp2 for LinearOp<'_> {
         if wk != k {
             candle_core::bail!("linear: input has {k} features, the weight expects {wk}");
         }
-        let mut out = initial_output(self.bias, m, n)?;
+        let mut out = initial_output(self.bias, self.residual, m, n)?;
+        let start = self.bias.is_some() || self.residual.is_some();
         let (x, w) = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (x, w),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
@@ -429,7 +519,7 @@ impl CustomOp2 for LinearOp<'_> {
                 .collect(),
         };
         for (i, &(cols, depth, o, xo, wo, strides)) in parts.iter().enumerate() {
-            let accumulate = self.bias.is_some() || i > 0;
+            let accumulate = start || i > 0;
             let (dst, x, w) = (&mut out[o..], &x[xo..], &w[wo..]);
             let par = super::parallelism();
             super::sgemm(
@@ -468,7 +558,7 @@ impl LinearOp<'_> {
             },
             out,
             n,
-            self.bias.is_some(),
+            self.bias.is_some() || self.residual.is_some(),
             candle_core::utils::get_num_threads(),
         );
     }
@@ -617,6 +707,85 @@ mod tests {
             assert_eq!((ours.dtype(), ours.dims()), (DType::F32, theirs.dims()));
             let d = crate::test_support::max_abs_diff(&ours, &theirs);
             assert!(d < 1e-5 * k as f32, "{shape:?} -> {out}: {d}");
+        }
+    }
+
+    /// `forward_add` is the layer plus the residual: f32 within an ulp-level reordering of
+    /// candle's `layer(x) + residual`; bf16 the one rounding of the f32 sum (packed and per-call
+    /// weights alike, the same bits), so within one bf16 step of rounding the layer and then the
+    /// sum; a residual of another shape falls back to candle's add, and so to its error.
+    #[test]
+    fn forward_add_adds_the_residual_in_the_products() {
+        for (shape, out, bias) in [
+            (vec![5, 7], 3, true),
+            (vec![2, 77, 64], 96, true),
+            (vec![2, 3, 10, 33], 40, false),
+            (vec![9, 70], 140, true),
+        ] {
+            let k = *shape.last().unwrap();
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = out;
+            let (x, w) = (tensor(&shape, 0.3), tensor(&[out, k], 1.1));
+            let b = bias.then(|| tensor(&[out], 2.0));
+            let residual = (tensor(&out_shape, 0.7) * 4.0).unwrap();
+            // f32: against candle-nn's layer and candle's add.
+            let plain = candle_nn::Linear::new(w.copy().unwrap(), b.clone());
+            let want = (plain.forward(&x).unwrap() + &residual).unwrap();
+            let ours = Linear::new(candle_nn::Linear::new(w.copy().unwrap(), b.clone())).unwrap();
+            let got = ours.forward_add(&x, &residual).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = crate::test_support::max_abs_diff(&got, &want);
+            assert!(d < 1e-5 * k as f32, "f32 {shape:?} -> {out}: {d}");
+            // A residual of another shape is candle's error, not a panic.
+            assert!(ours.forward_add(&x, &tensor(&[out + 1], 0.0)).is_err());
+            // bf16: per-call and (with AVX512-BF16) packed weights.
+            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let (x, w, residual) = (bf(&x), bf(&w), bf(&residual));
+            let b = b.map(|b| bf(&b));
+            let bias_f32 = b
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap());
+            let mut layers = vec![Linear::with(
+                candle_nn::Linear::new(w.clone(), b.clone()),
+                bias_f32.clone(),
+                None,
+                false,
+            )
+            .unwrap()];
+            if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 {
+                let packed = candle_nn::Linear::new(w.clone(), b.clone());
+                layers.push(Linear::with(packed, bias_f32, None, true).unwrap());
+            }
+            let f32s = |t: &Tensor| {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            // Rounded twice, as diffusers does in bf16: within a rounding of each term.
+            let layer = f32s(&layers[0].forward(&x).unwrap());
+            let twice = f32s(&(layers[0].forward(&x).unwrap() + &residual).unwrap());
+            let terms: Vec<f32> = layer
+                .iter()
+                .zip(f32s(&residual))
+                .map(|(a, b)| a.abs() + b.abs())
+                .collect();
+            let bits: Vec<Vec<f32>> = layers
+                .iter()
+                .map(|l| f32s(&l.forward_add(&x, &residual).unwrap()))
+                .collect();
+            for got in &bits {
+                assert_eq!(
+                    got, &bits[0],
+                    "{shape:?} -> {out}: packed and per call differ"
+                );
+                for ((g, t), s) in got.iter().zip(&twice).zip(&terms) {
+                    assert!((g - t).abs() <= 2f32.powi(-7) * s, "{g} vs {t}");
+                }
+            }
+            // The same layer without the fusing (a residual copied to another layout first).
+            let strided = residual.t().unwrap().contiguous().unwrap().t().unwrap();
+            if strided.rank() == 2 {
+                assert_eq!(f32s(&layers[0].forward_add(&x, &strided).unwrap()), bits[0]);
+            }
         }
     }
 

@@ -61,7 +61,14 @@ impl Attention {
     }
 
     /// Attends from `xs` [B, N, C] to `context` [B, M, Cc] (or to itself).
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// The attention of `xs` to `context` (itself when `None`) plus `residual` (`xs`'s shape: the
+    /// block's input), which the output projection adds as it writes ([`Linear::forward_add`]).
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
@@ -78,7 +85,7 @@ impl Attention {
                 &split(self.to_v.forward(context)?)?,
                 self.scale,
             )?;
-            return self.to_out.forward(&out.reshape((b, n, ()))?);
+            return self.to_out.forward_add(&out.reshape((b, n, ()))?, residual);
         }
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
@@ -87,7 +94,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, n, ()))?
             .to_dtype(dtype)?;
-        self.to_out.forward(&out)
+        self.to_out.forward_add(&out, residual)
     }
 }
 
@@ -233,9 +240,18 @@ mod tests {
         );
         let ff = FeedForward::new(vb, 4).unwrap();
         let xs = Tensor::randn(0f32, 1.0, (2, 37, 4), &dev).unwrap();
-        let whole = ff.forward_chunk(&xs).unwrap();
-        for max in [1, 2, 10, 74, 1000] {
-            let d = max_abs_diff(&ff.forward_chunked(&xs, max).unwrap(), &whole);
+        let residual = Tensor::randn(0f32, 1.0, (2, 37, 4), &dev).unwrap();
+        // The plain feed-forward, then the residual added by candle.
+        let hidden = ff.proj_in.forward(&xs).unwrap();
+        let plain = ff
+            .proj_out
+            .forward(&crate::kernels::geglu::geglu(&hidden).unwrap())
+            .unwrap();
+        let want = (&plain + &residual).unwrap();
+        for max in [1, 2, 10, 37, 74, 1000] {
+            let got = ff.forward_chunked_add(&xs, &residual, max).unwrap();
+            assert_eq!(got.dims(), [2, 37, 4]);
+            let d = max_abs_diff(&got, &want);
             assert!(d < 1e-5, "max tokens {max}: {d}");
         }
     }
@@ -332,32 +348,38 @@ impl FeedForward {
 const FF_CHUNK_TOKENS: usize = 2048;
 
 impl FeedForward {
-    fn forward_chunk(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The feed-forward of the tokens `xs` [T, C] plus `residual` (the same shape).
+    fn forward_chunk(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        self.proj_out.forward(&crate::kernels::geglu::geglu(&h)?)
+        self.proj_out
+            .forward_add(&crate::kernels::geglu::geglu(&h)?, residual)
     }
 
-    /// The feed-forward over `xs` [B, N, C] in chunks of at most `max_tokens` tokens.
-    fn forward_chunked(&self, xs: &Tensor, max_tokens: usize) -> candle_core::Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
-        let per_chunk = (max_tokens / b.max(1)).max(1);
-        if per_chunk >= n {
-            return self.forward_chunk(xs);
-        }
-        let mut parts = Vec::with_capacity(n.div_ceil(per_chunk));
+    /// `ff(xs) + residual` for `xs` [B, N, C], at most `max_tokens` tokens at a time: the tokens
+    /// of all images taken as one list, whose chunks are contiguous rows of `xs` and `residual`.
+    fn forward_chunked_add(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        max_tokens: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let rows = b * n;
+        let (xs, residual) = (xs.reshape((rows, c))?, residual.reshape((rows, c))?);
+        let per_chunk = max_tokens.max(1);
+        let mut parts = Vec::with_capacity(rows.div_ceil(per_chunk));
         let mut start = 0;
-        while start < n {
-            let len = per_chunk.min(n - start);
-            parts.push(self.forward_chunk(&xs.narrow(1, start, len)?)?);
+        while start < rows {
+            let len = per_chunk.min(rows - start);
+            let (x, r) = (xs.narrow(0, start, len)?, residual.narrow(0, start, len)?);
+            parts.push(self.forward_chunk(&x, &r)?);
             start += len;
         }
-        Tensor::cat(&parts, 1)
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_chunked(xs, FF_CHUNK_TOKENS)
+        let ys = match &parts[..] {
+            [one] => one.clone(),
+            _ => Tensor::cat(&parts, 0)?,
+        };
+        ys.reshape((b, n, ()))
     }
 }
 
@@ -389,12 +411,13 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
+        // Each residual connection is added by the projection that ends its branch.
+        let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+            .forward_add(&self.norm2.forward(&xs)?, Some(context), &xs)?;
+        self.ff
+            .forward_chunked_add(&self.norm3.forward(&xs)?, &xs, FF_CHUNK_TOKENS)
     }
 }
 

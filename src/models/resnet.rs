@@ -5,7 +5,7 @@
 //! `(x + conv2(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb)))))) / output_scale_factor`,
 //! with a 1x1 `conv_shortcut` on `x` when the channel count changes.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::kernels::linear::{linear, Linear};
@@ -84,15 +84,15 @@ impl ResnetBlock2D {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        if let (Some(temb), Some(proj)) = (temb, &self.time_emb_proj) {
-            let t = proj
-                .forward(&candle_nn::ops::silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.norm2.forward_silu(&h)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        // The time embedding's [B, C] goes into the norm that reads `h` (no pass of its own).
+        let h = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(proj)) => {
+                let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
+                self.norm2.forward_silu_offset(&h, &t)?
+            }
+            _ => self.norm2.forward_silu(&h)?,
+        };
         if self.output_scale_factor == 1.0 {
             self.conv2.forward_add(&h, &shortcut)
         } else {
