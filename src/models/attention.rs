@@ -87,7 +87,14 @@ impl Attention {
             )?;
             return self.to_out.forward_add(&out.reshape((b, n, ()))?, residual);
         }
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let q = self.to_q.forward(xs)?;
+        if crate::kernels::attention::applies(&q) {
+            // The heads read and written where they lie in the tokens' features.
+            let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
+            let out = crate::kernels::attention::attend_tokens(&q, &k, &v, self.heads, self.scale)?;
+            return self.to_out.forward_add(&out, residual);
+        }
+        let q = self.split_heads(&q)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         let out = attend(&q, &k, &v, self.scale, MAX_SCORE_ELEMENTS)?
