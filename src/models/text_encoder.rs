@@ -73,7 +73,7 @@ impl SelfAttention {
             }
         };
         let ctx = ctx.to_dtype(dtype)?.transpose(1, 2)?.reshape((b, l, h))?;
-        self.norm.forward(&(self.output.forward(&ctx)? + xs)?)
+        self.norm.forward(&self.output.forward_add(&ctx, xs)?)
     }
 }
 
@@ -145,7 +145,7 @@ impl Layer {
             candle_nn::Activation::Gelu => crate::kernels::geglu::gelu_erf(&hidden)?,
             act => act.forward(&hidden)?,
         };
-        self.norm.forward(&(self.output.forward(&ff)? + attn)?)
+        self.norm.forward(&self.output.forward_add(&ff, &attn)?)
     }
 }
 
