@@ -18,6 +18,10 @@
 //! summed in f32, the exponentials are f32 and rounded to bf16 for the product with `v`, which
 //! again sums in f32 and is divided by the exponentials' f32 sum; the output is rounded once.
 //!
+//! The UNet's projections write each token's heads side by side ([B, N, H*D]); [`attend_tokens`]
+//! reads and writes each head's rows there, one token stride apart, so no copy splits the heads
+//! out or merges them back.
+//!
 //! Tested against the plain (unfused) attention of `models::attention` on the same values, this
 //! CPU's kernels and the portable ones, on shapes whose widths and key counts end off the tiles.
 

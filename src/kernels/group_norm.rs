@@ -6,6 +6,9 @@
 //! mean and variance (f64 sums, the variance taken around the mean), one pass writing
 //! `(x - mean) * rstd * gamma + beta` with the SiLU applied in the same pass.
 //!
+//! A ResNet's time embedding (one value per image and channel) can be added as the values are read
+//! ([`GroupNorm::forward_silu_offset`]) instead of in a broadcast pass before the norm.
+//!
 //! bf16 input is widened to f32 for the statistics and the arithmetic as it is read, and rounded
 //! once when written. The pass runs at the CPU's vector width (the crate's pulp dispatch), SiLU
 //! with the vectorised exponential of the softmax kernel.
@@ -213,41 +216,32 @@ impl CustomOp1 for GroupNormOp {
 #[inline(always)]
 fn moments_offset<T: Value>(xs: &[T], spatial: usize, offsets: &[f32]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
-    let channels = || xs.chunks(spatial.max(1)).zip(offsets);
-    let mut acc = [0f64; 8];
-    let mut tail = 0f64;
-    for (c, &o) in channels() {
-        let chunks = c.chunks_exact(8);
-        tail += chunks
-            .remainder()
-            .iter()
-            .map(|&v| (v.get() + o) as f64)
-            .sum::<f64>();
-        for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += (v.get() + o) as f64;
-            }
-        }
-    }
-    let mean = (acc.iter().sum::<f64>() + tail) / n;
+    let mean = offset_sum(xs, spatial, offsets, |x| x as f64) / n;
     let m = mean as f32;
+    let var = offset_sum(xs, spatial, offsets, |x| ((x - m) as f64).powi(2)) / n;
+    (mean, var)
+}
+
+/// The sum of `f(value + offset)` over `xs` (an offset per `spatial` values), in [`moments`]'
+/// eight lanes and order.
+#[inline(always)]
+fn offset_sum<T: Value>(xs: &[T], spatial: usize, offsets: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0f64; 8];
     let mut tail = 0f64;
-    for (c, &o) in channels() {
+    for (c, &o) in xs.chunks(spatial.max(1)).zip(offsets) {
         let chunks = c.chunks_exact(8);
         tail += chunks
             .remainder()
             .iter()
-            .map(|&v| ((v.get() + o - m) as f64).powi(2))
+            .map(|&v| f(v.get() + o))
             .sum::<f64>();
         for c in chunks {
             for (a, &v) in acc.iter_mut().zip(c) {
-                let d = (v.get() + o - m) as f64;
-                *a += d * d;
+                *a += f(v.get() + o);
             }
         }
     }
-    (mean, (acc.iter().sum::<f64>() + tail) / n)
+    acc.iter().sum::<f64>() + tail
 }
 
 /// The mean and variance of `xs`, accumulated in f64 over eight lanes.
