@@ -290,7 +290,8 @@ impl Linear {
             && matches!(x.dtype(), DType::F32 | DType::BF16)
             && x.dims().split_last().map(|(_, lead)| lead)
                 == residual.dims().split_last().map(|(_, lead)| lead)
-            && residual.dims().last() == Some(&self.out_dim()?);
+            && residual.dims().last() == Some(&self.out_dim()?)
+            && (self.packed.is_some() || self.inner.weight().dtype() == x.dtype());
         if !fused {
             return self.forward(x)? + residual;
         }
@@ -334,7 +335,10 @@ impl Linear {
         }
         let dims = x.dims().to_vec();
         let (true, Some((&k, lead))) = (kernel, dims.split_last()) else {
-            // (forward_add takes the kernels' dtypes on the CPU only.)
+            if residual.is_some() {
+                // forward_add fuses only where the kernel runs (checked there).
+                candle_core::bail!("linear: a residual for a layer without its CPU kernel");
+            }
             return self.inner.forward(x);
         };
         let m: usize = lead.iter().product();
@@ -452,14 +456,14 @@ fn initial_output(
         Some(b) => candle_core::bail!("linear: bias of {} for {n} outputs", b.len()),
         None => vec![0f32; m * n],
     };
-    let add = |out: &mut [f32], r: &mut dyn Iterator<Item = f32>| {
-        out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
-    };
+    // (Two plain loops: they vectorise, where one through a `dyn Iterator` made a call a value.)
     match residual {
         None => {}
-        Some(Values::F32(r)) if r.len() == m * n => add(&mut out, &mut r.iter().copied()),
+        Some(Values::F32(r)) if r.len() == m * n => {
+            out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+        }
         Some(Values::Bf16(r)) if r.len() == m * n => {
-            add(&mut out, &mut r.iter().map(|v| v.to_f32()))
+            out.iter_mut().zip(r).for_each(|(o, r)| *o += r.to_f32());
         }
         Some(_) => candle_core::bail!("linear: the residual does not hold {m} x {n} outputs"),
     }

@@ -60,9 +60,9 @@ impl Attention {
         }
     }
 
-    /// Attends from `xs` [B, N, C] to `context` [B, M, Cc] (or to itself).
-    /// The attention of `xs` to `context` (itself when `None`) plus `residual` (`xs`'s shape: the
-    /// block's input), which the output projection adds as it writes ([`Linear::forward_add`]).
+    /// Attends from `xs` [B, N, C] to `context` [B, M, Cc] (or to itself when `None`), plus
+    /// `residual` (`xs`'s shape: the block's input), which the output projection adds as it
+    /// writes ([`Linear::forward_add`]).
     pub fn forward_add(
         &self,
         xs: &Tensor,
