@@ -484,7 +484,7 @@ pub(crate) fn conv2d_bf16(
         return Vec::new();
     };
     if let Some(t) = winograd::choose_bf16(g, mode) {
-        return winograd::conv_bf16(t, x, w, bias, residual, g, true);
+        return winograd::conv_bf16(t, x, w, bias, residual, g, winograd::Fusion::Best);
     }
     let opx = oh * ow;
     let len = g.b * g.co * opx;

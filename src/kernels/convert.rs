@@ -35,6 +35,8 @@ pub(crate) fn round(x: f32) -> bf16 {
 /// An element type the f32-computing kernels read and write (GEGLU, GroupNorm): f32 itself, or
 /// bf16 widened on reading and rounded ([`round`]) on writing.
 pub(crate) trait Value: Copy + Default + Send + Sync {
+    /// Whether the values are bf16 (kernels that may multiply in bf16 ask).
+    const BF16: bool = false;
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
     /// `src` as f32 values: itself for f32, else widened into `buf` (at least as long).
@@ -64,6 +66,7 @@ impl Value for f32 {
 }
 
 impl Value for bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn get(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)

@@ -15,8 +15,11 @@
 //!   [`NR`] columns with each k-pair interleaved into one 32-bit word; A's k-pair words are
 //!   broadcast to all lanes, read where they lie when A's rows are contiguous and k is even (else
 //!   from panels of [`MR`] rows packed the same way), so one instruction does 16 columns x 2 k for
-//!   one row; an 8 x 32 tile of C stays in 16 registers for a whole k block. The threads split the
-//!   columns (or, for a narrow product, the rows) in whole tiles. A B packed beforehand takes up
+//!   one row; an 8 x 32 tile of C stays in 16 registers for a whole k block (a last panel of at
+//!   most 8 columns in 256-bit registers, `tile8`: m9's attention at width 40 ends in one, which
+//!   `perf` put at 3.2 % of a bf16 m9 step; `attention_speed` min 172 -> 168 ms, on a noisy
+//!   Zen 4). The threads split the columns (or, for a narrow product, the rows) in whole tiles.
+//!   A B packed beforehand takes up
 //!   to 192 k-pairs in one block (a 320-input layer in one pass, not 128 + 32), and a product
 //!   into bf16 ([`gemm_bf16_packed_bf16`]) adds the bias and rounds in the tiles themselves.
 //! - **Portable**: A and B converted to f32, then gemm's f32 kernels (the AVX2 / AVX-512 / NEON
@@ -972,7 +975,8 @@ mod avx512 {
         }
     }
 
-    /// [`tile`] as wide as `cols` needs (one register of 16 columns or two).
+    /// [`tile`] as wide as `cols` needs (one register of 16 columns or two), or [`tile8`] for at
+    /// most 8.
     ///
     /// # Safety
     /// As [`tile`].
@@ -985,7 +989,9 @@ mod avx512 {
         rows: usize,
         cols: usize,
     ) {
-        if cols <= NR / 2 {
+        if cols <= NR / 4 {
+            tile8(kc, arows, astep, bp, store, rows, cols);
+        } else if cols <= NR / 2 {
             tile::<1>(kc, arows, astep, bp, store, rows, cols);
         } else {
             tile::<2>(kc, arows, astep, bp, store, rows, cols);
@@ -1072,6 +1078,44 @@ mod avx512 {
             }
         }
         store::<H>(acc, (base, dst), rows, cols);
+    }
+
+    /// [`tile`] for a last panel of at most 8 columns, in 256-bit registers: the attention's
+    /// product with `v` at width 40 (m9's 64x64 level) ends in such a panel, and its 16-lane
+    /// tile did twice the work needed there. On cores that split 512-bit operations in two (Zen
+    /// 4) the 256-bit `vdpbf16ps` costs half as much. The same products and sums in the same
+    /// order as [`tile`]'s first 8 lanes.
+    ///
+    /// # Safety
+    /// As [`tile`], with `cols <= 8`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    unsafe fn tile8(
+        kc: usize,
+        arows: &[*const u32; MR],
+        astep: usize,
+        bp: *const u32,
+        (base, dst): (Base, Dst),
+        rows: usize,
+        cols: usize,
+    ) {
+        debug_assert!(cols <= 8);
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for p in 0..kc {
+            let words = _mm256_loadu_si256(bp.add(p * NR).cast());
+            let b = std::mem::transmute::<__m256i, __m256bh>(words);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let word = arows[r].add(p * astep).read_unaligned();
+                let av: __m256bh = std::mem::transmute(_mm256_set1_epi32(word as i32));
+                *acc = _mm256_dpbf16_ps(*acc, av, b);
+            }
+        }
+        store::<1>(
+            acc.map(|a| [_mm512_zextps256_ps512(a)]),
+            (base, dst),
+            rows,
+            cols,
+        );
     }
 
     /// Stores a tile's sums `acc` (see [`tile`]): kept out of line, so that the k loop keeps
@@ -1300,9 +1344,11 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 9] = [
+    // Last panels of every width class: 1-8 columns (`tile8`), 9-16 (one register), 17-32.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (3, 5, 7),
+        (10, 45, 19),
         (8, 32, 2),
         (9, 33, 3),
         (17, 65, 257),

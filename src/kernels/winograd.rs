@@ -54,6 +54,16 @@
 //! 6.28 s (F(2x2) everywhere: 4.51 s and 8.29 s), and the image's mean deviation from fp32 1.13
 //! levels against 0.47.
 //!
+//! That was every level at once: the UNet's 16x16 level (the fused path's) now multiplies in bf16
+//! on CPUs with AVX512-BF16, where its share of the error is small enough (see `fused`).
+//!
+//! F(4x4)'s input rows are split into their column phases 16 values at a time with AVX-512
+//! (`split_phases_avx512`: one permutation, four stores of four) where a value at a time was
+//! about 2 % of a bf16 UNet step; `winograd_speed` (Zen 4, 2 threads, bf16, min of 6 alternating
+//! runs): 320 channels at 64x64 30.5 -> 28.4 ms, 640 at 32x32 31.1 -> 30.4 ms. The output
+//! transform's phase merge and rounding written the same way gained nothing measurable (320 at
+//! 64x64: 29.7 / 30.3 ms, min of 10) and were left scalar.
+//!
 //! bf16 layers with few tiles done in one band (the UNet's 16x16 level: 32 tiles with guidance)
 //! take `fused` where the CPU has AVX-512F: the weights of 16 output channels and 64 input
 //! channels are transformed in L2 and multiplied at once, instead of 5.9 MB blocks of transformed
@@ -403,13 +413,21 @@ enum Sink<'a> {
 /// has it.
 pub(crate) fn accumulate(t: &Tiling, x: &[f32], w: &[f32], out: &mut [f32], g: &Geometry) {
     assert_eq!(out.len(), g.b * g.co * g.h * g.w, "winograd: output size");
-    run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, true);
+    run(
+        t,
+        x,
+        w,
+        Sink::Add(SendPtr(out.as_mut_ptr())),
+        g,
+        Fusion::Best,
+    );
 }
 
 /// `bias + residual + conv3x3(x, w)` for bf16 `x`, `w` and `residual`: the transforms, products and
-/// sums in f32 on the widened values (as f32 Winograd), each output rounded once to bf16. With
-/// `fuse` (always, but in the tests that compare the two), layers with few tiles take the fused
-/// path (`fused`) where the CPU has it.
+/// sums in f32 on the widened values (as f32 Winograd; but for the fused path's bf16 products,
+/// see `fused`), each output rounded once to bf16. With
+/// `fuse` ([`Fusion::Best`] but in the tests that compare them), layers with few tiles take the
+/// fused path (`fused`) where the CPU has it.
 pub(crate) fn conv_bf16(
     t: &Tiling,
     x: &[bf16],
@@ -417,7 +435,7 @@ pub(crate) fn conv_bf16(
     bias: Option<&[f32]>,
     residual: Option<&[bf16]>,
     g: &Geometry,
-    fuse: bool,
+    fuse: Fusion,
 ) -> Vec<bf16> {
     let len = g.b * g.co * g.h * g.w;
     if let Some(r) = residual {
@@ -443,6 +461,19 @@ pub(crate) fn conv_bf16(
     unsafe { super::convert::filled(len, fill) }
 }
 
+/// Whether a layer with few tiles done in one band takes the fused path (`fused`, where the CPU
+/// has AVX-512F), and how it multiplies there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fusion {
+    /// Never: the blocked path (the tests' reference).
+    Off,
+    /// With f32 products, bf16 layers too (their values widened): the tests' comparison.
+    #[cfg_attr(not(test), allow(dead_code))]
+    F32,
+    /// With bf16 products for bf16 layers where the CPU has AVX512-BF16 (see `fused`), else f32.
+    Best,
+}
+
 /// The most tiles for which F(4x4) and F(2x2) layers done in one band take the fused path, if this
 /// CPU has it (AVX-512F).
 pub(crate) fn fused_tiles() -> Option<(usize, usize)> {
@@ -453,9 +484,9 @@ pub(crate) fn fused_tiles() -> Option<(usize, usize)> {
     None
 }
 
-/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. With `fuse`, a
+/// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. As `fuse` says, a
 /// layer done in one band with few tiles takes the fused path where the CPU has it (`fused`).
-fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, fuse: bool) {
+fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, fuse: Fusion) {
     run_within(t, x, w, sink, g, &BUDGET, fuse)
 }
 
@@ -522,7 +553,7 @@ fn run_within<X: Value>(
     sink: Sink,
     g: &Geometry,
     budget: &Budget,
-    fuse: bool,
+    fuse: Fusion,
 ) {
     assert_eq!(x.len(), g.b * g.ci * g.h * g.w, "winograd: input size");
     assert_eq!(w.len(), g.co * g.ci * 9, "winograd: weight size");
@@ -546,8 +577,9 @@ fn run_within<X: Value>(
     if once {
         transform_input(plan, x, &bands[0], v);
         #[cfg(target_arch = "x86_64")]
-        if fuse && fused::applies(&plan, bands[0].len() * plan.ntx) {
-            fused::run(plan, w, v, &bands[0], sink);
+        if fuse != Fusion::Off && fused::applies(&plan, bands[0].len() * plan.ntx) {
+            let bf16 = fuse == Fusion::Best && X::BF16 && fused::bf16_available();
+            fused::run(plan, w, v, &bands[0], sink, bf16);
             buffers.give_back();
             return;
         }
@@ -877,11 +909,7 @@ impl<X: Value> InputTask<'_, X> {
                 if y < 0 || y >= g.h as isize {
                     continue;
                 }
-                let src = X::widen(&plane[y as usize * g.w..][..g.w], wide);
-                for (x, &v) in src.iter().enumerate() {
-                    let col = x + 1;
-                    phases[(col % 4) * pl + col / 4] = v;
-                }
+                split_phases(&plane[y as usize * g.w..][..g.w], phases, pl, wide);
             }
             for q in 0..4 {
                 let x = std::array::from_fn(|k| &inp[(k * 4 + q) * pl..][..pl]);
@@ -906,6 +934,66 @@ impl<X: Value> InputTask<'_, X> {
             }
         }
     }
+}
+
+/// Input row `src` split into the four column phases of its padded columns (F(4x4)'s input
+/// transform): `phases[q * pl + s]` = padded column 4 s + q, where padded column x + 1 is
+/// `src[x]` (the other places are left as they are: the zero padding).
+#[inline(always)]
+fn split_phases<X: Value>(src: &[X], phases: &mut [f32], pl: usize, wide: &mut [f32]) {
+    assert!(
+        phases.len() >= 4 * pl && pl > src.len() / 4,
+        "winograd: phase rows"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if fused::available() {
+        // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
+        done = unsafe { split_phases_avx512(src, phases, pl) };
+    }
+    let src = X::widen(&src[done..], wide);
+    for (x, &v) in src.iter().enumerate() {
+        let col = done + x + 1;
+        phases[(col % 4) * pl + col / 4] = v;
+    }
+}
+
+/// [`split_phases`] for `src`'s whole groups of 16 values (their number times 16 is returned):
+/// each group read (and, for bf16, widened) in one register, its four phases gathered into its
+/// four quarters by one permutation and stored as four runs of four. The scalar loop stored each
+/// value at a computed place; on the UNet's bf16 layers it was about 2 % of a step (Zen 4).
+///
+/// # Safety
+/// The CPU has AVX-512F; `phases` holds four rows of `pl` > `src.len() / 4` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_phases_avx512<X: Value>(src: &[X], phases: &mut [f32], pl: usize) -> usize {
+    use std::arch::x86_64::*;
+    // Value u of a group (padded column 16 t + u + 1) is in phase (u + 1) % 4 at 4 t + (u + 1) /
+    // 4: u = 0, 4, 8, 12 in phase 1 at 4 t.., 1, 5, 9, 13 in phase 2, 2, 6, 10, 14 in phase 3,
+    // and 3, 7, 11, 15 in phase 0 at 4 t + 1...
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let groups = src.len() / 16;
+    let out = phases.as_mut_ptr();
+    for t in 0..groups {
+        // SAFETY: values 16 t .. 16 t + 16 of `src`; phase rows q at 4 t .. 4 t + 5 <= src.len()
+        // / 4 + 1 <= pl (the caller's promise).
+        unsafe {
+            let at = src.as_ptr().add(16 * t);
+            let v = if X::BF16 {
+                let bits = _mm256_loadu_si256(at.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+            } else {
+                _mm512_loadu_ps(at.cast())
+            };
+            let v = _mm512_permutexvar_ps(idx, v);
+            _mm_storeu_ps(out.add(pl + 4 * t), _mm512_extractf32x4_ps::<0>(v));
+            _mm_storeu_ps(out.add(2 * pl + 4 * t), _mm512_extractf32x4_ps::<1>(v));
+            _mm_storeu_ps(out.add(3 * pl + 4 * t), _mm512_extractf32x4_ps::<2>(v));
+            _mm_storeu_ps(out.add(4 * t + 1), _mm512_extractf32x4_ps::<3>(v));
+        }
+    }
+    groups * 16
 }
 
 /// U[p][col][ci] = (G g G^T)[p] for one output channel and every input channel at once.
@@ -1282,7 +1370,7 @@ mod tests {
         let start = values(g.b * g.co * g.h * g.w, 3.1);
         let mut out = start.clone();
         let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
-        run_within(t, &x, &w, sink, g, budget, false);
+        run_within(t, &x, &w, sink, g, budget, Fusion::Off);
         let (want, mag) = direct(&x, &w, g);
         out.iter()
             .zip(&start)
@@ -1326,13 +1414,13 @@ mod tests {
             let x = values(g.b * g.ci * g.h * g.w, 0.2);
             let w = values(g.co * g.ci * 9, 1.7);
             let start = values(g.b * g.co * g.h * g.w, 3.1);
-            let conv = |fuse: bool| {
+            let conv = |fuse| {
                 let mut out = start.clone();
                 let sink = Sink::Add(SendPtr(out.as_mut_ptr()));
                 run_within(t, &x, &w, sink, g, &BUDGET, fuse);
                 out
             };
-            let (blocked, fused) = (conv(false), conv(true));
+            let (blocked, fused) = (conv(Fusion::Off), conv(Fusion::Best));
             let (_, mag) = direct(&x, &w, g);
             let worst = blocked
                 .iter()
@@ -1344,7 +1432,7 @@ mod tests {
             let (xb, wb, bias) = (to_bf16(&x), to_bf16(&w), values(g.co, 0.9));
             let residual = to_bf16(&start);
             let bf16_conv = |fuse| conv_bf16(t, &xb, &wb, Some(&bias), Some(&residual), g, fuse);
-            let (blocked, fused) = (bf16_conv(false), bf16_conv(true));
+            let (blocked, fused) = (bf16_conv(Fusion::Off), bf16_conv(Fusion::F32));
             for (a, b) in blocked.iter().zip(&fused) {
                 assert!(
                     a.to_bits().abs_diff(b.to_bits()) <= 1,
@@ -1354,6 +1442,20 @@ mod tests {
             }
             apart += blocked.iter().zip(&fused).filter(|(a, b)| a != b).count();
             total += blocked.len();
+            // bf16 products (F(4x4) on AVX512-BF16): the transformed input and weights rounded
+            // to bf16 (about 2^-9 each, times F(4x4)'s growth of the terms), against the scale
+            // of the direct convolution's products.
+            if t.m == 4 && fused::bf16_available() {
+                let best = bf16_conv(Fusion::Best);
+                let worst = blocked
+                    .iter()
+                    .zip(&best)
+                    .zip(&mag)
+                    .map(|((a, b), m)| (a.to_f32() - b.to_f32()).abs() as f64 / (m + 1.0))
+                    .fold(0.0, f64::max);
+                // 0.011-0.029 here (Zen 4); a wrong pairing or a lost chunk is of order 1.
+                assert!(worst < 0.06, "{g:?} bf16 products: {worst}");
+            }
         }
         assert!(
             apart * 50 < total,
@@ -1472,8 +1574,8 @@ mod tests {
                 assert_eq!(bits(&fast), bits(&tables), "f32 {} {g:?}", fast_t.name);
                 let (xb, wb, rb) = (to_bf16(&x), to_bf16(&w), to_bf16(&start));
                 let bias = values(g.co, 0.4);
-                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g, false);
-                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g, false);
+                let fast = conv_bf16(fast_t, &xb, &wb, Some(&bias), Some(&rb), &g, Fusion::Off);
+                let tables = conv_bf16(tables_t, &xb, &wb, Some(&bias), Some(&rb), &g, Fusion::Off);
                 assert_eq!(fast, tables, "bf16 {} {g:?}", fast_t.name);
             }
         }
@@ -1483,7 +1585,14 @@ mod tests {
     /// `fused_matches_the_blocked_path`).
     fn blocked(t: &Tiling, x: &[f32], w: &[f32], start: &[f32], g: &Geometry) -> Vec<f32> {
         let mut out = start.to_vec();
-        run(t, x, w, Sink::Add(SendPtr(out.as_mut_ptr())), g, false);
+        run(
+            t,
+            x,
+            w,
+            Sink::Add(SendPtr(out.as_mut_ptr())),
+            g,
+            Fusion::Off,
+        );
         out
     }
 
@@ -1506,7 +1615,7 @@ mod tests {
                     (Some(&bias[..]), Some(&res[..])),
                     (None, Some(&res[..])),
                 ] {
-                    let got = conv_bf16(t, &x, &w, b, r, &g, false);
+                    let got = conv_bf16(t, &x, &w, b, r, &g, Fusion::Off);
                     let r32 = r.map(to_f32);
                     let start = initial_output(b, r32.as_deref(), g.b * g.co, g.h * g.w);
                     let want = to_bf16(&blocked(t, &to_f32(&x), &to_f32(&w), &start, &g));
@@ -1636,7 +1745,7 @@ mod tests {
                 // tiles), or the f32 Winograd on widened values.
                 let best_bf16 = crate::test_support::best_time(3, &mut || {
                     let out = match choose(&g, mode) {
-                        Some(t) => conv_bf16(t, &xb, &wb, None, None, &g, true),
+                        Some(t) => conv_bf16(t, &xb, &wb, None, None, &g, Fusion::Best),
                         None => conv2d_bf16(&xb, &wb, None, None, &g, 1 << 21, Mode::Im2col),
                     };
                     std::hint::black_box(&out);
@@ -1649,6 +1758,46 @@ mod tests {
                 );
             }
             println!("{line}");
+        }
+    }
+
+    /// The fused path's bf16 products against its f32 products on the UNet's 16x16 layers (bf16,
+    /// F(4x4)), alternating in one process, min and median of 15 calls each
+    /// (`cargo test --release --lib fused_bf16_speed -- --ignored --nocapture`).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore = "a benchmark, not a test"]
+    fn fused_bf16_speed() {
+        use crate::kernels::convert::to_bf16;
+        if !fused::bf16_available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16 (avx512bf16)");
+            return;
+        }
+        for g in [
+            geom(2, 1280, 16, 16, 1280),
+            geom(2, 2560, 16, 16, 1280),
+            geom(1, 1280, 16, 16, 1280),
+        ] {
+            let x = to_bf16(&values(g.b * g.ci * g.h * g.w, 0.2));
+            let w = to_bf16(&values(g.co * g.ci * 9, 1.7));
+            let mut times = [Vec::new(), Vec::new()];
+            for _ in 0..16 {
+                for (fuse, times) in [Fusion::F32, Fusion::Best].into_iter().zip(&mut times) {
+                    let start = std::time::Instant::now();
+                    std::hint::black_box(conv_bf16(&F4, &x, &w, None, None, &g, fuse));
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let [f32_products, bf16_products] = times.map(|mut t| {
+                t.remove(0);
+                t.sort_by(f64::total_cmp);
+                (t[0], t[t.len() / 2])
+            });
+            println!(
+                "b{} {}->{} {}x{}: f32 products min {:.1} / median {:.1} ms, bf16 products {:.1} / {:.1} ms",
+                g.b, g.ci, g.co, g.h, g.w, f32_products.0, f32_products.1, bf16_products.0,
+                bf16_products.1
+            );
         }
     }
 }
