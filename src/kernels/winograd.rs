@@ -62,7 +62,10 @@
 //! about 2 % of a bf16 UNet step; `winograd_speed` (Zen 4, 2 threads, bf16, min of 6 alternating
 //! runs): 320 channels at 64x64 30.5 -> 28.4 ms, 640 at 32x32 31.1 -> 30.4 ms. The output
 //! transform's phase merge and rounding written the same way gained nothing measurable (320 at
-//! 64x64: 29.7 / 30.3 ms, min of 10) and were left scalar.
+//! 64x64: 29.7 / 30.3 ms, min of 10) and were left scalar. The pass down the columns then takes
+//! each row's four phases as one row (they lie side by side): `input_transform_speed` (min of
+//! 30, three alternating runs) 64x64 2.77-3.02 -> 2.17-2.36 ms, 32x32 1.65-1.67 -> 1.22-1.31,
+//! 16x16 1.48-1.51 -> 1.07-1.09.
 //!
 //! bf16 layers with few tiles done in one band (the UNet's 16x16 level: 32 tiles with guidance)
 //! take `fused` where the CPU has AVX-512F: the weights of 16 output channels and 64 input
@@ -911,11 +914,12 @@ impl<X: Value> InputTask<'_, X> {
                 }
                 split_phases(&plane[y as usize * g.w..][..g.w], phases, pl, wide);
             }
-            for q in 0..4 {
-                let x = std::array::from_fn(|k| &inp[(k * 4 + q) * pl..][..pl]);
-                for i in 0..6 {
-                    bt4_row(i, x, &mut comb[(i * 4 + q) * pl..][..pl]);
-                }
+            // Down the columns, all four phases of a row at once (they lie side by side): rows of
+            // 4 (ntx + 1) values, where rows of ntx + 1 (5 and 9 at 16x16 and 32x32) were
+            // shorter than a register.
+            let x = std::array::from_fn(|k| &inp[k * 4 * pl..][..4 * pl]);
+            for i in 0..6 {
+                bt4_row(i, x, &mut comb[i * 4 * pl..][..4 * pl]);
             }
             for i in 0..6 {
                 let ph = |q: usize, shift: usize| &comb[(i * 4 + q) * pl + shift..][..ntx];
@@ -1797,6 +1801,43 @@ mod tests {
                 "b{} {}->{} {}x{}: f32 products min {:.1} / median {:.1} ms, bf16 products {:.1} / {:.1} ms",
                 g.b, g.ci, g.co, g.h, g.w, f32_products.0, f32_products.1, bf16_products.0,
                 bf16_products.1
+            );
+        }
+    }
+
+    /// The F(4x4) input transform alone on the UNet's bf16 layers (batch 2, one band), min and
+    /// median of 30 calls (`cargo test --release --lib input_transform_speed -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore = "a benchmark, not a test"]
+    fn input_transform_speed() {
+        use crate::kernels::convert::to_bf16;
+        for g in [
+            geom(2, 320, 64, 64, 320),
+            geom(2, 640, 32, 32, 640),
+            geom(2, 1280, 16, 16, 1280),
+        ] {
+            let plan = Plan {
+                t: &F4,
+                g: &g,
+                ntx: g.w.div_ceil(4),
+                nty: g.h.div_ceil(4),
+            };
+            let x = to_bf16(&values(g.b * g.ci * g.h * g.w, 0.2));
+            let rows = 0..g.b * plan.nty;
+            let mut v = Vec::new();
+            let mut times: Vec<f64> = (0..31)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    transform_input(plan, &x, &rows, &mut v);
+                    start.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            println!(
+                "b{} {} channels {}x{}: input transform min {:.2} / median {:.2} ms",
+                g.b, g.ci, g.h, g.w, times[0], times[15]
             );
         }
     }
