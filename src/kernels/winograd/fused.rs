@@ -341,11 +341,7 @@ unsafe fn pair_position(rows: &[f32], ci: usize, nt: usize, dst: &mut [u32]) {
     for (c, dst) in dst.chunks_exact_mut(nt).take(ci.div_ceil(2)).enumerate() {
         let has_odd = 2 * c + 1 < ci;
         for t0 in (0..nt).step_by(16) {
-            let mask: __mmask16 = if nt - t0 >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (nt - t0)) - 1
-            };
+            let mask = lanes(nt - t0);
             // SAFETY: rows 2c and 2c + 1 (< ci) of nt values, tiles t0.. masked to nt.
             unsafe {
                 let even = _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(2 * c * nt + t0));
@@ -452,17 +448,9 @@ unsafe fn products_bf16<X>(ub: &[u32], c: &Chunk<X>, vb: &[u32], nt: usize, m: &
             )
         };
         for t0 in (0..nt).step_by(16) {
-            let mask: __mmask16 = if nt - t0 >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (nt - t0)) - 1
-            };
-            let mut acc = [_mm512_setzero_ps(); PANEL];
-            if c.c0 > 0 {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = unsafe { _mm512_maskz_loadu_ps(mask, mp.add(j * nt + t0)) };
-                }
-            }
+            let mask = lanes(nt - t0);
+            // SAFETY: M's rows p * 16 + j, tiles t0.. masked to nt (above).
+            let mut acc = unsafe { sums_so_far(mp, nt, t0, mask, c.c0 > 0) };
             for i in 0..half {
                 let words = unsafe { _mm512_maskz_loadu_epi32(mask, vp.add(i * nt + t0).cast()) };
                 let x: __m512bh = unsafe { std::mem::transmute::<__m512i, __m512bh>(words) };
@@ -473,9 +461,8 @@ unsafe fn products_bf16<X>(ub: &[u32], c: &Chunk<X>, vb: &[u32], nt: usize, m: &
                     *a = _mm512_dpbf16_ps(*a, w, x);
                 }
             }
-            for (j, a) in acc.iter().enumerate() {
-                unsafe { _mm512_mask_storeu_ps(mp.add(j * nt + t0), mask, *a) };
-            }
+            // SAFETY: as `sums_so_far`.
+            unsafe { store_sums(mp, nt, t0, mask, &acc) };
         }
     }
 }
@@ -561,6 +548,53 @@ unsafe fn gather_kernels<X: Value>(c: &Chunk<X>, k: &mut [f32]) {
     }
 }
 
+/// The first `min(n, 16)` lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// A panel's 16 output channels' sums over tiles t0.. (`mask`) of M (rows `nt` apart from `mp`):
+/// those of the chunks before (`earlier`), else zero.
+///
+/// # Safety
+/// The CPU has AVX-512F; `mp` points at 16 rows of `nt` values, t0 + the mask's lanes <= nt.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sums_so_far(
+    mp: *const f32,
+    nt: usize,
+    t0: usize,
+    mask: __mmask16,
+    earlier: bool,
+) -> [__m512; PANEL] {
+    let mut acc = [_mm512_setzero_ps(); PANEL];
+    if earlier {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the caller's promise.
+            *a = unsafe { _mm512_maskz_loadu_ps(mask, mp.add(j * nt + t0)) };
+        }
+    }
+    acc
+}
+
+/// Stores [`sums_so_far`]'s sums back.
+///
+/// # Safety
+/// As [`sums_so_far`], with `mp` writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_sums(mp: *mut f32, nt: usize, t0: usize, mask: __mmask16, acc: &[__m512; PANEL]) {
+    for (j, a) in acc.iter().enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { _mm512_mask_storeu_ps(mp.add(j * nt + t0), mask, *a) };
+    }
+}
+
 /// The six rows of `G` applied to (x0, x1, x2) ([`g4_row`]).
 #[inline(always)]
 fn g4_rows(x0: f32, x1: f32, x2: f32) -> [f32; 6] {
@@ -615,17 +649,9 @@ unsafe fn products<X, const P: usize>(
             )
         };
         for t0 in (0..nt).step_by(16) {
-            let mask: __mmask16 = if nt - t0 >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (nt - t0)) - 1
-            };
-            let mut acc = [_mm512_setzero_ps(); PANEL];
-            if c.c0 > 0 {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = unsafe { _mm512_maskz_loadu_ps(mask, mp.add(j * nt + t0)) };
-                }
-            }
+            let mask = lanes(nt - t0);
+            // SAFETY: M's rows p * 16 + j, tiles t0.. masked to nt (above).
+            let mut acc = unsafe { sums_so_far(mp, nt, t0, mask, c.c0 > 0) };
             for i in 0..c.len {
                 let x = unsafe { _mm512_maskz_loadu_ps(mask, vp.add(i * nt + t0)) };
                 let ui = unsafe { up.add(i * PANEL) };
@@ -633,9 +659,8 @@ unsafe fn products<X, const P: usize>(
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *ui.add(j) }), x, *a);
                 }
             }
-            for (j, a) in acc.iter().enumerate() {
-                unsafe { _mm512_mask_storeu_ps(mp.add(j * nt + t0), mask, *a) };
-            }
+            // SAFETY: as `sums_so_far`.
+            unsafe { store_sums(mp, nt, t0, mask, &acc) };
         }
     }
 }
