@@ -90,7 +90,12 @@ pub fn describe_cpu_kernels() -> String {
             match winograd::fused_tiles() {
                 Some((f4, f2)) => format!(
                     "; weight transforms fused into the products up to {f4} tiles (F(4x4)) and \
-                     {f2} (F(2x2))"
+                     {f2} (F(2x2)){}",
+                    if winograd::fused_bf16_products() {
+                        ", bf16 layers' products there in bf16 (vdpbf16ps)"
+                    } else {
+                        ""
+                    }
                 ),
                 None => String::new(),
             }

@@ -213,6 +213,13 @@ pub(super) fn run<X: Value>(
 /// V's pairs, kept between calls (a fresh buffer per call was pages to fault in each time).
 static PAIRS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
+/// Frees V's pairs kept between calls ([`super::release_scratch`]).
+pub(super) fn release_scratch() {
+    if let Ok(mut kept) = PAIRS.lock() {
+        *kept = Vec::new();
+    }
+}
+
 thread_local! {
     static BUFFERS: std::cell::RefCell<Buffers> = const {
         std::cell::RefCell::new(Buffers {
