@@ -16,7 +16,7 @@
 //!   broadcast to all lanes, read where they lie when A's rows are contiguous and k is even (else
 //!   from panels of [`MR`] rows packed the same way), so one instruction does 16 columns x 2 k for
 //!   one row; an 8 x 32 tile of C stays in 16 registers for a whole k block (a last panel of at
-//!   most 8 columns in 256-bit registers, `tile8`: m9's attention at width 40 ends in one, which
+//!   most 8 columns in 256-bit registers, `W256`: m9's attention at width 40 ends in one, which
 //!   `perf` put at 3.2 % of a bf16 m9 step; `attention_speed` min 172 -> 168 ms, on a noisy
 //!   Zen 4). The threads split the columns (or, for a narrow product, the rows) in whole tiles.
 //!   A B packed beforehand takes up
@@ -975,8 +975,8 @@ mod avx512 {
         }
     }
 
-    /// [`tile`] as wide as `cols` needs (one register of 16 columns or two), or [`tile8`] for at
-    /// most 8.
+    /// [`tile`] as wide as `cols` needs: one 256-bit register (at most 8 columns), one 512-bit
+    /// register (16) or two.
     ///
     /// # Safety
     /// As [`tile`].
@@ -989,12 +989,12 @@ mod avx512 {
         rows: usize,
         cols: usize,
     ) {
-        if cols <= NR / 4 {
-            tile8(kc, arows, astep, bp, store, rows, cols);
-        } else if cols <= NR / 2 {
-            tile::<1>(kc, arows, astep, bp, store, rows, cols);
+        if cols <= W256::LANES {
+            tile::<W256, 1>(kc, arows, astep, bp, store, rows, cols);
+        } else if cols <= W512::LANES {
+            tile::<W512, 1>(kc, arows, astep, bp, store, rows, cols);
         } else {
-            tile::<2>(kc, arows, astep, bp, store, rows, cols);
+            tile::<W512, 2>(kc, arows, astep, bp, store, rows, cols);
         }
     }
 
@@ -1041,18 +1041,108 @@ mod avx512 {
         _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
     }
 
-    /// One MR x (16 H) tile of C over `kc` k-pairs (H = 2: a whole panel; H = 1: its first 16
-    /// columns, for a last panel that has no more): `rows` x `cols` of it are real (the rest is
-    /// zero padding); each result is the sum plus its `base`, stored to `dst`.
+    /// The registers a tile's k loop runs in: 512 bits (16 columns each) or 256 bits (8).
+    ///
+    /// # Safety
+    /// Each method needs AVX512-BF16 (with AVX-512BW and VL); `load` reads `LANES` words.
+    pub(super) trait Width {
+        /// Columns per register.
+        const LANES: usize;
+        /// A register of f32 sums.
+        type Sums: Copy;
+        /// A register of bf16 pairs.
+        type Pairs: Copy;
+        unsafe fn zero() -> Self::Sums;
+        unsafe fn load(p: *const u32) -> Self::Pairs;
+        unsafe fn splat(word: u32) -> Self::Pairs;
+        unsafe fn dot(sums: Self::Sums, a: Self::Pairs, b: Self::Pairs) -> Self::Sums;
+        /// The sums as 16 lanes (the upper ones zero where there are 8), for [`store`].
+        unsafe fn wide(sums: Self::Sums) -> __m512;
+    }
+
+    /// 16 columns per register.
+    pub(super) struct W512;
+    /// 8 columns per register: for a last panel of at most 8 columns (m9's attention at width
+    /// 40 ends in one). On cores that split 512-bit operations in two (Zen 4) the 256-bit
+    /// `vdpbf16ps` costs half as much, and the 16-lane tile did twice the work needed there.
+    pub(super) struct W256;
+
+    impl Width for W512 {
+        const LANES: usize = 16;
+        type Sums = __m512;
+        type Pairs = __m512bh;
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn load(p: *const u32) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast()))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn splat(word: u32) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word as i32))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn dot(sums: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+            _mm512_dpbf16_ps(sums, a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn wide(sums: __m512) -> __m512 {
+            sums
+        }
+    }
+
+    impl Width for W256 {
+        const LANES: usize = 8;
+        type Sums = __m256;
+        type Pairs = __m256bh;
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn load(p: *const u32) -> __m256bh {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn splat(word: u32) -> __m256bh {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_set1_epi32(word as i32))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn dot(sums: __m256, a: __m256bh, b: __m256bh) -> __m256 {
+            _mm256_dpbf16_ps(sums, a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+        unsafe fn wide(sums: __m256) -> __m512 {
+            _mm512_zextps256_ps512(sums)
+        }
+    }
+
+    /// One MR x (H registers of `W::LANES` columns) tile of C over `kc` k-pairs (512 bits, H =
+    /// 2: a whole panel; H = 1: its first 16 columns, for a last panel that has no more; 256
+    /// bits, H = 1: its first 8): `rows` x `cols` of it are real (the rest is zero padding);
+    /// each result is the sum plus its `base`, stored to `dst`. The products and sums of a
+    /// column are the same, in the same order, at either width.
     ///
     /// # Safety
     /// Each `arows[r]` points at kc k-pair words `astep` words apart (possibly unaligned), `bp` at
-    /// kc x NR words; the base and the destination hold `rows` rows of `cols <= 16 H` values (a
-    /// `Row` base: `cols`) with their row strides; the CPU has AVX512-BF16 (with AVX-512BW and
-    /// VL).
+    /// kc x NR words; the base and the destination hold `rows` rows of `cols <= W::LANES H`
+    /// values (a `Row` base: `cols`) with their row strides; the CPU has AVX512-BF16 (with
+    /// AVX-512BW and VL).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn tile<const H: usize>(
+    unsafe fn tile<W: Width, const H: usize>(
         kc: usize,
         arows: &[*const u32; MR],
         astep: usize,
@@ -1061,61 +1151,18 @@ mod avx512 {
         rows: usize,
         cols: usize,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); H]; MR];
+        debug_assert!(cols <= W::LANES * H && 16 * H <= NR);
+        let mut acc = [[W::zero(); H]; MR];
         for p in 0..kc {
-            let zero: __m512bh = std::mem::transmute(_mm512_setzero_ps());
-            let mut b = [zero; H];
-            for (h, b) in b.iter_mut().enumerate() {
-                let words = _mm512_loadu_si512(bp.add(p * NR + 16 * h).cast());
-                *b = std::mem::transmute::<__m512i, __m512bh>(words);
-            }
+            let b: [W::Pairs; H] = std::array::from_fn(|h| W::load(bp.add(p * NR + W::LANES * h)));
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let word = arows[r].add(p * astep).read_unaligned();
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
+                let av = W::splat(arows[r].add(p * astep).read_unaligned());
                 for (acc, b) in acc_r.iter_mut().zip(&b) {
-                    *acc = _mm512_dpbf16_ps(*acc, av, *b);
+                    *acc = W::dot(*acc, av, *b);
                 }
             }
         }
-        store::<H>(acc, (base, dst), rows, cols);
-    }
-
-    /// [`tile`] for a last panel of at most 8 columns, in 256-bit registers: the attention's
-    /// product with `v` at width 40 (m9's 64x64 level) ends in such a panel, and its 16-lane
-    /// tile did twice the work needed there. On cores that split 512-bit operations in two (Zen
-    /// 4) the 256-bit `vdpbf16ps` costs half as much. The same products and sums in the same
-    /// order as [`tile`]'s first 8 lanes.
-    ///
-    /// # Safety
-    /// As [`tile`], with `cols <= 8`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn tile8(
-        kc: usize,
-        arows: &[*const u32; MR],
-        astep: usize,
-        bp: *const u32,
-        (base, dst): (Base, Dst),
-        rows: usize,
-        cols: usize,
-    ) {
-        debug_assert!(cols <= 8);
-        let mut acc = [_mm256_setzero_ps(); MR];
-        for p in 0..kc {
-            let words = _mm256_loadu_si256(bp.add(p * NR).cast());
-            let b = std::mem::transmute::<__m256i, __m256bh>(words);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let word = arows[r].add(p * astep).read_unaligned();
-                let av: __m256bh = std::mem::transmute(_mm256_set1_epi32(word as i32));
-                *acc = _mm256_dpbf16_ps(*acc, av, b);
-            }
-        }
-        store::<1>(
-            acc.map(|a| [_mm512_zextps256_ps512(a)]),
-            (base, dst),
-            rows,
-            cols,
-        );
+        store::<H>(acc.map(|r| r.map(|s| W::wide(s))), (base, dst), rows, cols);
     }
 
     /// Stores a tile's sums `acc` (see [`tile`]): kept out of line, so that the k loop keeps
@@ -1344,7 +1391,7 @@ mod tests {
         }
     }
 
-    // Last panels of every width class: 1-8 columns (`tile8`), 9-16 (one register), 17-32.
+    // Last panels of every width class: 1-8 columns (256-bit registers, `W256`), 9-16 (one register), 17-32.
     const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (3, 5, 7),
