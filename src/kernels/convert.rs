@@ -48,6 +48,12 @@ pub(crate) trait Value: Copy + Default + Send + Sync {
         }
         buf
     }
+    /// 16 values from `p`, widened to f32 (AVX-512 kernels' loads).
+    ///
+    /// # Safety
+    /// `p` points at 16 readable values (possibly unaligned); the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Value for f32 {
@@ -63,6 +69,13 @@ impl Value for f32 {
     fn put(v: f32) -> f32 {
         v
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's promise.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
 }
 
 impl Value for bf16 {
@@ -74,6 +87,18 @@ impl Value for bf16 {
     #[inline(always)]
     fn put(v: f32) -> bf16 {
         round(v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise: 16 bf16 are 256 bits; each widened by its place in the
+        // high half of an f32, as `get` does.
+        unsafe {
+            let bits = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+        }
     }
 }
 

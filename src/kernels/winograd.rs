@@ -908,6 +908,10 @@ impl<X: Value> InputTask<'_, X> {
         let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
         let ci = self.ci;
         let pl = ntx + 1;
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = fused::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
         scratch.clear();
         scratch.resize(48 * pl + g.w, 0.0);
         // inp[(k * 4 + q) * pl + s]: input row k, padded column 4 s + q; comb: (B^T d) likewise.
@@ -923,7 +927,12 @@ impl<X: Value> InputTask<'_, X> {
                 if y < 0 || y >= g.h as isize {
                     continue;
                 }
-                split_phases(&plane[y as usize * g.w..][..g.w], phases, pl, wide);
+                split_phases(
+                    &plane[y as usize * g.w..][..g.w],
+                    phases,
+                    (pl, avx512),
+                    wide,
+                );
             }
             // Down the columns, all four phases of a row at once (they lie side by side): rows of
             // 4 (ntx + 1) values, where rows of ntx + 1 (5 and 9 at 16x16 and 32x32) were
@@ -953,16 +962,24 @@ impl<X: Value> InputTask<'_, X> {
 
 /// Input row `src` split into the four column phases of its padded columns (F(4x4)'s input
 /// transform): `phases[q * pl + s]` = padded column 4 s + q, where padded column x + 1 is
-/// `src[x]` (the other places are left as they are: the zero padding).
+/// `src[x]` (the other places are left as they are: the zero padding). `avx512`: the caller's
+/// [`fused::available`], asked once per task rather than once per row.
 #[inline(always)]
-fn split_phases<X: Value>(src: &[X], phases: &mut [f32], pl: usize, wide: &mut [f32]) {
+fn split_phases<X: Value>(
+    src: &[X],
+    phases: &mut [f32],
+    (pl, avx512): (usize, bool),
+    wide: &mut [f32],
+) {
     assert!(
         phases.len() >= 4 * pl && pl > src.len() / 4,
         "winograd: phase rows"
     );
     let mut done = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
     #[cfg(target_arch = "x86_64")]
-    if fused::available() {
+    if avx512 {
         // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
         done = unsafe { split_phases_avx512(src, phases, pl) };
     }
@@ -994,14 +1011,7 @@ unsafe fn split_phases_avx512<X: Value>(src: &[X], phases: &mut [f32], pl: usize
         // SAFETY: values 16 t .. 16 t + 16 of `src`; phase rows q at 4 t .. 4 t + 5 <= src.len()
         // / 4 + 1 <= pl (the caller's promise).
         unsafe {
-            let at = src.as_ptr().add(16 * t);
-            let v = if X::BF16 {
-                let bits = _mm256_loadu_si256(at.cast());
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
-            } else {
-                _mm512_loadu_ps(at.cast())
-            };
-            let v = _mm512_permutexvar_ps(idx, v);
+            let v = _mm512_permutexvar_ps(idx, X::load16(src.as_ptr().add(16 * t)));
             _mm_storeu_ps(out.add(pl + 4 * t), _mm512_extractf32x4_ps::<0>(v));
             _mm_storeu_ps(out.add(2 * pl + 4 * t), _mm512_extractf32x4_ps::<1>(v));
             _mm_storeu_ps(out.add(3 * pl + 4 * t), _mm512_extractf32x4_ps::<2>(v));
