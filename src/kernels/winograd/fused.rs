@@ -493,6 +493,8 @@ unsafe fn gather_kernels<X: Value>(c: &Chunk<X>, k: &mut [f32]) {
         first + (c.nco - 1) * c.ci_total * 9 + n <= c.w.len(),
         "fused: weights"
     );
+    // The gathers below read `w` as 32-bit words: bf16 pairs or f32 values.
+    const { assert!(std::mem::size_of::<X>() == if X::BF16 { 2 } else { 4 }) };
     let base = c.w[first..].as_ptr();
     let stride = (c.ci_total * 9) as i32;
     let rows = _mm512_mullo_epi32(
