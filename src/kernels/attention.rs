@@ -156,8 +156,8 @@ trait Element: Copy + Send + Sync + 'static {
         acc: &mut [f32],
         scratch: &mut Self::Scratch,
     );
-    /// One row of the result.
-    fn store(acc: &[f32], out: &mut [Self]);
+    /// One row of the result, into its place in the not yet written output.
+    fn store(acc: &[f32], out: &mut [std::mem::MaybeUninit<Self>]);
     fn storage(out: Vec<Self>) -> CpuStorage;
 }
 
@@ -249,8 +249,11 @@ impl Element for f32 {
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }
-    fn store(acc: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(acc);
+    fn store(acc: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+        assert_eq!(acc.len(), out.len(), "attention: row lengths differ");
+        for (o, &a) in out.iter_mut().zip(acc) {
+            o.write(a);
+        }
     }
     fn storage(out: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(out)
@@ -528,8 +531,8 @@ impl Element for bf16 {
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }
-    fn store(acc: &[f32], out: &mut [bf16]) {
-        super::convert::round_into(acc, out);
+    fn store(acc: &[f32], out: &mut [std::mem::MaybeUninit<bf16>]) {
+        super::convert::round_into_uninit(acc, out);
     }
     fn storage(out: Vec<bf16>) -> CpuStorage {
         CpuStorage::BF16(out)
@@ -580,7 +583,6 @@ impl FusedAttention {
                 side_by_side,
             },
         );
-        let mut out = vec![T::default(); lead * n * width];
         let packed: Vec<T::Head<'_>> = (0..count)
             .into_par_iter()
             .map(|h| {
@@ -591,30 +593,36 @@ impl FusedAttention {
         let tasks: Vec<(usize, usize)> = (0..count)
             .flat_map(|h| (0..n).step_by(T::ROWS).map(move |r| (h, r)))
             .collect();
-        let dst = super::SendPtr(out.as_mut_ptr());
         let scale = self.scale;
-        tasks.into_par_iter().for_each_init(
-            || (Vec::<f32>::new(), Vec::<f32>::new(), T::Scratch::default()),
-            |(scores, acc, scratch), (h, r0)| {
-                let rows = T::ROWS.min(n - r0);
-                let qrows = (qh.rows_of(q, h, r0, rows), qh.rs());
-                let head = &packed[h];
-                scores.resize(rows * m, 0.0);
-                T::scores((rows, m, d), qrows, head, scores);
-                T::probabilities(scores, m, scale, scratch);
-                acc.resize(rows * d, 0.0);
-                T::weighted((rows, d, m), scores, head, acc, scratch);
-                for (r, acc) in acc.chunks_exact(d.max(1)).enumerate().take(rows) {
-                    // SAFETY: row r0 + r of head h (d values from its start) is this task's
-                    // alone, inside `out` (laid out as q).
-                    let o = unsafe {
-                        let at = qh.start(h) + (r0 + r) * qh.rs();
-                        std::slice::from_raw_parts_mut(dst.get().add(at), d)
-                    };
-                    T::store(acc, o);
-                }
-            },
-        );
+        let run = |out: &mut [std::mem::MaybeUninit<T>]| {
+            let dst = super::SendPtr(out.as_mut_ptr());
+            tasks.into_par_iter().for_each_init(
+                || (Vec::<f32>::new(), Vec::<f32>::new(), T::Scratch::default()),
+                |(scores, acc, scratch), (h, r0)| {
+                    let rows = T::ROWS.min(n - r0);
+                    let qrows = (qh.rows_of(q, h, r0, rows), qh.rs());
+                    let head = &packed[h];
+                    scores.resize(rows * m, 0.0);
+                    T::scores((rows, m, d), qrows, head, scores);
+                    T::probabilities(scores, m, scale, scratch);
+                    acc.resize(rows * d, 0.0);
+                    T::weighted((rows, d, m), scores, head, acc, scratch);
+                    for (r, acc) in acc.chunks_exact(d.max(1)).enumerate().take(rows) {
+                        // SAFETY: row r0 + r of head h (d values from its start) is this task's
+                        // alone, inside `out` (laid out as q).
+                        let o = unsafe {
+                            let at = qh.start(h) + (r0 + r) * qh.rs();
+                            std::slice::from_raw_parts_mut(dst.get().add(at), d)
+                        };
+                        T::store(acc, o);
+                    }
+                },
+            );
+        };
+        // SAFETY: the tasks store every row of every head (count heads x n rows x d values, laid
+        // out as q: lead x n x width in all), so `run` writes each element; zeroing it first
+        // was single-threaded time with the other thread idle.
+        let out = unsafe { super::convert::filled(lead * n * width, run) };
         Ok((T::storage(out), l1.shape().clone()))
     }
 }

@@ -679,9 +679,12 @@ fn transform_input<X: Value>(plan: Plan, x: &[X], rows: &std::ops::Range<usize>,
 }
 
 /// `buf`'s first `n` elements, growing it (with zeros) when it is shorter: the callers write every
-/// element they read, so old values are never seen.
+/// element they read, so old values are never seen, and a grown buffer is emptied first so that
+/// they are not copied either (that copy was 10 % of the single-threaded time in a bf16 m18
+/// step's profile, the other thread idle meanwhile).
 fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if buf.len() < n {
+        buf.clear();
         buf.resize(n, 0.0);
     }
     &mut buf[..n]
