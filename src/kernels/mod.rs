@@ -84,7 +84,7 @@ pub fn describe_cpu_kernels() -> String {
             if amx {
                 winograd::MIN_TILES_F4
             } else {
-                winograd::MIN_TILES_BF16_F4
+                winograd::min_tiles_bf16_f4()
             },
             if amx { " (VAE)" } else { "" },
             match winograd::fused_tiles() {

@@ -45,8 +45,9 @@
 //! and residual added and one rounding per output (`conv_bf16`: the same bits as the f32 kernel on
 //! those values, rounded). Its 4x fewer products in f32 beat the im2col kernel's bf16 products,
 //! which run at twice the f32 rate: on the VAE decoder's layers by 6-17 % with the table-driven
-//! transforms, and with the written-out ones on the UNet's too, from 32 tiles (`choose_bf16`),
-//! where the f32 UNet cannot use F(4x4) (its parity). The bf16 result is rounded once from f32
+//! transforms, and with the written-out ones on the UNet's too, from 32 tiles (`choose_bf16`;
+//! from 16, the 16x16 level without guidance, where the fused path multiplies in bf16), where the
+//! f32 UNet cannot use F(4x4) (its parity). The bf16 result is rounded once from f32
 //! sums, so it is no further from f32 than the bf16 products'. F(2x2) in f32 gains nothing over
 //! bf16 products (2.25x fewer at half the rate). Tried and not kept: the transformed weights and
 //! input rounded to bf16 for the bf16 kernel, which was slower and less precise on Zen 5 (m18
@@ -372,19 +373,32 @@ struct Plan<'a> {
 pub(crate) fn choose_bf16(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
     static KERNEL: std::sync::OnceLock<super::gemm_bf16::Bf16Kernel> = std::sync::OnceLock::new();
     let kernel = *KERNEL.get_or_init(super::gemm_bf16::Bf16Kernel::detect);
-    choose_bf16_for(g, mode, kernel)
+    choose_bf16_for(g, mode, kernel, min_tiles_bf16_f4())
 }
 
+/// [`choose_bf16`] for this bf16 kernel, with F(4x4) from `min_f4` tiles.
 fn choose_bf16_for(
     g: &Geometry,
     mode: Mode,
     kernel: super::gemm_bf16::Bf16Kernel,
+    min_f4: usize,
 ) -> Option<&'static Tiling> {
     use super::gemm_bf16::Bf16Kernel;
     match mode {
         Mode::Auto if kernel == Bf16Kernel::Amx => choose(g, mode).filter(|t| t.m == 4),
-        Mode::Auto => choose(g, Mode::F4).filter(|_| tiles(g, 4) >= MIN_TILES_BF16_F4),
+        Mode::Auto => choose(g, Mode::F4).filter(|_| tiles(g, 4) >= min_f4),
         _ => choose(g, mode),
+    }
+}
+
+/// The fewest 4x4 tiles for which bf16's `auto` picks F(4x4) on this CPU (without AMX):
+/// [`MIN_TILES_BF16_F4_PAIRED`] where the fused path multiplies bf16 layers in bf16, else
+/// [`MIN_TILES_BF16_F4`].
+pub(crate) fn min_tiles_bf16_f4() -> usize {
+    if fused_bf16_products() {
+        MIN_TILES_BF16_F4_PAIRED
+    } else {
+        MIN_TILES_BF16_F4
     }
 }
 
@@ -397,6 +411,13 @@ fn choose_bf16_for(
 /// F(4x4) from 32 tiles, so the figures first given here compared F(4x4) with itself there; the
 /// 4 % the switch gained in whole runs of the bf16 UNet was measured on its own.)
 pub(crate) const MIN_TILES_BF16_F4: usize = 32;
+
+/// [`MIN_TILES_BF16_F4`] where the fused path's products are bf16 (`vdpbf16ps`): the UNet's
+/// 16x16 level without guidance (batch 1, 16 tiles) then takes F(4x4) too. `winograd_speed`,
+/// 2-vCPU Zen 4, 2026-12-07: 1280 channels at 16x16, batch 1, bf16 im2col 20.6 ms, F(4x4) with
+/// bf16 products 15.1 ms. Below 16 tiles (the 8x8 level) the transforms' share grows; not
+/// measured there, so not taken.
+pub(crate) const MIN_TILES_BF16_F4_PAIRED: usize = 16;
 
 /// Where the output transform puts each output row.
 #[derive(Clone, Copy)]
@@ -1710,12 +1731,25 @@ mod tests {
         };
         let unet16_b1 = Geometry { b: 1, ..unet16 };
         for kernel in [Amx, Avx512Bf16, Portable] {
-            let pick = |g: &Geometry, mode| choose_bf16_for(g, mode, kernel).map(|t| t.m);
+            let pick = |g: &Geometry, mode| {
+                choose_bf16_for(g, mode, kernel, MIN_TILES_BF16_F4).map(|t| t.m)
+            };
             assert_eq!(pick(&vae, Mode::Auto), Some(4));
             let unet = if kernel == Amx { None } else { Some(4) };
             assert_eq!(pick(&only_f2, Mode::Auto), unet, "{kernel:?}");
             assert_eq!(pick(&unet16, Mode::Auto), unet, "{kernel:?}");
             assert_eq!(pick(&unet16_b1, Mode::Auto), None, "{kernel:?}");
+            // Where the fused path's products are bf16, from 16 tiles: batch 1 at 16x16 too, not
+            // the 8x8 level.
+            let paired = |g: &Geometry| {
+                choose_bf16_for(g, Mode::Auto, kernel, MIN_TILES_BF16_F4_PAIRED).map(|t| t.m)
+            };
+            assert_eq!(paired(&unet16_b1), unet, "{kernel:?}");
+            let unet8 = Geometry {
+                winograd: Largest::F2,
+                ..geom(2, 1280, 8, 8, 1280)
+            };
+            assert_eq!(paired(&unet8), None, "{kernel:?}");
             assert_eq!(pick(&geom(2, 320, 64, 64, 320), Mode::Im2col), None);
             assert_eq!(pick(&only_f2, Mode::F2), Some(2));
             assert_eq!(pick(&strided, Mode::Auto), None);
