@@ -1391,7 +1391,8 @@ mod tests {
         }
     }
 
-    // Last panels of every width class: 1-8 columns (256-bit registers, `W256`), 9-16 (one register), 17-32.
+    // Last panels of every width class: 1-8 columns (256-bit registers, `W256`), 9-16 (one
+    // register), 17-32.
     const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (3, 5, 7),
