@@ -858,8 +858,11 @@ mod tests {
     #[test]
     fn bf16_convolution_matches_f32_of_the_same_values() {
         let dev = Device::Cpu;
+        // The 3x3 layer has 8 4x4 tiles, under `MIN_TILES_BF16_F4_PAIRED` (16): from there, with
+        // AVX512-BF16, `auto` takes F(4x4) with bf16 products, which round the transformed values
+        // (more than the one rounding checked here: `fused_matches_the_blocked_path` bounds them).
         for (ci, co, k, pad, stride, hw) in
-            [(8, 6, 3, 1, 1, 9), (5, 7, 1, 0, 1, 6), (4, 3, 3, 1, 2, 11)]
+            [(8, 6, 3, 1, 1, 7), (5, 7, 1, 0, 1, 6), (4, 3, 3, 1, 2, 11)]
         {
             let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
