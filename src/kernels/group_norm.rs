@@ -244,9 +244,9 @@ fn offset_sum<T: Value>(xs: &[T], spatial: usize, offsets: &[f32], f: impl Fn(f3
     acc.iter().sum::<f64>() + tail
 }
 
-/// The mean and variance of `xs`, accumulated in f64 over eight lanes.
+/// The mean and variance of `xs`, accumulated in f64 over eight lanes (LayerNorm's too).
 #[inline(always)]
-fn moments<T: Value>(xs: &[T]) -> (f64, f64) {
+pub(super) fn moments<T: Value>(xs: &[T]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mut acc = [0f64; 8];
     let chunks = xs.chunks_exact(8);

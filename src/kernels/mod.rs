@@ -34,6 +34,7 @@ pub mod convert;
 pub mod geglu;
 pub mod gemm_bf16;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod linear;
 pub mod softmax;
 pub mod tokens;

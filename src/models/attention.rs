@@ -7,10 +7,10 @@
 //! sums its bf16 products in f32 in [`crate::kernels::attention`], as PyTorch does.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::kernels::layer_norm::{layer_norm, LayerNorm};
 use crate::kernels::linear::{linear, linear_no_bias, Linear};
-
 use crate::kernels::tokens::tokens_to_map_add;
 use crate::kernels::GroupNorm;
 

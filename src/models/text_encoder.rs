@@ -7,8 +7,9 @@
 //! cumsum(mask)` for real tokens and `padding_idx` for pads, an additive attention mask, exact-erf GELU.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
+use crate::kernels::layer_norm::{layer_norm, LayerNorm};
 use crate::kernels::linear::{linear, Linear};
 
 use crate::config::TextEncoderConfig;
