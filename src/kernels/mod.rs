@@ -85,9 +85,18 @@ pub fn describe_cpu_kernels() -> String {
             if amx {
                 winograd::MIN_TILES_F4
             } else {
-                winograd::min_tiles_bf16_f4()
+                winograd::MIN_TILES_BF16_F4
             },
-            if amx { " (VAE)" } else { "" },
+            if amx {
+                " (VAE)".to_string()
+            } else if winograd::fused_bf16_products() {
+                format!(
+                    " ({} where the fused path takes the layer)",
+                    winograd::MIN_TILES_BF16_F4_PAIRED
+                )
+            } else {
+                String::new()
+            },
             match winograd::fused_tiles() {
                 Some((f4, f2)) => format!(
                     "; weight transforms fused into the products up to {f4} tiles (F(4x4)) and \

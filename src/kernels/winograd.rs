@@ -363,6 +363,31 @@ struct Plan<'a> {
     nty: usize,
 }
 
+impl<'a> Plan<'a> {
+    fn new(t: &'a Tiling, g: &'a Geometry) -> Self {
+        Self {
+            t,
+            g,
+            ntx: g.w.div_ceil(t.m),
+            nty: g.h.div_ceil(t.m),
+        }
+    }
+
+    /// Whether the layer is done in one band under `budget` and takes the fused path there (on
+    /// CPUs with AVX-512F): the one rule that both [`run_within`] and bf16's `auto` choice
+    /// ([`choose_bf16_for`]) follow.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn fuses(&self, budget: &Budget) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let rows_total = self.g.b * self.nty;
+            budget.cut(self).band_rows >= rows_total && fused::applies(self, rows_total * self.ntx)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
 /// The bf16 variant for this convolution (`--dtype bf16`), or `None` for the bf16 im2col kernel.
 /// In `auto`: F(4x4) in f32 on the widened values (never F(2x2): see the module documentation)
 /// from `MIN_TILES_BF16_F4` 4x4 tiles, in the UNet too, where the bf16 products run at most twice
@@ -373,32 +398,26 @@ struct Plan<'a> {
 pub(crate) fn choose_bf16(g: &Geometry, mode: Mode) -> Option<&'static Tiling> {
     static KERNEL: std::sync::OnceLock<super::gemm_bf16::Bf16Kernel> = std::sync::OnceLock::new();
     let kernel = *KERNEL.get_or_init(super::gemm_bf16::Bf16Kernel::detect);
-    choose_bf16_for(g, mode, kernel, min_tiles_bf16_f4())
+    choose_bf16_for(g, mode, kernel, fused_bf16_products())
 }
 
-/// [`choose_bf16`] for this bf16 kernel, with F(4x4) from `min_f4` tiles.
+/// [`choose_bf16`] for this bf16 kernel; `paired`: whether the fused path multiplies bf16 layers
+/// in bf16 (then F(4x4) from [`MIN_TILES_BF16_F4_PAIRED`] tiles for a layer that takes it).
 fn choose_bf16_for(
     g: &Geometry,
     mode: Mode,
     kernel: super::gemm_bf16::Bf16Kernel,
-    min_f4: usize,
+    paired: bool,
 ) -> Option<&'static Tiling> {
     use super::gemm_bf16::Bf16Kernel;
     match mode {
         Mode::Auto if kernel == Bf16Kernel::Amx => choose(g, mode).filter(|t| t.m == 4),
-        Mode::Auto => choose(g, Mode::F4).filter(|_| tiles(g, 4) >= min_f4),
+        Mode::Auto => choose(g, Mode::F4).filter(|t| {
+            let n = tiles(g, 4);
+            n >= MIN_TILES_BF16_F4
+                || (paired && n >= MIN_TILES_BF16_F4_PAIRED && Plan::new(t, g).fuses(&BUDGET))
+        }),
         _ => choose(g, mode),
-    }
-}
-
-/// The fewest 4x4 tiles for which bf16's `auto` picks F(4x4) on this CPU (without AMX):
-/// [`MIN_TILES_BF16_F4_PAIRED`] where the fused path multiplies bf16 layers in bf16, else
-/// [`MIN_TILES_BF16_F4`].
-pub(crate) fn min_tiles_bf16_f4() -> usize {
-    if fused_bf16_products() {
-        MIN_TILES_BF16_F4_PAIRED
-    } else {
-        MIN_TILES_BF16_F4
     }
 }
 
@@ -412,8 +431,9 @@ pub(crate) fn min_tiles_bf16_f4() -> usize {
 /// 4 % the switch gained in whole runs of the bf16 UNet was measured on its own.)
 pub(crate) const MIN_TILES_BF16_F4: usize = 32;
 
-/// [`MIN_TILES_BF16_F4`] where the fused path's products are bf16 (`vdpbf16ps`): the UNet's
-/// 16x16 level without guidance (batch 1, 16 tiles) then takes F(4x4) too. `winograd_speed`,
+/// [`MIN_TILES_BF16_F4`] for a layer that takes the fused path ([`Plan::fuses`]) where its
+/// products are bf16 (`vdpbf16ps`): the UNet's 16x16 level without guidance (batch 1, 16 tiles)
+/// then takes F(4x4) too. `winograd_speed`,
 /// 2-vCPU Zen 4, 2026-12-07: 1280 channels at 16x16, batch 1, bf16 im2col 20.6 ms, F(4x4) with
 /// bf16 products 15.1 ms. Below 16 tiles (the 8x8 level) the transforms' share grows; not
 /// measured there, so not taken.
@@ -591,12 +611,7 @@ fn run_within<X: Value>(
     assert_eq!(x.len(), g.b * g.ci * g.h * g.w, "winograd: input size");
     assert_eq!(w.len(), g.co * g.ci * 9, "winograd: weight size");
     let a = t.a;
-    let plan = Plan {
-        t,
-        g,
-        ntx: g.w.div_ceil(t.m),
-        nty: g.h.div_ceil(t.m),
-    };
+    let plan = Plan::new(t, g);
     let rows_total = g.b * plan.nty;
     let Cut { cob, band_rows } = budget.cut(&plan);
     let bands: Vec<_> = (0..rows_total)
@@ -610,7 +625,7 @@ fn run_within<X: Value>(
     if once {
         transform_input(plan, x, &bands[0], v);
         #[cfg(target_arch = "x86_64")]
-        if fuse != Fusion::Off && fused::applies(&plan, bands[0].len() * plan.ntx) {
+        if fuse != Fusion::Off && plan.fuses(budget) {
             let bf16 = fuse == Fusion::Best && X::BF16 && fused::bf16_available();
             fused::run(plan, w, v, &bands[0], sink, bf16);
             buffers.give_back();
@@ -748,6 +763,8 @@ struct Band<'a> {
     /// Tiles in the band (its columns in V and M).
     nt: usize,
     scratch: &'a mut Vec<f32>,
+    /// Whether the CPU has AVX-512F ([`split_phases`]), asked once per task.
+    avx512: bool,
 }
 
 impl<'a> Band<'a> {
@@ -757,6 +774,10 @@ impl<'a> Band<'a> {
             rows: rows.clone(),
             nt: rows.len() * plan.ntx,
             scratch,
+            #[cfg(target_arch = "x86_64")]
+            avx512: fused::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            avx512: false,
         }
     }
 }
@@ -930,12 +951,8 @@ impl<X: Value> InputTask<'_, X> {
     fn run_f4(self) {
         let Plan { g, ntx, nty, .. } = self.band.plan;
         let (rows, nt, scratch) = (self.band.rows, self.band.nt, self.band.scratch);
-        let ci = self.ci;
+        let (ci, avx512) = (self.ci, self.band.avx512);
         let pl = ntx + 1;
-        #[cfg(target_arch = "x86_64")]
-        let avx512 = fused::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx512 = false;
         scratch.clear();
         scratch.resize(48 * pl + g.w, 0.0);
         // inp[(k * 4 + q) * pl + s]: input row k, padded column 4 s + q; comb: (B^T d) likewise.
@@ -951,12 +968,7 @@ impl<X: Value> InputTask<'_, X> {
                 if y < 0 || y >= g.h as isize {
                     continue;
                 }
-                split_phases(
-                    &plane[y as usize * g.w..][..g.w],
-                    phases,
-                    (pl, avx512),
-                    wide,
-                );
+                split_phases(&plane[y as usize * g.w..][..g.w], phases, pl, avx512, wide);
             }
             // Down the columns, all four phases of a row at once (they lie side by side): rows of
             // 4 (ntx + 1) values, where rows of ntx + 1 (5 and 9 at 16x16 and 32x32) were
@@ -986,27 +998,30 @@ impl<X: Value> InputTask<'_, X> {
 
 /// Input row `src` split into the four column phases of its padded columns (F(4x4)'s input
 /// transform): `phases[q * pl + s]` = padded column 4 s + q, where padded column x + 1 is
-/// `src[x]` (the other places are left as they are: the zero padding). `avx512`: the caller's
-/// [`fused::available`], asked once per task rather than once per row.
+/// `src[x]` (the other places are left as they are: the zero padding). `avx512`: the task's
+/// [`Band::avx512`].
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn split_phases<X: Value>(
     src: &[X],
     phases: &mut [f32],
-    (pl, avx512): (usize, bool),
+    pl: usize,
+    avx512: bool,
     wide: &mut [f32],
 ) {
     assert!(
         phases.len() >= 4 * pl && pl > src.len() / 4,
         "winograd: phase rows"
     );
-    let mut done = 0;
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = avx512;
+    // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
     #[cfg(target_arch = "x86_64")]
-    if avx512 {
-        // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
-        done = unsafe { split_phases_avx512(src, phases, pl) };
-    }
+    let done = if avx512 {
+        unsafe { split_phases_avx512(src, phases, pl) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let src = X::widen(&src[done..], wide);
     for (x, &v) in src.iter().enumerate() {
         let col = done + x + 1;
@@ -1731,25 +1746,27 @@ mod tests {
         };
         let unet16_b1 = Geometry { b: 1, ..unet16 };
         for kernel in [Amx, Avx512Bf16, Portable] {
-            let pick = |g: &Geometry, mode| {
-                choose_bf16_for(g, mode, kernel, MIN_TILES_BF16_F4).map(|t| t.m)
-            };
+            let pick = |g: &Geometry, mode| choose_bf16_for(g, mode, kernel, false).map(|t| t.m);
             assert_eq!(pick(&vae, Mode::Auto), Some(4));
             let unet = if kernel == Amx { None } else { Some(4) };
             assert_eq!(pick(&only_f2, Mode::Auto), unet, "{kernel:?}");
             assert_eq!(pick(&unet16, Mode::Auto), unet, "{kernel:?}");
             assert_eq!(pick(&unet16_b1, Mode::Auto), None, "{kernel:?}");
-            // Where the fused path's products are bf16, from 16 tiles: batch 1 at 16x16 too, not
-            // the 8x8 level.
-            let paired = |g: &Geometry| {
-                choose_bf16_for(g, Mode::Auto, kernel, MIN_TILES_BF16_F4_PAIRED).map(|t| t.m)
-            };
-            assert_eq!(paired(&unet16_b1), unet, "{kernel:?}");
+            // Where the fused path's products are bf16, from 16 tiles for a layer the fused path
+            // takes (AVX-512F): batch 1 at 16x16 too, not the 8x8 level, nor a layer of 16 tiles
+            // too wide for one band (it would run blocked, in f32).
+            let paired = |g: &Geometry| choose_bf16_for(g, Mode::Auto, kernel, true).map(|t| t.m);
+            let fuses = fused_tiles().is_some();
+            assert_eq!(paired(&unet16_b1), unet.filter(|_| fuses), "{kernel:?}");
+            assert_eq!(paired(&unet16), unet, "{kernel:?}");
             let unet8 = Geometry {
                 winograd: Largest::F2,
                 ..geom(2, 1280, 8, 8, 1280)
             };
             assert_eq!(paired(&unet8), None, "{kernel:?}");
+            let wide = geom(1, 12_000, 16, 16, 16);
+            assert!(!Plan::new(&F4, &wide).fuses(&BUDGET));
+            assert_eq!(paired(&wide), None, "{kernel:?}");
             assert_eq!(pick(&geom(2, 320, 64, 64, 320), Mode::Im2col), None);
             assert_eq!(pick(&only_f2, Mode::F2), Some(2));
             assert_eq!(pick(&strided, Mode::Auto), None);
