@@ -172,14 +172,7 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let f = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let f = crate::test_support::flat_f32;
         f(a).iter()
             .zip(f(b))
             .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
