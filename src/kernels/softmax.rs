@@ -210,8 +210,8 @@ const SHORT_BASE: f32 = std::f32::consts::LOG2_E;
 /// polynomial (relative error below 4e-6, far inside a bf16 rounding) for results that are
 /// rounded to bf16. In base 2 the argument is split as `n + f` by one rounding, with no
 /// two-part reduction by ln 2, and the rounding leaves `n + 127`, 2^n's exponent field, in the
-/// low bits of its sum: 12 operations a vector where e^x took 16 (the bf16 softmax was 3-4 % of
-/// a bf16 m18 UNet step on Zen 4).
+/// low bits of its sum: 11 operations a vector with AVX-512's fused multiply-adds, where e^x took
+/// 14 (the bf16 softmax was 3-4 % of a bf16 m18 UNet step on Zen 4).
 #[inline(always)]
 fn exp_neg_to<const SHORT: bool>(x: f32) -> f32 {
     if SHORT {

@@ -1013,9 +1013,9 @@ fn split_phases<X: Value>(
         phases.len() >= 4 * pl && pl > src.len() / 4,
         "winograd: phase rows"
     );
-    // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
     #[cfg(target_arch = "x86_64")]
     let done = if avx512 {
+        // SAFETY: AVX-512F; the phase rows hold the columns of `src` (asserted above).
         unsafe { split_phases_avx512(src, phases, pl) }
     } else {
         0
