@@ -4,12 +4,13 @@
 //! candle-nn's layer-norm op sums each row one value at a time (an f32 sum is a chain the compiler
 //! may not reorder, so it stays scalar), widens and rounds bf16 one value at a time through
 //! `half`'s scalar conversions, and zeroes its output before it writes it: in a bf16 m18 UNet
-//! step's profile (2-vCPU Zen 4) that was 1.4-2.6 % of the step. Here each task is a block of rows:
+//! step's profile (2-vCPU Zen 4) that was 1.4 % of the step. Here each task is a block of rows:
 //! the mean and variance of a row as [`super::group_norm`] takes them (f64 sums over eight lanes,
-//! the variance around the mean, which is also what PyTorch's CPU kernel computes rather than
-//! candle's `E[x^2] - mean^2`), then `(x - mean) * rstd * gamma + beta` in one pass at the CPU's
-//! vector width (the crate's pulp dispatch), bf16 widened as it is read and rounded once when
-//! written.
+//! the variance around the mean, as PyTorch's Welford moments give it, rather than candle's
+//! `E[x^2] - mean^2`), then `(x - mean) * rstd * gamma + beta` in one pass at the CPU's vector
+//! width (the crate's pulp dispatch), bf16 widened as it is read and rounded once when written.
+//! `layer_norm_speed` (Zen 4, 2 threads), m18's 64x64 token rows with guidance (8192 x 320): bf16
+//! 2.49 -> 0.72 ms a call, f32 1.58 -> 0.58 ms.
 //!
 //! Other devices and dtypes use candle-nn's LayerNorm, which the tests also use as the reference.
 
