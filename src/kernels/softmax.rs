@@ -180,7 +180,25 @@ impl Vectorized for Bf16Row<'_> {
 /// softmax row whose largest term is 1).
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
-    exp_neg_to::<false>(x)
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let f = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    // n (in [-126, 0]) sits in the low mantissa bits of t: integer arithmetic on the bits gives
+    // 2^n without a float-to-int conversion, which Rust's saturating `as` would leave scalar.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    f32::from_bits(((n_int + 127) as u32) << 23) * p
 }
 
 /// The coefficients of f, f^2, f^3 and f^4 in the `SHORT` polynomial `1 + f (c1 + f (c2 + ...))`:
@@ -206,39 +224,22 @@ const SHORT_POLY2: [f32; 4] = {
 /// `2^x`, so `e^x` is `2^(x log2 e)`, with `log2 e` folded into the row's scale.
 const SHORT_BASE: f32 = std::f32::consts::LOG2_E;
 
-/// [`exp_neg`]; with `SHORT`, `2^x` for `x <= 0` (clamped below at -126) by a degree-4
-/// polynomial (relative error below 4e-6, far inside a bf16 rounding) for results that are
-/// rounded to bf16. In base 2 the argument is split as `n + f` by one rounding, with no
-/// two-part reduction by ln 2, and the rounding leaves `n + 127`, 2^n's exponent field, in the
-/// low bits of its sum: 11 operations a vector with AVX-512's fused multiply-adds, where e^x took
-/// 14 (the bf16 softmax was 3-4 % of a bf16 m18 UNet step on Zen 4).
+/// The rows' exponential: [`exp_neg`] (e^x), or with `SHORT` [`exp2_short`] (2^x: the caller's
+/// scale holds [`SHORT_BASE`]) for results that are rounded to bf16.
 #[inline(always)]
-fn exp_neg_to<const SHORT: bool>(x: f32) -> f32 {
+fn row_exp<const SHORT: bool>(x: f32) -> f32 {
     if SHORT {
-        return exp2_short(x);
+        exp2_short(x)
+    } else {
+        exp_neg(x)
     }
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 0.0);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let f = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0
-                    + f * (1.0 / 24.0
-                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    // n (in [-126, 0]) sits in the low mantissa bits of t: integer arithmetic on the bits gives
-    // 2^n without a float-to-int conversion, which Rust's saturating `as` would leave scalar.
-    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    f32::from_bits(((n_int + 127) as u32) << 23) * p
 }
 
-/// `2^x` for `x` in [-126, 0] (clamped; NaN kept) by [`SHORT_POLY2`]: see [`exp_neg_to`].
+/// `2^x` for `x` in [-126, 0] (clamped; NaN kept) by the degree-4 [`SHORT_POLY2`] (relative error
+/// below 4e-6, far inside a bf16 rounding). In base 2 the argument is split as `n + f` by one
+/// rounding, with no two-part reduction by ln 2, and the rounding leaves `n + 127`, 2^n's exponent
+/// field, in the low bits of its sum: 11 operations a vector with AVX-512's fused multiply-adds,
+/// where e^x took 14 (the bf16 softmax was 3-4 % of a bf16 m18 UNet step on Zen 4).
 #[inline(always)]
 fn exp2_short(x: f32) -> f32 {
     // 1.5 * 2^23 + 127: adding it rounds x to the nearest integer n, and its bits are then those
@@ -278,7 +279,7 @@ fn exponentials(row: &mut [f32], scale: f32) -> f32 {
     exponentials_to::<false>(row, scale)
 }
 
-/// [`exponentials`] with [`exp_neg_to`]'s choice of polynomial.
+/// [`exponentials`] with [`row_exp`]'s choice of exponential.
 #[inline(always)]
 fn exponentials_to<const SHORT: bool>(row: &mut [f32], scale: f32) -> f32 {
     let max = row_max(row);
@@ -291,13 +292,13 @@ fn exponentials_to<const SHORT: bool>(row: &mut [f32], scale: f32) -> f32 {
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-            *v = exp_neg_to::<SHORT>((*v - max) * scale);
+            *v = row_exp::<SHORT>((*v - max) * scale);
             *a += *v;
         }
     }
     let mut tail = 0f32;
     for v in chunks.into_remainder() {
-        *v = exp_neg_to::<SHORT>((*v - max) * scale);
+        *v = row_exp::<SHORT>((*v - max) * scale);
         tail += *v;
     }
     1.0 / (acc.iter().sum::<f32>() + tail)
@@ -312,7 +313,7 @@ fn exponentials_to<const SHORT: bool>(row: &mut [f32], scale: f32) -> f32 {
 /// denormals); a row with NaN is zeroed as there.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{bf16, exp_neg_to, round, SHORT_BASE, SHORT_POLY2};
+    use super::{bf16, round, row_exp, SHORT_BASE, SHORT_POLY2};
     use std::arch::x86_64::*;
 
     /// Whether this CPU runs [`row_bf16`].
@@ -328,17 +329,25 @@ mod avx512 {
         std::arch::is_x86_feature_detected!("avx512f")
     }
 
-    /// [`super::exp_neg_to`]`::<SHORT>` of 16 values, its products and sums fused (`vfmadd`):
-    /// with `SHORT` (2^x) 11 operations, where e^x by the same polynomial took 14 and the
-    /// degree-5 one one by one 23, within the same error bound; without, the degree-7 polynomial
-    /// in 17 where it took 30, within the same few ulps (tested).
+    /// [`super::row_exp`]`::<SHORT>` of 16 values.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
-        if SHORT {
-            // SAFETY: AVX-512F (this function's).
-            return unsafe { exp2_16(x) };
+    unsafe fn row_exp16<const SHORT: bool>(x: __m512) -> __m512 {
+        // SAFETY: AVX-512F (this function's).
+        unsafe {
+            if SHORT {
+                exp2_16(x)
+            } else {
+                exp16(x)
+            }
         }
+    }
+
+    /// [`super::exp_neg`] of 16 values, its products and sums fused (`vfmadd`): the degree-7
+    /// polynomial in 17 operations where it took 30, within the same few ulps (tested).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;
@@ -363,7 +372,9 @@ mod avx512 {
         _mm512_mul_ps(_mm512_castsi512_ps(two_n), p)
     }
 
-    /// [`super::exp2_short`] of 16 values, the polynomial's products and sums fused.
+    /// [`super::exp2_short`] of 16 values, the polynomial's products and sums fused: 11
+    /// operations (e^x by the same polynomial took 14, and the degree-5 Taylor one, one by one,
+    /// 23), within the same error bound (tested).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn exp2_16(x: __m512) -> __m512 {
@@ -380,14 +391,14 @@ mod avx512 {
         _mm512_mul_ps(_mm512_castsi512_ps(two_n), p)
     }
 
-    /// [`exp16`] of one value (for the tests).
+    /// [`row_exp16`] of one value (for the tests).
     ///
     /// # Safety
     /// The CPU has AVX-512F.
     #[cfg(test)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp1<const SHORT: bool>(x: f32) -> f32 {
-        _mm512_cvtss_f32(exp16::<SHORT>(_mm512_set1_ps(x)))
+        _mm512_cvtss_f32(row_exp16::<SHORT>(_mm512_set1_ps(x)))
     }
 
     /// The largest value of `row` as [`super::row_max`] finds it (lanes of 16, then the tail and
@@ -409,7 +420,7 @@ mod avx512 {
             .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
     }
 
-    /// `exp(scale * (row[i] - max))` by [`exp16`] (the `SHORT` exponential or not) for every
+    /// `exp(scale * (row[i] - max))` by [`row_exp16`] (the `SHORT` exponential or not) for every
     /// value, each handed to `store` (16 at a time, with their index) and summed; returns the
     /// reciprocal of the sum. `row` is read through a pointer because `store` may write over the
     /// values already read (f32 rows are done in place).
@@ -428,19 +439,19 @@ mod avx512 {
         mut store_one: impl FnMut(usize, f32),
     ) -> f32 {
         let whole = len / 16 * 16;
-        // The short exponential is 2^x (see `exp_neg_to`).
+        // The short exponential is 2^x (see `row_exp`).
         let scale = if SHORT { scale * SHORT_BASE } else { scale };
         let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
         let mut acc = _mm512_setzero_ps();
         for i in (0..whole).step_by(16) {
             let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row.add(i)), vmax), vscale);
-            let e = exp16::<SHORT>(x);
+            let e = row_exp16::<SHORT>(x);
             acc = _mm512_add_ps(acc, e);
             store(i, e);
         }
         let mut rest = 0f32;
         for i in whole..len {
-            let e = exp_neg_to::<SHORT>((*row.add(i) - max) * scale);
+            let e = row_exp::<SHORT>((*row.add(i) - max) * scale);
             rest += e;
             store_one(i, e);
         }
@@ -571,7 +582,7 @@ mod tests {
     /// NaN for NaN.
     #[test]
     fn short_exp_is_within_its_bound() {
-        let worst = worst_exp2_error(exp_neg_to::<true>);
+        let worst = worst_exp2_error(exp2_short);
         assert!(worst < 4e-6, "worst relative error {worst}");
         assert_eq!(exp2_short(0.0), 1.0);
         assert_eq!(exp2_short(-1000.0), f32::MIN_POSITIVE);
