@@ -21,7 +21,11 @@
 //!   Zen 4). The threads split the columns (or, for a narrow product, the rows) in whole tiles.
 //!   A B packed beforehand takes up
 //!   to 192 k-pairs in one block (a 320-input layer in one pass, not 128 + 32), and a product
-//!   into bf16 ([`gemm_bf16_packed_bf16`]) adds the bias and rounds in the tiles themselves.
+//!   into bf16 ([`gemm_bf16_packed_bf16`]) adds the bias and rounds in the tiles themselves; a
+//!   GEGLU projection's B, packed with each panel's 16 value columns beside their 16 gate
+//!   columns ([`PackedB::for_geglu`]), has its tiles write `value * gelu(gate)`
+//!   ([`gemm_bf16_packed_geglu`]; the activation out of line in `store_geglu`, so that the other
+//!   tiles' code is unchanged).
 //! - **Portable**: A and B converted to f32, then gemm's f32 kernels (the AVX2 / AVX-512 / NEON
 //!   sgemm it picks at run time). The same numbers up to f32 rounding order; bf16's memory saving
 //!   without its speed.
@@ -208,6 +212,8 @@ pub struct PackedB {
     /// k-pairs per block of the panels ([`packed_kc`]).
     kc: usize,
     data: Packing,
+    /// Made by [`PackedB::for_geglu`]: B's columns in GEGLU's order.
+    geglu: bool,
 }
 
 /// k-pairs per block of a prepacked B with `kp` pairs: all of them up to one and a half
@@ -272,7 +278,64 @@ impl PackedB {
             }
             _ => Packing::F32(dense(b, k, n)),
         };
-        Self { k, n, kc, data }
+        Self {
+            k,
+            n,
+            kc,
+            data,
+            geglu: false,
+        }
+    }
+
+    /// Packs the k x n matrix `b` of a GEGLU projection (its n outputs are `[value (n / 2), gate
+    /// (n / 2)]`) for [`gemm_bf16_packed_geglu`]: the columns reordered so that each panel of
+    /// [`NR`] holds 16 value columns and then the 16 gate columns of the same outputs (the
+    /// AVX512-BF16 tile's two registers), which n / 2 must be a multiple of 16 for; None when
+    /// it is not.
+    ///
+    /// # Panics
+    /// When `b` is too short for its shape (a caller's bug).
+    pub fn for_geglu(
+        kernel: Bf16Kernel,
+        b: Matrix<'_, bf16>,
+        (k, n): (usize, usize),
+    ) -> Option<Self> {
+        if n == 0 || !n.is_multiple_of(2 * GEGLU_LANES) {
+            return None;
+        }
+        assert!(b.holds(k, n), "B is too short");
+        // The reordered B, column by column (column j' of it at j' k).
+        let mut columns = Vec::with_capacity(k * n);
+        for j in 0..n {
+            let from = geglu_column(j, n / 2);
+            columns.extend((0..k).map(|p| b.at(p, from)));
+        }
+        let reordered = Matrix {
+            data: &columns,
+            rs: 1,
+            cs: k,
+        };
+        Some(Self {
+            geglu: true,
+            ..Self::new(kernel, reordered, (k, n))
+        })
+    }
+}
+
+/// Output columns per half of a GEGLU panel (a 512-bit register of f32).
+const GEGLU_LANES: usize = 16;
+const _: () = assert!(NR == 2 * GEGLU_LANES);
+
+/// The column of a GEGLU projection (`h` value columns, then `h` gate columns) that column `j` of
+/// its packed B ([`PackedB::for_geglu`]) holds: panel `j / 32` holds value columns 16 (j / 32)..
+/// and then the gate columns of the same outputs.
+fn geglu_column(j: usize, h: usize) -> usize {
+    let (panel, lane) = (j / (2 * GEGLU_LANES), j % (2 * GEGLU_LANES));
+    let out = panel * GEGLU_LANES + lane % GEGLU_LANES;
+    if lane < GEGLU_LANES {
+        out
+    } else {
+        h + out
     }
 }
 
@@ -436,7 +499,15 @@ pub fn gemm_bf16_packed_bf16(
                 // panels were made by the AVX512-BF16 kernel, so this CPU has it; the bias holds
                 // n values and the residual m rows of n (both checked above).
                 unsafe {
-                    avx512::block_bf16((i0, i1), (j0, j1), k, a, panels, start, optr.get(), ldo)
+                    avx512::block_bf16(
+                        (i0, i1),
+                        (j0, j1),
+                        k,
+                        a,
+                        panels,
+                        start,
+                        (optr.get(), ldo, false),
+                    )
                 }
             };
             on_threads((m, n, k), threads, MR, run)
@@ -448,6 +519,88 @@ pub fn gemm_bf16_packed_bf16(
             gemm_bf16_packed(m, a, b, &mut c, n, accumulate, threads);
             for (row, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
                 super::convert::round_into_uninit(row, &mut dst[..n]);
+            }
+        }
+    }
+}
+
+/// diffusers' GEGLU of a bf16 projection, `out = round(value * gelu(gate))` with `[value, gate] =
+/// a x b + bias` for `a` [m, k] and `b` packed by [`PackedB::for_geglu`] (n columns: out has n /
+/// 2, row stride `ldo`), `bias` in B's original column order. With the AVX512-BF16 panels each
+/// tile holds the value and gate sums of the same 16 outputs and applies the activation to them
+/// in registers (`avx512::store`): the projection's n-wide output is never written, read back
+/// and rounded on the way, as the separate pass ([`super::geglu::geglu`]) needs. The sums are
+/// [`gemm_bf16_packed_bf16`]'s, the activation [`super::geglu`]'s (the same bits in f32), and
+/// there is one rounding where the separate pass has two. `out` may be uninitialised: every one
+/// of its m x n / 2 values (and no other) is written.
+///
+/// # Panics
+/// When `b` was not packed by [`PackedB::for_geglu`], or `a`, `out` or the bias is too short
+/// (a caller's bug).
+pub fn gemm_bf16_packed_geglu(
+    m: usize,
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [std::mem::MaybeUninit<bf16>],
+    ldo: usize,
+    threads: usize,
+) {
+    assert!(b.geglu, "B is not packed for GEGLU");
+    let (k, n) = b.dims();
+    let h = n / 2;
+    if m == 0 || h == 0 {
+        return;
+    }
+    assert!(a.holds(m, k), "A is too short");
+    assert!(
+        ldo >= h && out.len() > (m - 1) * ldo + h - 1,
+        "out is too short"
+    );
+    assert!(bias.is_none_or(|b| b.len() >= n), "the bias is too short");
+    // The bias in B's (reordered) column order.
+    let bias: Option<Vec<f32>> = bias.map(|b| (0..n).map(|j| b[geglu_column(j, h)]).collect());
+    let start = Start {
+        bias: bias.as_deref(),
+        residual: None,
+    };
+    match &b.data {
+        #[cfg(target_arch = "x86_64")]
+        Packing::Panels(words) if k > 0 => {
+            let panels = (words.as_slice(), n.div_ceil(NR), b.kc);
+            let optr = crate::kernels::SendPtr(out.as_mut_ptr().cast::<bf16>());
+            let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
+                // SAFETY: `out` holds m rows of ldo >= n / 2 (checked above) and is borrowed
+                // mutably; the parts are blocks of whole panels, whose outputs (columns j0 / 2 ..
+                // j1 / 2) are disjoint; the panels were made by the AVX512-BF16 kernel, so this
+                // CPU has it; the bias holds n values.
+                unsafe {
+                    avx512::block_bf16(
+                        (i0, i1),
+                        (j0, j1),
+                        k,
+                        a,
+                        panels,
+                        start,
+                        (optr.get(), ldo, true),
+                    )
+                }
+            };
+            on_threads((m, n, k), threads, MR, run)
+        }
+        _ => {
+            let mut c = start.rows(m, n);
+            gemm_bf16_packed(m, a, b, &mut c, n, bias.is_some(), threads);
+            let mut row = vec![0f32; h];
+            for (sums, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
+                for (panel, pair) in sums.chunks_exact(2 * GEGLU_LANES).enumerate() {
+                    let (value, gate) = pair.split_at(GEGLU_LANES);
+                    let o = &mut row[panel * GEGLU_LANES..][..GEGLU_LANES];
+                    for ((o, v), g) in o.iter_mut().zip(value).zip(gate) {
+                        *o = v * super::geglu::gelu(*g);
+                    }
+                }
+                super::convert::round_into_uninit(&row, &mut dst[..h]);
             }
         }
     }
@@ -694,12 +847,15 @@ mod avx512 {
     /// takes all its k blocks in turn, the partial sums of all but the last in a buffer of one
     /// block, the last block's tiles adding them and rounding once into `out`. The sums are
     /// those of [`block`] into a C that starts from the bias plus the residual, in the same order.
+    /// With `geglu` (B from [`super::PackedB::for_geglu`], no residual) each panel's two halves
+    /// are the value and gate sums of 16 outputs, and `out` gets their GEGLU: columns j0 / 2 ..
+    /// j1 / 2.
     ///
     /// # Safety
-    /// `out` points at a bf16 matrix of row stride ldo whose block [i0, i1) x [j0, j1) this call
-    /// alone writes; the panels cover k x j1 of B with j0 a multiple of NR; the bias holds j1
-    /// values and the residual i1 rows of j1; the CPU has AVX512-BF16.
-    #[allow(clippy::too_many_arguments)]
+    /// `out` points at a bf16 matrix of row stride ldo whose block [i0, i1) x [j0, j1) (with
+    /// `geglu`: [j0 / 2, j1 / 2), and j1 a multiple of NR) this call alone writes; the panels
+    /// cover k x j1 of B with j0 a multiple of NR; the bias holds j1 values and the residual i1
+    /// rows of j1; the CPU has AVX512-BF16.
     pub(super) unsafe fn block_bf16(
         (i0, i1): (usize, usize),
         (j0, j1): (usize, usize),
@@ -707,8 +863,7 @@ mod avx512 {
         a: Matrix<'_, bf16>,
         (words, total, kcb): (&[u32], usize, usize),
         start: super::Start<'_>,
-        out: *mut bf16,
-        ldo: usize,
+        (out, ldo, geglu): (*mut bf16, usize, bool),
     ) {
         let kp = k.div_ceil(2);
         debug_assert!(words.len() >= kp * total * NR);
@@ -745,8 +900,12 @@ mod avx512 {
                                     (Some(b), None) => Base::Row(b),
                                     (None, None) => Base::Zero,
                                 };
-                                let dst = if last {
-                                    Dst::Bf16(out.add((i0 + ic + ir) * ldo + jc + jr), ldo)
+                                let row = (i0 + ic + ir) * ldo;
+                                let dst = if last && geglu {
+                                    // Panel (jc + jr) / NR: outputs 16 per panel.
+                                    Dst::Geglu(out.add(row + (jc + jr) / 2), ldo)
+                                } else if last {
+                                    Dst::Bf16(out.add(row + jc + jr), ldo)
                                 } else {
                                     Dst::F32(part, NCF)
                                 };
@@ -1020,6 +1179,10 @@ mod avx512 {
         /// bf16 rows with this row stride, each value rounded once as
         /// [`crate::kernels::convert::round`] rounds.
         Bf16(*mut bf16, usize),
+        /// A whole panel's value (first register) and gate (second) sums of 16 outputs, whose
+        /// GEGLU `value * gelu(gate)` goes to these 16 bf16 values a row (this row stride),
+        /// rounded once.
+        Geglu(*mut bf16, usize),
     }
 
     /// `v` rounded to bf16 as [`crate::kernels::convert::round`] rounds (nearest, ties to even;
@@ -1162,7 +1325,19 @@ mod avx512 {
                 }
             }
         }
-        store::<H>(acc.map(|r| r.map(|s| W::wide(s))), (base, dst), rows, cols);
+        // (Loops, not `array::map`: LLVM left that out of line, a call with a copy through the
+        // stack per tile, which made short k loops such as attention's much slower.)
+        let mut wide = [[_mm512_setzero_ps(); H]; MR];
+        for (wide, acc) in wide.iter_mut().zip(&acc) {
+            for (wide, acc) in wide.iter_mut().zip(acc) {
+                *wide = W::wide(*acc);
+            }
+        }
+        if let Dst::Geglu(o, ldo) = dst {
+            debug_assert!(cols == 16 * H);
+            return store_geglu(&wide, base, (o, ldo), rows);
+        }
+        store::<H>(&wide, (base, dst), rows, cols);
     }
 
     /// Stores a tile's sums `acc` (see [`tile`]): kept out of line, so that the k loop keeps
@@ -1174,7 +1349,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn store<const H: usize>(
-        acc: [[__m512; H]; MR],
+        acc: &[[__m512; H]; MR],
         (base, dst): (Base, Dst),
         rows: usize,
         cols: usize,
@@ -1219,6 +1394,8 @@ mod avx512 {
                         }
                     }
                 }
+                // (Taken by `store_geglu` in `tile`.)
+                Dst::Geglu(..) => {}
             }
             return;
         }
@@ -1250,8 +1427,51 @@ mod avx512 {
                     Dst::Bf16(o, ldo) => {
                         _mm256_mask_storeu_epi16(o.add(r * ldo + c0).cast(), mask, round16(v))
                     }
+                    // (Taken by `store_geglu` in `tile`.)
+                    Dst::Geglu(..) => {}
                 }
             }
+        }
+    }
+
+    /// [`store`] for a [`Dst::Geglu`] tile (a whole panel: `H` = 2): each row's
+    /// `value * gelu(gate)` of its value (first) and gate (second) sums, each plus its base,
+    /// rounded, to 16 bf16 values. Out of line, so that the activation's code and constants do not
+    /// crowd the k loop of the tiles that store plainly (inlined there it made them slower).
+    ///
+    /// # Safety
+    /// As [`tile`] for the base (32 values a row) and the destination (`rows` rows of 16 values).
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn store_geglu<const H: usize>(
+        acc: &[[__m512; H]; MR],
+        base: Base,
+        (o, ldo): (*mut bf16, usize),
+        rows: usize,
+    ) {
+        debug_assert!(H == 2, "a GEGLU tile is a whole panel");
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            let [mut value, mut gate] = [acc_r[0], acc_r[H - 1]];
+            for (h, sum) in [&mut value, &mut gate].into_iter().enumerate() {
+                let b = match base {
+                    Base::Zero => continue,
+                    Base::Row(b) => _mm512_loadu_ps(b.add(16 * h)),
+                    Base::Rows(c, ldc) => _mm512_loadu_ps(c.add(r * ldc + 16 * h)),
+                    Base::RowAndResidual(b, res, ldr) => {
+                        let res = _mm256_loadu_si256(res.add(r * ldr + 16 * h).cast());
+                        let res = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                            _mm512_cvtepu16_epi32(res),
+                        ));
+                        match b {
+                            Some(b) => _mm512_add_ps(_mm512_loadu_ps(b.add(16 * h)), res),
+                            None => res,
+                        }
+                    }
+                };
+                *sum = _mm512_add_ps(*sum, b);
+            }
+            let y = _mm512_mul_ps(value, crate::kernels::geglu::avx512::gelu16(gate));
+            _mm256_storeu_si256(o.add(r * ldo).cast(), round16(y));
         }
     }
 }
@@ -1576,6 +1796,64 @@ mod tests {
                 assert_eq!(*g, want, "{:#010x}", v.to_bits());
             }
         }
+    }
+
+    /// The GEGLU product is the plain product (from the bias, into f32) followed by
+    /// `round(value * gelu(gate))`, bit for bit: rows of part of a tile and several row blocks,
+    /// k odd, one and several k blocks, the columns split between threads and not, with and
+    /// without a bias, into a wider output whose other values are left alone.
+    #[test]
+    fn geglu_product_is_the_product_then_geglu() {
+        let kernels = [Bf16Kernel::Portable, Bf16Kernel::detect()];
+        for (m, k, h) in [
+            (1, 2, 16),
+            (7, 33, 16),
+            (130, 320, 48),
+            (20, 640, 64),
+            (9, 0, 16),
+        ] {
+            let n = 2 * h;
+            let a = values(m * k, 3 + m as u64);
+            let b = values(k * n, 5 + k as u64);
+            let bias: Vec<f32> = values(n, 11).iter().map(|v| v.to_f32()).collect();
+            let (a, b) = (Matrix::rows(&a, k), Matrix::rows(&b, n));
+            for (kernel, threads, with_bias) in kernels
+                .into_iter()
+                .flat_map(|kn| [(kn, 1, true), (kn, 2, true), (kn, 2, false)])
+            {
+                let bias = with_bias.then_some(&bias[..]);
+                let mut c = Start {
+                    bias,
+                    residual: None,
+                }
+                .rows(m, n);
+                let plain = PackedB::new(kernel, b, (k, n));
+                gemm_bf16_packed(m, a, &plain, &mut c, n, bias.is_some(), threads);
+                let packed = PackedB::for_geglu(kernel, b, (k, n)).unwrap();
+                let ldo = h + 3;
+                let sentinel = bf16::from_f32(-7.0);
+                let mut out = vec![std::mem::MaybeUninit::new(sentinel); m * ldo];
+                gemm_bf16_packed_geglu(m, a, &packed, bias, &mut out, ldo, threads);
+                for (i, row) in out.chunks(ldo).enumerate() {
+                    // SAFETY: every value was initialised (the sentinel, or written over).
+                    let row: Vec<bf16> = row.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    for j in 0..h {
+                        let (v, g) = (c[i * n + j], c[i * n + h + j]);
+                        let want = crate::kernels::convert::round(v * super::super::geglu::gelu(g));
+                        let what = format!("{kernel:?} {m}x{k}x{n} t{threads} ({i}, {j})");
+                        assert_eq!(row[j].to_bits(), want.to_bits(), "{what}");
+                    }
+                    assert!(
+                        row[h..].iter().all(|&v| v == sentinel),
+                        "{kernel:?} {m}x{k}"
+                    );
+                }
+            }
+        }
+        // Half-widths that are not a multiple of 16 have no GEGLU panels.
+        let b = values(4 * 48, 1);
+        assert!(PackedB::for_geglu(Bf16Kernel::detect(), Matrix::rows(&b, 48), (4, 48)).is_none());
+        assert!(PackedB::for_geglu(Bf16Kernel::detect(), Matrix::rows(&b, 0), (4, 0)).is_none());
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! ([`Linear::forward_add`]: a transformer block's branches, the text encoder's), so that it takes
 //! no pass of its own (candle's bf16 add converted every value through a call that is not inlined:
 //! with the head copies, 3-4 % of a bf16 UNet step) and bf16 rounds the sum once.
+//! A transformer feed-forward's first layer is a [`GegluLinear`]: with packed weights, its tiles
+//! also apply the GEGLU activation ([`super::gemm_bf16::gemm_bf16_packed_geglu`]).
 //! The loader keeps no reference to the weight it handed over (`weights::var_builder`), so the
 //! original is freed as soon as it is packed. AMX CPUs still pack per call (their tiles want
 //! another padding).
@@ -27,7 +29,9 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::gemm_bf16::{gemm_bf16, gemm_bf16_packed_bf16, Bf16Kernel, Matrix, PackedB, Start};
+use super::gemm_bf16::{
+    gemm_bf16, gemm_bf16_packed_bf16, gemm_bf16_packed_geglu, Bf16Kernel, Matrix, PackedB, Start,
+};
 
 /// A linear layer with PyTorch's weight names (`weight` `[out, in]`, optional `bias` `[out]`).
 #[derive(Debug, Clone)]
@@ -108,20 +112,7 @@ impl Linear {
         }
         let w = inner.weight();
         let (n, k) = w.dims2()?;
-        let packed = {
-            // Read where it lies (a copy would be one more pass over fresh memory).
-            let (storage, layout) = w.storage_and_layout();
-            let candle_core::Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
-                candle_core::bail!("linear: a packed weight must be bf16 on the CPU");
-            };
-            // W^T: element (p, j) is w[j, p].
-            let wt = Matrix {
-                data: super::contiguous(values, layout, "linear: the weight")?,
-                rs: 1,
-                cs: k,
-            };
-            PackedB::new(Bf16Kernel::Avx512Bf16, wt, (k, n))
-        };
+        let packed = packed_weight(w, |wt| PackedB::new(Bf16Kernel::Avx512Bf16, wt, (k, n)))?;
         // The weight's shape without its values (the panels hold them).
         let empty = Tensor::zeros((n, 0), DType::BF16, w.device())?;
         Ok(Self {
@@ -130,6 +121,94 @@ impl Linear {
             blocks,
             packed: Some(std::sync::Arc::new(packed)),
         })
+    }
+}
+
+/// `pack(W^T)` for a bf16 weight W [n, k] on the CPU, read where it lies (a copy would be one more
+/// pass over fresh memory).
+fn packed_weight<T>(w: &Tensor, pack: impl FnOnce(Matrix<'_, half::bf16>) -> T) -> Result<T> {
+    let (_, k) = w.dims2()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
+        candle_core::bail!("linear: a packed weight must be bf16 on the CPU");
+    };
+    // W^T: element (p, j) is w[j, p].
+    Ok(pack(Matrix {
+        data: super::contiguous(values, layout, "linear: the weight")?,
+        rs: 1,
+        cs: k,
+    }))
+}
+
+/// diffusers' GEGLU projection (`ff.net.0.proj`, its outputs `[value, gate]`) with the activation:
+/// `value * gelu(gate)`, the transformer feed-forward's first half. For bf16 on CPUs with
+/// AVX512-BF16 the weight is packed once at load with each panel's value and gate columns side by
+/// side, so the tiles apply GEGLU to their own sums ([`super::gemm_bf16::gemm_bf16_packed_geglu`]):
+/// the projection's output, twice the activation's width, is never written and read back, and is
+/// not rounded to bf16 on the way (PyTorch rounds it, so this is within a rounding of PyTorch's
+/// result, and nearer the f32 one). Elsewhere the layer and [`super::geglu::geglu`] as two steps.
+#[derive(Debug, Clone)]
+pub struct GegluLinear {
+    /// The projection; when `fused`, its panels and bias are in GEGLU's column order, and only
+    /// [`GegluLinear::forward`] may use it.
+    linear: Linear,
+    fused: bool,
+}
+
+/// Loads `weight` and `bias` of an `in_dim -> out_dim` GEGLU projection (`out_dim` = 2 x the
+/// activation's width).
+pub fn geglu_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<GegluLinear> {
+    GegluLinear::new(candle_nn::linear(in_dim, out_dim, vb)?)
+}
+
+impl GegluLinear {
+    /// Wraps candle-nn's layer.
+    pub fn new(inner: candle_nn::Linear) -> Result<Self> {
+        let w = inner.weight();
+        let (n, k) = w.dims2()?;
+        let fusable = w.device().is_cpu()
+            && w.dtype() == DType::BF16
+            && w.is_contiguous()
+            && Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16;
+        let packed = match fusable {
+            true => packed_weight(w, |wt| {
+                PackedB::for_geglu(Bf16Kernel::Avx512Bf16, wt, (k, n))
+            })?,
+            false => None,
+        };
+        let Some(packed) = packed else {
+            return Ok(Self {
+                linear: Linear::new(inner)?,
+                fused: false,
+            });
+        };
+        let bias_f32 = match inner.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let empty = Tensor::zeros((n, 0), DType::BF16, w.device())?;
+        Ok(Self {
+            linear: Linear {
+                inner: candle_nn::Linear::new(empty, inner.bias().cloned()),
+                bias_f32,
+                blocks: None,
+                packed: Some(std::sync::Arc::new(packed)),
+            },
+            fused: true,
+        })
+    }
+
+    /// Whether the tiles apply the activation (see the type).
+    pub fn fused(&self) -> bool {
+        self.fused
+    }
+
+    /// `value * gelu(value's gate)` of the projection of `x` [.., in]: [.., out / 2].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.linear.packed {
+            Some(packed) if self.fused => self.linear.forward_packed(x, packed, Output::Geglu),
+            _ => super::geglu::geglu(&self.linear.forward(x)?),
+        }
     }
 }
 
@@ -320,7 +399,7 @@ impl Linear {
     /// The layer, plus `residual` (the output's shape and dtype, checked by the caller) when given.
     fn run(&self, x: &Tensor, residual: Option<Values<'_>>) -> Result<Tensor> {
         if let Some(packed) = &self.packed {
-            return self.forward_packed(x, packed, residual);
+            return self.forward_packed(x, packed, Output::Linear(residual));
         }
         let w = self.inner.weight();
         let kernel = x.device().is_cpu()
@@ -357,14 +436,18 @@ impl Linear {
     }
 }
 
+/// What a packed layer's products become.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    /// The layer's outputs, plus the residual when given.
+    Linear(Option<Values<'a>>),
+    /// Their GEGLU (a [`GegluLinear`]'s panels): half as many.
+    Geglu,
+}
+
 impl Linear {
     /// The bf16 layer through its packed weight (bf16 input on the CPU only).
-    fn forward_packed(
-        &self,
-        x: &Tensor,
-        packed: &PackedB,
-        residual: Option<Values<'_>>,
-    ) -> Result<Tensor> {
+    fn forward_packed(&self, x: &Tensor, packed: &PackedB, output: Output<'_>) -> Result<Tensor> {
         let (k, n) = packed.dims();
         if !x.device().is_cpu() || x.dtype() != DType::BF16 {
             candle_core::bail!(
@@ -377,19 +460,23 @@ impl Linear {
         match dims.split_last() {
             Some((&xk, lead)) if xk == k => {
                 let m: usize = lead.iter().product();
-                let residual = match residual {
-                    None => None,
-                    Some(Values::Bf16(r)) => Some(r),
-                    Some(Values::F32(_)) => candle_core::bail!("linear: an f32 residual for bf16"),
+                let (residual, geglu) = match output {
+                    Output::Linear(None) => (None, false),
+                    Output::Linear(Some(Values::Bf16(r))) => (Some(r), false),
+                    Output::Linear(Some(Values::F32(_))) => {
+                        candle_core::bail!("linear: an f32 residual for bf16")
+                    }
+                    Output::Geglu => (None, true),
                 };
                 let op = PackedLinearOp {
                     bias: self.bias_f32.as_deref(),
                     residual,
                     packed,
+                    geglu,
                 };
                 let y = x.reshape((m, k))?.contiguous()?.apply_op1_no_bwd(&op)?;
                 let mut shape = lead.to_vec();
-                shape.push(n);
+                shape.push(if geglu { n / 2 } else { n });
                 y.reshape(shape)
             }
             _ => candle_core::bail!("linear: input {dims:?} for a layer of {k} inputs"),
@@ -397,11 +484,13 @@ impl Linear {
     }
 }
 
-/// `x [m, k] x W^T + bias (+ residual [m, n])` for a bf16 `x` and a packed W^T [k, n], into bf16.
+/// `x [m, k] x W^T + bias (+ residual [m, n])` for a bf16 `x` and a packed W^T [k, n], into bf16;
+/// with `geglu` (a [`GegluLinear`]'s panels, no residual), its GEGLU [m, n / 2].
 struct PackedLinearOp<'a> {
     bias: Option<&'a [f32]>,
     residual: Option<&'a [half::bf16]>,
     packed: &'a PackedB,
+    geglu: bool,
 }
 
 impl candle_core::CustomOp1 for PackedLinearOp<'_> {
@@ -422,6 +511,18 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
         if let Some(r) = self.residual.filter(|r| r.len() != m * n) {
             candle_core::bail!("linear: residual of {} for {m} x {n} outputs", r.len());
         }
+        let threads = candle_core::utils::get_num_threads();
+        if self.geglu {
+            let h = n / 2;
+            // SAFETY: the product writes every one of the m x h values (rows of h, ldo = h).
+            let out = unsafe {
+                super::convert::filled(m * h, |out| {
+                    let a = Matrix::rows(x, k);
+                    gemm_bf16_packed_geglu(m, a, self.packed, self.bias, out, h, threads)
+                })
+            };
+            return Ok((CpuStorage::BF16(out), Shape::from((m, h))));
+        }
         let start = Start {
             bias: self.bias,
             residual: self.residual.map(|r| (r, n)),
@@ -429,15 +530,7 @@ impl candle_core::CustomOp1 for PackedLinearOp<'_> {
         // SAFETY: the product writes every one of the m x n values (rows of n, ldo = n).
         let out = unsafe {
             super::convert::filled(m * n, |out| {
-                gemm_bf16_packed_bf16(
-                    m,
-                    Matrix::rows(x, k),
-                    self.packed,
-                    start,
-                    out,
-                    n,
-                    candle_core::utils::get_num_threads(),
-                )
+                gemm_bf16_packed_bf16(m, Matrix::rows(x, k), self.packed, start, out, n, threads)
             })
         };
         Ok((CpuStorage::BF16(out), Shape::from((m, n))))
@@ -659,6 +752,83 @@ mod tests {
             if let Some((_, packed)) = layers.get(1) {
                 assert!(packed.forward(&f32(&x)).is_err());
             }
+        }
+    }
+
+    /// The GEGLU projection: in f32 the layer and then GEGLU; in bf16 with AVX512-BF16 (an even
+    /// number of 16-output halves) the fused tiles, within one bf16 rounding of the f32 result
+    /// of the same values and of the layer-then-GEGLU path (which rounds twice); otherwise that
+    /// path itself. Tokens in one and in two leading dimensions.
+    #[test]
+    fn geglu_projection_matches_the_layer_then_geglu() {
+        let fusable = Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16;
+        if !fusable {
+            eprintln!("fused GEGLU not tested: this CPU lacks AVX512-BF16 (avx512bf16)");
+        }
+        for (shape, out, bias) in [
+            (vec![2, 37, 64], 64, true),
+            (vec![21, 40], 128, false),
+            (vec![3, 24], 48, true),
+        ] {
+            let k = *shape.last().unwrap();
+            let x = tensor(&shape, 0.3).to_dtype(DType::BF16).unwrap();
+            let w = tensor(&[out, k], 1.1).to_dtype(DType::BF16).unwrap();
+            let b = bias.then(|| tensor(&[out], 2.0).to_dtype(DType::BF16).unwrap());
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let flat = |t: &Tensor| f32(t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Fresh weights for each layer: the f32 kernel transposes its weight in place.
+            let layer = |dtype| {
+                let t = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap();
+                candle_nn::Linear::new(t(&w), b.as_ref().map(t))
+            };
+            // f32: exactly the layer, then GEGLU.
+            let geglu32 = GegluLinear::new(layer(DType::F32)).unwrap();
+            assert!(!geglu32.fused());
+            let layer32 = Linear::new(layer(DType::F32)).unwrap();
+            let want = super::super::geglu::geglu(&layer32.forward(&f32(&x)).unwrap()).unwrap();
+            let got = geglu32.forward(&f32(&x)).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(flat(&got), flat(&want), "f32 {shape:?} -> {out}");
+            // bf16.
+            let two_steps = super::super::geglu::geglu(
+                &Linear::new(layer(DType::BF16))
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap(),
+            )
+            .unwrap();
+            let geglu = GegluLinear::new(layer(DType::BF16)).unwrap();
+            assert_eq!(
+                geglu.fused(),
+                fusable && out % 32 == 0,
+                "{shape:?} -> {out}"
+            );
+            let got = geglu.forward(&x).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            assert_eq!(got.dims(), want.dims());
+            let (got, two_steps) = (flat(&got), flat(&two_steps));
+            if !geglu.fused() {
+                assert_eq!(got, two_steps, "{shape:?} -> {out}");
+                continue;
+            }
+            let (mut fused_error, mut two_step_error) = (0.0, 0.0);
+            for ((g, t), w) in got.iter().zip(&two_steps).zip(flat(&want)) {
+                // One rounding (2^-8 relative) of the result, and the f32 sums' order.
+                assert!(
+                    (g - w).abs() <= 4e-3 * w.abs() + 1e-4,
+                    "{g} vs f32 {w} ({out})"
+                );
+                fused_error += (g - w).abs();
+                two_step_error += (t - w).abs();
+            }
+            // The two-step path also rounds the projection (value and gate) first: it is no
+            // nearer the f32 result.
+            assert!(
+                fused_error <= two_step_error,
+                "{fused_error} > {two_step_error}"
+            );
+            // Its panels are for bf16 on the CPU: f32 input is an error, not a panic.
+            assert!(geglu.forward(&f32(&x)).is_err());
         }
     }
 

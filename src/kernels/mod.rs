@@ -115,9 +115,10 @@ pub fn describe_cpu_kernels() -> String {
         winograd::Mode::F4 => format!("Winograd {} (ALTDIFF_CONV3X3)", winograd::F4.name),
     };
     let bf16 = gemm_bf16::Bf16Kernel::detect();
-    // `linear::Linear` packs bf16 weights at load for this kernel only.
+    // `linear::Linear` packs bf16 weights at load for this kernel only (`linear::GegluLinear`
+    // too, with the activation in its tiles).
     let packed = if bf16 == gemm_bf16::Bf16Kernel::Avx512Bf16 {
-        ", linear weights packed at load"
+        ", linear weights packed at load, GEGLU in the feed-forward's tiles"
     } else {
         ""
     };

@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels::layer_norm::{layer_norm, LayerNorm};
-use crate::kernels::linear::{linear, linear_no_bias, Linear};
+use crate::kernels::linear::{geglu_linear, linear, linear_no_bias, GegluLinear, Linear};
 use crate::kernels::tokens::tokens_to_map_add;
 use crate::kernels::GroupNorm;
 
@@ -249,10 +249,9 @@ mod tests {
         let xs = Tensor::randn(0f32, 1.0, (2, 37, 4), &dev).unwrap();
         let residual = Tensor::randn(0f32, 1.0, (2, 37, 4), &dev).unwrap();
         // The plain feed-forward, then the residual added by candle.
-        let hidden = ff.proj_in.forward(&xs).unwrap();
         let plain = ff
             .proj_out
-            .forward(&crate::kernels::geglu::geglu(&hidden).unwrap())
+            .forward(&ff.proj_in.forward(&xs).unwrap())
             .unwrap();
         let want = (&plain + &residual).unwrap();
         for max in [1, 2, 10, 37, 74, 1000] {
@@ -334,7 +333,7 @@ mod tests {
 
 /// diffusers' `GEGLU` + output linear (`ff.net.0.proj`, `ff.net.2`), with exact GELU.
 struct FeedForward {
-    proj_in: Linear,
+    proj_in: GegluLinear,
     proj_out: Linear,
 }
 
@@ -342,7 +341,7 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_in: geglu_linear(dim, inner * 2, vb.pp("net.0.proj"))?,
             proj_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
@@ -357,9 +356,8 @@ const FF_CHUNK_TOKENS: usize = 2048;
 impl FeedForward {
     /// The feed-forward of the tokens `xs` [T, C] plus `residual` (the same shape).
     fn forward_chunk(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
         self.proj_out
-            .forward_add(&crate::kernels::geglu::geglu(&h)?, residual)
+            .forward_add(&self.proj_in.forward(xs)?, residual)
     }
 
     /// `ff(xs) + residual` for `xs` [B, N, C], at most `max_tokens` tokens at a time: the tokens
