@@ -12,6 +12,7 @@
 //! bf16 input is widened to f32 for the statistics and the arithmetic as it is read, and rounded
 //! once when written. The pass runs at the CPU's vector width (the crate's pulp dispatch), SiLU
 //! with the vectorised exponential of the softmax kernel.
+//! gamma and beta are taken to f32 once, when the norm is built ([`affine_f32`]), not on every call.
 //! Other devices and dtypes use candle-nn's GroupNorm (and `silu`), which the tests also use as
 //! the reference.
 
@@ -32,6 +33,8 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// The weight and bias in f32 for the CPU kernel, made once (weights on the CPU only).
+    affine: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl GroupNorm {
@@ -52,6 +55,7 @@ impl GroupNorm {
             candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups");
         }
         Ok(Self {
+            affine: affine_f32(&weight, &bias)?,
             weight,
             bias,
             groups,
@@ -100,20 +104,20 @@ impl GroupNorm {
     }
 
     /// The CPU kernel for `xs`, if it applies.
-    fn op(&self, xs: &Tensor, silu: bool, tokens: bool) -> Result<Option<GroupNormOp>> {
+    fn op(&self, xs: &Tensor, silu: bool, tokens: bool) -> Result<Option<GroupNormOp<'_>>> {
         let channels = self.weight.dim(0)?;
         let applies = xs.device().is_cpu()
             && matches!(xs.dtype(), DType::F32 | DType::BF16)
             && xs.rank() >= 2
             && xs.dim(1)? == channels;
-        if !applies {
+        let (true, Some((gamma, beta))) = (applies, &self.affine) else {
             return Ok(None);
-        }
+        };
         Ok(Some(GroupNormOp {
             groups: self.groups,
             eps: self.eps,
-            gamma: self.weight.to_dtype(DType::F32)?.to_vec1()?,
-            beta: self.bias.to_dtype(DType::F32)?.to_vec1()?,
+            gamma,
+            beta,
             silu,
             tokens,
             offset: None,
@@ -147,11 +151,21 @@ impl Module for GroupNorm {
     }
 }
 
-struct GroupNormOp {
+/// A norm's weight and bias in f32 for the CPU kernels, made once when the norm is built (they
+/// were converted on every call); None for weights elsewhere, which take candle's ops.
+pub(super) fn affine_f32(weight: &Tensor, bias: &Tensor) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    if !weight.device().is_cpu() || !bias.device().is_cpu() {
+        return Ok(None);
+    }
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok(Some((f32s(weight)?, f32s(bias)?)))
+}
+
+struct GroupNormOp<'a> {
     groups: usize,
     eps: f64,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+    gamma: &'a [f32],
+    beta: &'a [f32],
     silu: bool,
     /// Written as tokens [B, spatial, C] (without SiLU).
     tokens: bool,
@@ -159,13 +173,13 @@ struct GroupNormOp {
     offset: Option<Vec<f32>>,
 }
 
-impl GroupNormOp {
+impl GroupNormOp<'_> {
     /// The op on `x` ([B, C, spatial]: `shape` is (channels, spatial, groups)).
     fn apply<T: Value>(&self, x: &[T], shape: (usize, usize, usize)) -> Vec<T> {
         if self.tokens {
-            return group_norm_tokens(x, shape, &self.gamma, &self.beta, self.eps);
+            return group_norm_tokens(x, shape, self.gamma, self.beta, self.eps);
         }
-        let affine = (&self.gamma[..], &self.beta[..]);
+        let affine = (self.gamma, self.beta);
         group_norm(
             x,
             shape,
@@ -177,7 +191,7 @@ impl GroupNormOp {
     }
 }
 
-impl CustomOp1 for GroupNormOp {
+impl CustomOp1 for GroupNormOp<'_> {
     fn name(&self) -> &'static str {
         "altdiff-group-norm"
     }
