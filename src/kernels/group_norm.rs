@@ -12,7 +12,7 @@
 //! bf16 input is widened to f32 for the statistics and the arithmetic as it is read, and rounded
 //! once when written. The pass runs at the CPU's vector width (the crate's pulp dispatch), SiLU
 //! with the vectorised exponential of the softmax kernel.
-//! gamma and beta are taken to f32 once, when the norm is built ([`affine_f32`]), not on every call.
+//! gamma and beta are taken to f32 once, when the norm is built (`affine_f32`), not on every call.
 //! Other devices and dtypes use candle-nn's GroupNorm (and `silu`), which the tests also use as
 //! the reference.
 
