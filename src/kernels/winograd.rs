@@ -415,7 +415,9 @@ fn choose_bf16_for(
         Mode::Auto => choose(g, Mode::F4).filter(|t| {
             let n = tiles(g, 4);
             n >= MIN_TILES_BF16_F4
-                || (paired && n >= MIN_TILES_BF16_F4_PAIRED && Plan::new(t, g).fuses(&BUDGET))
+                || (paired
+                    && n >= MIN_TILES_BF16_F4_PAIRED
+                    && Plan::new(t, g).fuses(budget::<bf16>()))
         }),
         _ => choose(g, mode),
     }
@@ -540,7 +542,7 @@ pub(crate) fn fused_bf16_products() -> bool {
 /// The convolution into `sink`; `x` and `w` are widened to f32 as they are read. As `fuse` says, a
 /// layer done in one band with few tiles takes the fused path where the CPU has it (`fused`).
 fn run<X: Value>(t: &Tiling, x: &[X], w: &[X], sink: Sink, g: &Geometry, fuse: Fusion) {
-    run_within(t, x, w, sink, g, &BUDGET, fuse)
+    run_within(t, x, w, sink, g, budget::<X>(), fuse)
 }
 
 /// How much transformed data one convolution may hold (floats), which sets its blocks of output
@@ -567,6 +569,32 @@ const BUDGET: Budget = Budget {
     one_band_weights: 1 << 21,
     one_band: 6 << 20,
 };
+
+/// bf16 layers' budget: 48 MiB of weights per block, 40 MiB per band (the one-band rule as
+/// [`BUDGET`]'s). With [`BUDGET`] the UNet's widest layers took many blocks and bands, each block
+/// transforming every band's input again: 1920 -> 640 channels at 32x32 (batch 2) 6 blocks x 3
+/// bands, and F(4x4) no faster than the bf16 im2col kernel (118.8 against 116.4 ms, where 1280 ->
+/// 640 in one band takes 57.0); 960 -> 320 at 64x64 2 blocks x 5 bands (100.3 ms, where 640 ->
+/// 320 takes 54.8). bf16 runs have the memory to spare (peak RSS about 0.26x of PyTorch fp32's
+/// against a 0.3x target), f32 runs not (0.49-0.50x against 0.5x), so f32 keeps [`BUDGET`].
+/// `winograd_speed` (Zen 4, 2 threads, bf16, ms): 1920 -> 640 at 32x32 118.8 -> 81.4, 960 -> 320
+/// at 64x64 100.3 -> 87.1; the other layers' cuts hardly change. Peak RSS of an m18 bf16 run
+/// 1.84 -> 1.87 GiB; its UNet step min, seven alternating pairs, 3.99 s on average either way (the
+/// VM's noise is larger than the 50 ms a step these two layers gain).
+const BUDGET_BF16: Budget = Budget {
+    weights: 12 << 20,
+    band: 10 << 20,
+    ..BUDGET
+};
+
+/// The budget for convolutions of `X` values.
+fn budget<X: Value>() -> &'static Budget {
+    if X::BF16 {
+        &BUDGET_BF16
+    } else {
+        &BUDGET
+    }
+}
 
 /// A convolution's output channels per block of transformed weights (a multiple of 16, gemm's row
 /// blocking) and tile rows per band.
@@ -728,7 +756,7 @@ fn grow(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// The transformed input, output and weights, kept between convolutions: fresh buffers of this size
 /// for every layer cost page faults and TLB flushes that took as long as the transforms themselves.
-/// They are bounded by [`BUDGET`] (80 MiB in all at most) and freed by
+/// They are bounded by [`BUDGET`] (80 MiB in all at most; [`BUDGET_BF16`] 88 MiB) and freed by
 /// [`release_scratch`].
 struct Scratch([Vec<f32>; 3]);
 
@@ -1607,6 +1635,23 @@ mod tests {
         assert_eq!(cut(&F2, &g, &BUDGET), one(g, 48));
         let c = cut(&F2, &geom(2, 320, 64, 64, 320), &BUDGET);
         assert!(c.cob == 320 && c.band_rows < 64, "{c:?}");
+        // bf16 (F(4x4)): the widest layers at 32x32 and 64x64 transform their input once, in one
+        // band of 4 blocks and in one block of 3 bands; the budget's bands still give the direct
+        // convolution's values.
+        assert_eq!(budget::<bf16>().band, BUDGET_BF16.band);
+        assert_eq!(budget::<f32>().band, BUDGET.band);
+        let bf16_cut = |g: &Geometry| BUDGET_BF16.cut(&plan_of(&F4, g));
+        let (cob, band_rows) = (176, 16);
+        assert_eq!(
+            bf16_cut(&geom(2, 1920, 32, 32, 640)),
+            Cut { cob, band_rows }
+        );
+        let c = bf16_cut(&geom(2, 960, 64, 64, 320));
+        assert_eq!((c.cob, 32usize.div_ceil(c.band_rows)), (320, 3), "{c:?}");
+        for g in edge_shapes() {
+            let err = worst_error_within(&F4, &g, &BUDGET_BF16);
+            assert!(err < 2e-6, "{g:?} bf16 budget: {err:e}");
+        }
     }
 
     /// The written-out transforms (input, weights and output of F(2x2) and of F(4x4))
@@ -1764,8 +1809,8 @@ mod tests {
                 ..geom(2, 1280, 8, 8, 1280)
             };
             assert_eq!(paired(&unet8), None, "{kernel:?}");
-            let wide = geom(1, 12_000, 16, 16, 16);
-            assert!(!Plan::new(&F4, &wide).fuses(&BUDGET));
+            let wide = geom(1, 24_000, 16, 16, 16);
+            assert!(!Plan::new(&F4, &wide).fuses(&BUDGET_BF16));
             assert_eq!(paired(&wide), None, "{kernel:?}");
             assert_eq!(pick(&geom(2, 320, 64, 64, 320), Mode::Im2col), None);
             assert_eq!(pick(&only_f2, Mode::F2), Some(2));
@@ -1785,7 +1830,11 @@ mod tests {
         use crate::kernels::convert::to_bf16;
         let shapes = [
             geom(2, 320, 64, 64, 320),
+            geom(2, 640, 64, 64, 320),
+            geom(2, 960, 64, 64, 320),
             geom(2, 640, 32, 32, 640),
+            geom(2, 1280, 32, 32, 640),
+            geom(2, 1920, 32, 32, 640),
             geom(2, 1280, 16, 16, 1280),
             geom(2, 1280, 8, 8, 1280),
             geom(2, 2560, 16, 16, 1280),
