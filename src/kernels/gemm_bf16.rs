@@ -488,47 +488,14 @@ pub fn gemm_bf16_packed_bf16(
             "the residual is too short"
         );
     }
-    match &b.data {
-        #[cfg(target_arch = "x86_64")]
-        Packing::Panels(words) if k > 0 => {
-            let panels = (words.as_slice(), n.div_ceil(NR), b.kc);
-            let optr = crate::kernels::SendPtr(out.as_mut_ptr().cast::<bf16>());
-            let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
-                // SAFETY: `out` holds m rows of ldo >= n (checked above) and is borrowed mutably;
-                // the parts are disjoint blocks of it whose columns start at whole panels; the
-                // panels were made by the AVX512-BF16 kernel, so this CPU has it; the bias holds
-                // n values and the residual m rows of n (both checked above).
-                unsafe {
-                    avx512::block_bf16(
-                        (i0, i1),
-                        (j0, j1),
-                        k,
-                        a,
-                        panels,
-                        start,
-                        (optr.get(), ldo, false),
-                    )
-                }
-            };
-            on_threads((m, n, k), threads, MR, run)
-        }
-        _ => {
-            // The f32 C the packed product sums into, from the bias and residual, then rounded.
-            let mut c = start.rows(m, n);
-            let accumulate = start.bias.is_some() || start.residual.is_some();
-            gemm_bf16_packed(m, a, b, &mut c, n, accumulate, threads);
-            for (row, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
-                super::convert::round_into_uninit(row, &mut dst[..n]);
-            }
-        }
-    }
+    packed_into_bf16((m, n, k), a, b, start, (out, ldo, false), threads)
 }
 
 /// diffusers' GEGLU of a bf16 projection, `out = round(value * gelu(gate))` with `[value, gate] =
 /// a x b + bias` for `a` [m, k] and `b` packed by [`PackedB::for_geglu`] (n columns: out has n /
 /// 2, row stride `ldo`), `bias` in B's original column order. With the AVX512-BF16 panels each
 /// tile holds the value and gate sums of the same 16 outputs and applies the activation to them
-/// in registers (`avx512::store`): the projection's n-wide output is never written, read back
+/// in registers (`avx512::store_geglu`): the projection's n-wide output is never written, read back
 /// and rounded on the way, as the separate pass ([`super::geglu::geglu`]) needs. The sums are
 /// [`gemm_bf16_packed_bf16`]'s, the activation [`super::geglu`]'s (the same bits in f32), and
 /// there is one rounding where the separate pass has two. `out` may be uninitialised: every one
@@ -564,16 +531,31 @@ pub fn gemm_bf16_packed_geglu(
         bias: bias.as_deref(),
         residual: None,
     };
+    packed_into_bf16((m, n, k), a, b, start, (out, ldo, true), threads)
+}
+
+/// The product of [`gemm_bf16_packed_bf16`] (and, with `geglu`, of [`gemm_bf16_packed_geglu`])
+/// once its caller has checked the operands: `out` holds m rows of ldo >= n (`geglu`: n / 2),
+/// the bias n values and the residual m rows of n.
+fn packed_into_bf16(
+    (m, n, k): (usize, usize, usize),
+    a: Matrix<'_, bf16>,
+    b: &PackedB,
+    start: Start<'_>,
+    (out, ldo, geglu): (&mut [std::mem::MaybeUninit<bf16>], usize, bool),
+    threads: usize,
+) {
     match &b.data {
         #[cfg(target_arch = "x86_64")]
         Packing::Panels(words) if k > 0 => {
             let panels = (words.as_slice(), n.div_ceil(NR), b.kc);
             let optr = crate::kernels::SendPtr(out.as_mut_ptr().cast::<bf16>());
             let run = |&(i0, i1, j0, j1): &(usize, usize, usize, usize)| {
-                // SAFETY: `out` holds m rows of ldo >= n / 2 (checked above) and is borrowed
-                // mutably; the parts are blocks of whole panels, whose outputs (columns j0 / 2 ..
-                // j1 / 2) are disjoint; the panels were made by the AVX512-BF16 kernel, so this
-                // CPU has it; the bias holds n values.
+                // SAFETY: `out` holds m rows of ldo >= n (geglu: n / 2) and is borrowed mutably;
+                // the parts are disjoint blocks of it whose columns start at whole panels (geglu:
+                // outputs j0 / 2 .. j1 / 2); the panels were made by the AVX512-BF16 kernel, so
+                // this CPU has it; the bias holds n values and the residual m rows of n (all
+                // checked by the caller).
                 unsafe {
                     avx512::block_bf16(
                         (i0, i1),
@@ -582,25 +564,34 @@ pub fn gemm_bf16_packed_geglu(
                         a,
                         panels,
                         start,
-                        (optr.get(), ldo, true),
+                        (optr.get(), ldo, geglu),
                     )
                 }
             };
             on_threads((m, n, k), threads, MR, run)
         }
         _ => {
+            // The f32 C the packed product sums into, from the bias and residual, then rounded
+            // (or its GEGLU, rounded).
             let mut c = start.rows(m, n);
-            gemm_bf16_packed(m, a, b, &mut c, n, bias.is_some(), threads);
-            let mut row = vec![0f32; h];
+            let accumulate = start.bias.is_some() || start.residual.is_some();
+            gemm_bf16_packed(m, a, b, &mut c, n, accumulate, threads);
+            let width = if geglu { n / 2 } else { n };
+            let mut activated = vec![0f32; if geglu { width } else { 0 }];
             for (sums, dst) in c.chunks_exact(n).zip(out.chunks_mut(ldo)) {
-                for (panel, pair) in sums.chunks_exact(2 * GEGLU_LANES).enumerate() {
-                    let (value, gate) = pair.split_at(GEGLU_LANES);
-                    let o = &mut row[panel * GEGLU_LANES..][..GEGLU_LANES];
-                    for ((o, v), g) in o.iter_mut().zip(value).zip(gate) {
-                        *o = v * super::geglu::gelu(*g);
+                let row = if geglu {
+                    for (panel, pair) in sums.chunks_exact(2 * GEGLU_LANES).enumerate() {
+                        let (value, gate) = pair.split_at(GEGLU_LANES);
+                        let o = &mut activated[panel * GEGLU_LANES..][..GEGLU_LANES];
+                        for ((o, v), g) in o.iter_mut().zip(value).zip(gate) {
+                            *o = v * super::geglu::gelu(*g);
+                        }
                     }
-                }
-                super::convert::round_into_uninit(&row, &mut dst[..h]);
+                    &activated[..]
+                } else {
+                    sums
+                };
+                super::convert::round_into_uninit(row, &mut dst[..width]);
             }
         }
     }
