@@ -110,15 +110,26 @@ impl Linear {
                 packed: None,
             });
         }
+        let (n, k) = inner.weight().dims2()?;
+        let packed = packed_weight(inner.weight(), |wt| {
+            PackedB::new(Bf16Kernel::Avx512Bf16, wt, (k, n))
+        })?;
+        Self::from_panels(inner, bias_f32, packed)
+    }
+
+    /// The layer through `packed` (its weight's panels), which replaces the weight.
+    fn from_panels(
+        inner: candle_nn::Linear,
+        bias_f32: Option<Vec<f32>>,
+        packed: PackedB,
+    ) -> Result<Self> {
         let w = inner.weight();
-        let (n, k) = w.dims2()?;
-        let packed = packed_weight(w, |wt| PackedB::new(Bf16Kernel::Avx512Bf16, wt, (k, n)))?;
         // The weight's shape without its values (the panels hold them).
-        let empty = Tensor::zeros((n, 0), DType::BF16, w.device())?;
+        let empty = Tensor::zeros((w.dim(0)?, 0), DType::BF16, w.device())?;
         Ok(Self {
             inner: candle_nn::Linear::new(empty, inner.bias().cloned()),
             bias_f32,
-            blocks,
+            blocks: None,
             packed: Some(std::sync::Arc::new(packed)),
         })
     }
@@ -149,7 +160,8 @@ fn packed_weight<T>(w: &Tensor, pack: impl FnOnce(Matrix<'_, half::bf16>) -> T) 
 /// result, and nearer the f32 one). Elsewhere the layer and [`super::geglu::geglu`] as two steps.
 #[derive(Debug, Clone)]
 pub struct GegluLinear {
-    /// The projection; when `fused`, its panels and bias are in GEGLU's column order, and only
+    /// The projection; when `fused`, its panels are in GEGLU's column order (its bias in the
+    /// layer's: the product reorders it, 2 x 1280 values a call at most), and only
     /// [`GegluLinear::forward`] may use it.
     linear: Linear,
     fused: bool,
@@ -186,14 +198,8 @@ impl GegluLinear {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let empty = Tensor::zeros((n, 0), DType::BF16, w.device())?;
         Ok(Self {
-            linear: Linear {
-                inner: candle_nn::Linear::new(empty, inner.bias().cloned()),
-                bias_f32,
-                blocks: None,
-                packed: Some(std::sync::Arc::new(packed)),
-            },
+            linear: Linear::from_panels(inner, bias_f32, packed)?,
             fused: true,
         })
     }
