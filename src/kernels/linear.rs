@@ -86,11 +86,7 @@ impl Linear {
         if let Some(side) = blocks {
             w.inplace_op1(&TransposeBlocks { side })?;
         }
-        // Not the zero-strided placeholders of a shape check (`weights::shape_checker`).
-        let prepack = fast
-            && w.dtype() == DType::BF16
-            && w.is_contiguous()
-            && Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16;
+        let prepack = prepackable(w);
         Self::with(inner, bias_f32, blocks, prepack)
     }
 
@@ -133,6 +129,16 @@ impl Linear {
             packed: Some(std::sync::Arc::new(packed)),
         })
     }
+}
+
+/// Whether the weight `w` is packed at load (by [`Linear`] and [`GegluLinear`]): bf16 on the CPU,
+/// for the AVX512-BF16 kernel, and not the zero-strided placeholder of a shape check
+/// (`weights::shape_checker`).
+fn prepackable(w: &Tensor) -> bool {
+    w.device().is_cpu()
+        && w.dtype() == DType::BF16
+        && w.is_contiguous()
+        && Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16
 }
 
 /// `pack(W^T)` for a bf16 weight W [n, k] on the CPU, read where it lies (a copy would be one more
@@ -178,11 +184,7 @@ impl GegluLinear {
     pub fn new(inner: candle_nn::Linear) -> Result<Self> {
         let w = inner.weight();
         let (n, k) = w.dims2()?;
-        let fusable = w.device().is_cpu()
-            && w.dtype() == DType::BF16
-            && w.is_contiguous()
-            && Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16;
-        let packed = match fusable {
+        let packed = match prepackable(w) {
             true => packed_weight(w, |wt| {
                 PackedB::for_geglu(Bf16Kernel::Avx512Bf16, wt, (k, n))
             })?,
